@@ -1,0 +1,306 @@
+"""Our own decoder forward for Llama-family and Gemma 3 text models.
+
+Why not call the transformers model? Speculative decoding needs three things its generic forward
+makes expensive: writing new keys/values into a preallocated cache at chosen slots (transformers
+concatenates), tree attention masks with per-token positions, and the hidden states of three chosen
+layers. This module is short, loads the same safetensors weights, and is tested against
+transformers' logits (tests/unit/test_transformer.py): the fast path against the slow reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from aurora_spec.models.layers import RMSNorm, apply_rope, attend, rope_cos_sin, rope_inv_freq
+
+LLAMA_LIKE = {"llama", "mistral", "qwen2"}
+GEMMA = {"gemma3_text", "gemma3"}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the forward needs to know about an architecture, read from config.json."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    local_rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_embeddings: bool
+    attn_bias: bool = False
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    final_logit_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.arch in GEMMA
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size) if self.is_gemma else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def hidden_layers(self) -> tuple[int, int, int]:
+        """Target layers fused by the EAGLE-3 head: low, middle, high (as in EAGLE-3)."""
+        n = self.num_layers
+        return (min(2, n - 1), n // 2, max(n - 3, 0))
+
+    @staticmethod
+    def from_config(cfg: dict) -> ModelSpec:
+        cfg = cfg.get("text_config", cfg) if cfg.get("model_type") == "gemma3" else cfg
+        arch = cfg.get("model_type", "")
+        if arch not in LLAMA_LIKE | GEMMA:
+            raise UnsupportedModelError(
+                f"model type {arch!r} is not supported (supported: "
+                f"{', '.join(sorted(LLAMA_LIKE | GEMMA))})")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or {}
+        full_rope = rope.get("full_attention", rope)
+        local_rope = rope.get("sliding_attention", {})
+        theta = full_rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = full_rope if full_rope.get("rope_type") not in (None, "default") else None
+        scaling = scaling or cfg.get("rope_scaling")
+        layer_types = cfg.get("layer_types") or []
+        if arch in GEMMA and not layer_types:
+            layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention"
+                           for i in range(cfg["num_hidden_layers"])]
+        return ModelSpec(
+            arch=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            local_rope_theta=float(local_rope.get("rope_theta", cfg.get("rope_local_base_freq",
+                                                                        theta))),
+            rope_scaling=scaling, max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", arch in GEMMA),
+            attn_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            sliding_window=cfg.get("sliding_window") if arch in GEMMA else None,
+            sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
+            final_logit_softcap=cfg.get("final_logit_softcapping"),
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if arch in GEMMA else None,
+        )
+
+
+class Block(nn.Module):
+    """One decoder layer. q/k/v and gate/up are fused into single matmuls (fewer kernel calls)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.n_q, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.qkv = nn.Linear(h, (self.n_q + 2 * self.n_kv) * d, bias=spec.attn_bias)
+        self.o = nn.Linear(self.n_q * d, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * spec.intermediate_size, bias=False)
+        self.down = nn.Linear(spec.intermediate_size, h, bias=False)
+        offset = 1.0 if spec.is_gemma else 0.0
+        self.input_norm = RMSNorm(h, spec.rms_norm_eps, offset)
+        self.post_attn_norm = RMSNorm(h, spec.rms_norm_eps, offset)
+        self.gemma = spec.is_gemma
+        if self.gemma:  # Gemma 3 "sandwich" norms and q/k norms
+            self.pre_ffn_norm = RMSNorm(h, spec.rms_norm_eps, offset)
+            self.post_ffn_norm = RMSNorm(h, spec.rms_norm_eps, offset)
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, offset)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps, offset)
+        self.scale = spec.attn_scale
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.head_dim
+        qkv = self.qkv(self.input_norm(x))
+        q, k, v = qkv.split((self.n_q * d, self.n_kv * d, self.n_kv * d), dim=-1)
+        q = q.view(b, t, self.n_q, d).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, d).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, d).transpose(1, 2)
+        if self.gemma:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        _write_kv(k_cache, v_cache, write, k, v)
+        attn = attend(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], mask, self.scale)
+        attn_out = self.o(attn.transpose(1, 2).reshape(b, t, self.n_q * d))
+        if self.gemma:
+            x = x + self.post_attn_norm(attn_out)
+            mlp_in = self.pre_ffn_norm(x)
+        else:
+            x = x + attn_out
+            mlp_in = self.post_attn_norm(x)
+        gate, up = self.gate_up(mlp_in).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
+        mlp_out = self.down(act * up)
+        return x + (self.post_ffn_norm(mlp_out) if self.gemma else mlp_out)
+
+
+def _write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store new keys/values: ``write`` is a slice of cache positions (same for every row), or a
+    (B, T) tensor of per-row positions (ragged batches)."""
+    if isinstance(write, slice):
+        k_cache[:, :, write] = k
+        v_cache[:, :, write] = v
+    else:
+        idx = write[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        k_cache.scatter_(2, idx, k)
+        v_cache.scatter_(2, idx, v)
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor  # (B, T, V) float32 (only rows asked for when logits_rows is given)
+    fused_hidden: torch.Tensor  # (B, T, 3H): outputs of the low / middle / high layers
+    final_hidden: torch.Tensor  # (B, T, H): final-norm output (the lm_head input)
+
+
+class DecoderModel(nn.Module):
+    """Token ids in, logits + chosen hidden states out, keys/values written into given caches."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, 1.0 if spec.is_gemma else 0.0)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(spec.head_dim, spec.rope_theta,
+                                                       spec.rope_scaling), persistent=False)
+        self.register_buffer("local_inv_freq", rope_inv_freq(spec.head_dim, spec.local_rope_theta),
+                             persistent=False)
+        self.hidden_layers = spec.hidden_layers()
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        return x * torch.tensor(self.spec.embed_scale, dtype=x.dtype) if self.spec.is_gemma else x
+
+    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(final_hidden).float()
+        cap = self.spec.final_logit_softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                caches: list[tuple[torch.Tensor, torch.Tensor]], write: slice | torch.Tensor,
+                kv_len: int, mask: torch.Tensor, sliding_mask: torch.Tensor | None = None,
+                logits_rows: slice | None = None) -> ForwardOutput:
+        """tokens/positions: (B, T); caches: per layer (k, v) of shape (B, n_kv, capacity, D);
+        mask/sliding_mask: bool (B, 1, T, kv_len). ``logits_rows`` limits the lm_head to some rows
+        (prefill needs only the last one)."""
+        x = self.embed_tokens(tokens)
+        dtype = x.dtype
+        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        if self.spec.is_gemma:
+            lcos, lsin = rope_cos_sin(positions, self.local_inv_freq, dtype)
+        fused = []
+        for i, (block, (kc, vc)) in enumerate(zip(self.blocks, caches, strict=True)):
+            sliding = self.spec.is_gemma and self.spec.sliding_layers[i]
+            if sliding:
+                x = block(x, lcos, lsin, sliding_mask, kc, vc, write, kv_len)
+            else:
+                x = block(x, cos, sin, mask, kc, vc, write, kv_len)
+            if i in self.hidden_layers:
+                fused.append(x)
+        final = self.norm(x)
+        rows = final if logits_rows is None else final[:, logits_rows]
+        return ForwardOutput(self.logits(rows), torch.cat(fused, dim=-1), final)
+
+
+def _hf_to_ours(spec: ModelSpec, read) -> dict[str, torch.Tensor]:
+    """Map Hugging Face parameter names to ours, fusing q/k/v and gate/up."""
+    out = {"embed.weight": read("model.embed_tokens.weight"), "norm.weight": read("model.norm.weight")}
+    if not spec.tie_embeddings:
+        out["lm_head.weight"] = read("lm_head.weight")
+    for i in range(spec.num_layers):
+        p, o = f"model.layers.{i}.", f"blocks.{i}."
+        out[o + "qkv.weight"] = torch.cat([read(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if spec.attn_bias:
+            out[o + "qkv.bias"] = torch.cat([read(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        out[o + "o.weight"] = read(p + "self_attn.o_proj.weight")
+        out[o + "gate_up.weight"] = torch.cat([read(p + "mlp.gate_proj.weight"),
+                                               read(p + "mlp.up_proj.weight")])
+        out[o + "down.weight"] = read(p + "mlp.down_proj.weight")
+        out[o + "input_norm.weight"] = read(p + "input_layernorm.weight")
+        out[o + "post_attn_norm.weight"] = read(p + "post_attention_layernorm.weight")
+        if spec.is_gemma:
+            out[o + "pre_ffn_norm.weight"] = read(p + "pre_feedforward_layernorm.weight")
+            out[o + "post_ffn_norm.weight"] = read(p + "post_feedforward_layernorm.weight")
+            out[o + "q_norm.weight"] = read(p + "self_attn.q_norm.weight")
+            out[o + "k_norm.weight"] = read(p + "self_attn.k_norm.weight")
+    return out
+
+
+def _load_checked(model: DecoderModel, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    # lm_head is legitimately absent when tied to the embedding.
+    missing = [m for m in missing if not (m == "lm_head.weight" and model.spec.tie_embeddings)]
+    if missing or unexpected:
+        raise UnsupportedModelError(f"weights do not match the architecture: missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}")
+
+
+def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> DecoderModel:
+    """Build a DecoderModel from a Hugging Face directory (config.json + *.safetensors)."""
+    spec = ModelSpec.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"no .safetensors weights in {model_dir}")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    index = {k: h for h in handles for k in h.keys()}
+
+    def read(name: str) -> torch.Tensor:
+        for key in (name, name.replace("model.", "model.language_model.", 1)):
+            if key in index:
+                return index[key].get_tensor(key)
+        raise UnsupportedModelError(f"weight {name} missing from {model_dir}")
+
+    with torch.device("meta"):
+        model = DecoderModel(spec)
+    state = {k: v.to(dtype) for k, v in _hf_to_ours(spec, read).items()}
+    _load_checked(model, state, assign=True)
+    if spec.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+    model.local_inv_freq = rope_inv_freq(spec.head_dim, spec.local_rope_theta)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def from_hf_model(hf_model: nn.Module, dtype: torch.dtype = torch.float32) -> DecoderModel:
+    """Build a DecoderModel sharing nothing with an in-memory transformers model (tests)."""
+    spec = ModelSpec.from_config(hf_model.config.to_dict())
+    sd = hf_model.state_dict()
+
+    def read(name: str) -> torch.Tensor:
+        return sd[name].detach().clone()
+
+    model = DecoderModel(spec)
+    _load_checked(model, {k: v.to(dtype) for k, v in _hf_to_ours(spec, read).items()})
+    if spec.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(dtype).eval().requires_grad_(False)
