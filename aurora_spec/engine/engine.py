@@ -1,0 +1,272 @@
+"""The engine: token ids in, token ids out, one speculative step at a time.
+
+One engine step = admit -> (per running request) draft -> verify -> accept/commit -> emit traces.
+Requests join and leave between steps; a step advances every running request once, so concurrent
+requests interleave and none waits for another to finish. ``add_request``/``abort``/
+``call_between_steps`` are thread-safe; everything else runs on the engine's own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from aurora_spec.drafters.base import Drafter
+from aurora_spec.drafters.policy import CostModel, DraftLengthPolicy, PolicyConfig
+from aurora_spec.engine.sampling import make_generator, processed_probs, sample
+from aurora_spec.engine.verify import verify_greedy, verify_sampling
+from aurora_spec.models.runner import TargetRunner
+from aurora_spec.types import (
+    GenerationResult,
+    GenerationStats,
+    InvalidRequestError,
+    Proposal,
+    SamplingParams,
+    StepTrace,
+)
+
+EMPTY = Proposal()
+TraceSink = Callable[[StepTrace], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    policy: PolicyConfig = PolicyConfig()
+    calibrate: bool = True  # time target forwards of 1..max_draft+1 tokens at start-up
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's mutable state inside the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    domain: str | None = None
+    record_traces: bool = True
+    on_update: Callable[[Sequence, list[int]], None] | None = None
+    output: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    finish_reason: str | None = None
+    slot: int = -1
+    generator: torch.Generator | None = None
+    policy: DraftLengthPolicy | None = None
+    started_at: float = 0.0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(tuple(self.output), self.finish_reason or "abort", self.stats,
+                                len(self.prompt_ids))
+
+
+class Engine:
+    def __init__(self, runner: TargetRunner, drafter: Drafter | None,
+                 cfg: EngineConfig = EngineConfig(), trace_sink: TraceSink | None = None) -> None:
+        self.runner = runner
+        self.drafter = drafter
+        self.cfg = cfg
+        self.trace_sink = trace_sink
+        self.costs = CostModel()
+        self.policy = DraftLengthPolicy(cfg.policy, self.costs)  # global acceptance estimates
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+        if cfg.calibrate:
+            self.calibrate()
+
+    # ----- thread-safe entry points -------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None, domain: str | None = None,
+                    record_traces: bool = True,
+                    on_update: Callable[[Sequence, list[int]], None] | None = None) -> Sequence:
+        """Queue a request; ``on_update(seq, new_tokens)`` is called from the engine thread after
+        each step that emitted tokens and once more when the request finishes."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(prompt_ids) >= self.runner.capacity:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; the context "
+                                      f"window holds {self.runner.capacity}")
+        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, domain,
+                       record_traces, on_update)
+        self._inbox.put(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.put(request_id)
+
+    def call_between_steps(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine thread before the next step (e.g. a draft swap)."""
+        self._actions.put(fn)
+
+    # ----- engine thread ---------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or not self._inbox.empty()
+                    or not self._actions.empty() or not self._aborts.empty())
+
+    def step(self) -> None:
+        """Advance every running request by one verify step (admitting new ones first)."""
+        self._drain_control()
+        self._admit()
+        for seq in list(self.running):
+            self._decode_step(seq)
+            if seq.finished:
+                self._retire(seq)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, **kw) -> GenerationResult:
+        """Run one request to completion on the calling thread (CLI, tests, benchmarks)."""
+        seq = self.add_request(prompt_ids, params, **kw)
+        while not seq.finished:
+            self.step()
+        return seq.result()
+
+    def _drain_control(self) -> None:
+        while not self._actions.empty():
+            self._actions.get()()
+        while not self._aborts.empty():
+            rid = self._aborts.get()
+            for seq in list(self.running) + list(self.waiting):
+                if seq.request_id == rid and not seq.finished:
+                    seq.finish_reason = "abort"
+                    self._retire(seq)
+        while not self._inbox.empty():
+            self.waiting.append(self._inbox.get())
+
+    def _admit(self) -> None:
+        while self.waiting and self.runner.free_slots:
+            seq = self.waiting.popleft()
+            if seq.finished:  # aborted while waiting
+                continue
+            seq.slot = self.runner.allocate()
+            self.running.append(seq)
+            self._prefill(seq)
+            if seq.finished:
+                self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.slot >= 0:
+            self.runner.release(seq.slot)
+            if self.drafter is not None:
+                self.drafter.finish(seq.request_id, seq.tokens)
+            seq.slot = -1
+        seq.stats.decode_s = time.perf_counter() - seq.started_at if seq.started_at else 0.0
+        if seq.on_update is not None:
+            seq.on_update(seq, [])
+
+    def _prefill(self, seq: Sequence) -> None:
+        t0 = time.perf_counter()
+        seq.generator = None if seq.params.greedy else make_generator(
+            seq.params.seed, self.runner.device)
+        seq.policy = DraftLengthPolicy(self.cfg.policy, self.costs)
+        seq.policy.alpha = list(self.policy.alpha)
+        out = self.runner.prefill(seq.slot, seq.prompt_ids)
+        first = self._pick(out.logits[0, -1], seq)
+        if self.drafter is not None:
+            self.drafter.start(seq.request_id, seq.prompt_ids, first, out.fused_hidden[0])
+        seq.started_at = time.perf_counter()
+        seq.stats.prefill_s = seq.started_at - t0
+        self._emit(seq, [first])
+
+    def _pick(self, logits: torch.Tensor, seq: Sequence) -> int:
+        if seq.params.greedy:
+            return int(logits.argmax())
+        return int(sample(processed_probs(logits, seq.params), seq.generator))
+
+    def _draft_limit(self, seq: Sequence) -> int:
+        remaining = seq.params.max_tokens - len(seq.output)
+        room = self.runner.capacity - self.runner.length(seq.slot) - 1
+        return min(remaining - 1, room - 1, self.cfg.policy.max_draft)
+
+    def _decode_step(self, seq: Sequence) -> None:
+        assert seq.policy is not None
+        if self.runner.length(seq.slot) + 1 >= self.runner.capacity:
+            seq.finish_reason = "length"  # the context window is full
+            return
+        k = seq.policy.choose(self._draft_limit(seq)) if self.drafter is not None else 0
+        t0 = time.perf_counter()
+        proposal = self.drafter.propose(seq.request_id, seq.tokens, k, seq.params) if k else EMPTY
+        t1 = time.perf_counter()
+        out = self.runner.verify(seq.slot, seq.output[-1], proposal)
+        logits = out.logits[0]
+        if seq.params.greedy:
+            result = verify_greedy(proposal, logits)
+        else:
+            result = verify_sampling(proposal, processed_probs(logits, seq.params), seq.generator)
+        self.runner.commit(seq.slot, result.accepted_nodes)
+        t2 = time.perf_counter()
+        self.costs.observe_verify(len(proposal) + 1, t2 - t1)
+        if k:
+            self.costs.observe_draft(len(proposal), t1 - t0)
+            depth = max(proposal.depths(), default=0)
+            seq.policy.observe(depth, result.num_accepted)
+            self.policy.observe(depth, result.num_accepted)
+        trace = StepTrace(seq.request_id, self.runner.length(seq.slot) - 1 - result.num_accepted,
+                          seq.output[-1], proposal, result, out.fused_hidden[0],
+                          out.final_hidden[0], seq.domain)
+        if self.drafter is not None:
+            self.drafter.observe(trace)
+        if self.trace_sink is not None and seq.record_traces:
+            self.trace_sink(trace)
+        emitted = self._emit(seq, list(result.emitted))
+        seq.stats.record(proposal, result, emitted)
+
+    def _emit(self, seq: Sequence, tokens: list[int]) -> int:
+        """Append tokens up to a stop token or max_tokens; returns how many were consumed."""
+        before, used = len(seq.output), 0
+        stops = seq.params.stop_token_ids
+        for tok in tokens:
+            used += 1
+            if tok in stops:
+                seq.finish_reason = "stop"
+                break
+            seq.output.append(tok)
+            if len(seq.output) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+                break
+        if seq.on_update is not None and len(seq.output) > before:
+            seq.on_update(seq, seq.output[before:])
+        return used
+
+    # ----- cost calibration ------------------------------------------------------------------
+    @torch.inference_mode()
+    def calibrate(self, context: int = 64, reps: int = 3) -> None:
+        """Time target forwards over 1..max_draft+1 tokens so the policy starts from measured
+        costs, not assumptions (DESIGN.md: the verify ratio r_k is measured)."""
+        if self.runner.free_slots == 0:
+            return
+        slot = self.runner.allocate()
+        try:
+            context = min(context, self.runner.capacity // 2)
+            self.runner.prefill(slot, [0] * context)
+            sizes = range(1, self.cfg.policy.max_draft + 2)
+            timings: dict[int, list[float]] = {t: [] for t in sizes}
+            for rep in range(reps + 1):  # round 0 warms up and is discarded
+                for t in sizes:
+                    start = time.perf_counter()
+                    self.runner.verify(slot, 0, Proposal.chain([0] * (t - 1)))
+                    if rep:
+                        timings[t].append(time.perf_counter() - start)
+            for t, times in timings.items():
+                self.costs.times[t] = sorted(times)[len(times) // 2]
+        finally:
+            self.runner.release(slot)

@@ -1,0 +1,105 @@
+"""Greedy speculative decoding equals target-only greedy decoding, token for token (float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.drafters.policy import PolicyConfig
+from aurora_spec.models.runner import CacheConfig, TargetRunner
+from aurora_spec.types import SamplingParams
+from tests.scripted_drafter import ScriptedDrafter
+from tests.tiny_models import tiny_target
+
+VOCAB = 96
+
+
+def reference_greedy(hf, prompt: list[int], max_tokens: int, stop: tuple[int, ...] = ()) -> list[int]:
+    """The slow reference: full recompute with transformers each token, no cache."""
+    ids = list(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            tok = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+            if tok in stop:
+                break
+            out.append(tok)
+            ids.append(tok)
+    return out
+
+
+def make_engine(model, drafter, fixed: int | None = 4) -> Engine:
+    runner = TargetRunner(model, CacheConfig(max_slots=2, capacity=256))
+    cfg = EngineConfig(PolicyConfig(max_draft=6, fixed_draft=fixed), calibrate=False)
+    return Engine(runner, drafter, cfg)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def target(request):
+    return tiny_target(request.param, seed=3)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(1, 20, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+def test_target_only_engine_matches_reference(target) -> None:
+    model, hf = target
+    engine = make_engine(model, None)
+    for prompt in prompts(3, 0):
+        got = engine.generate(prompt, SamplingParams(max_tokens=24))
+        assert list(got.token_ids) == reference_greedy(hf, prompt, 24)
+        assert got.stats.tau == 1.0
+
+
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("corrupt", [0.0, 0.2, 0.6, 1.0])
+def test_scripted_drafts_are_lossless(target, tree: bool, corrupt: float) -> None:
+    model, hf = target
+    base = make_engine(model, None)
+    for i, prompt in enumerate(prompts(4, 10 + int(corrupt * 10))):
+        max_tokens = [1, 7, 23, 40][i]
+        want = list(base.generate(prompt, SamplingParams(max_tokens=max_tokens)).token_ids)
+        drafter = ScriptedDrafter(prompt + want, VOCAB, seed=i, tree=tree, corrupt=corrupt,
+                                  empty_every=5)
+        engine = make_engine(model, drafter, fixed=[1, 3, 4, 6][i])
+        got = engine.generate(prompt, SamplingParams(max_tokens=max_tokens))
+        assert list(got.token_ids) == want
+        assert len(got.token_ids) == max_tokens  # max tokens reached, also mid-draft
+        if corrupt == 0.0 and max_tokens > 7:
+            assert got.stats.tau > 2.0  # perfect drafts are accepted
+
+
+def test_stop_token_inside_a_draft(target) -> None:
+    """EOS in the middle of an accepted draft ends the request exactly where target-only does."""
+    model, hf = target
+    prompt = prompts(1, 99)[0]
+    base = make_engine(model, None)
+    free_run = list(base.generate(prompt, SamplingParams(max_tokens=30)).token_ids)
+    stop = free_run[9]  # pretend this token is EOS
+    params = SamplingParams(max_tokens=30, stop_token_ids=(stop,))
+    want = list(base.generate(prompt, params).token_ids)
+    assert want == free_run[:free_run.index(stop)]
+    assert want == reference_greedy(hf, prompt, 30, (stop,))
+    drafter = ScriptedDrafter(prompt + free_run, VOCAB, corrupt=0.0)
+    got = make_engine(model, drafter, fixed=6).generate(prompt, params)
+    assert list(got.token_ids) == want and got.finish_reason == "stop"
+
+
+def test_interleaved_requests_equal_alone(target) -> None:
+    """Several requests in flight, stepping in turn, each equals its solo run."""
+    model, _ = target
+    base = make_engine(model, None)
+    ps = prompts(3, 5)
+    solo = [list(base.generate(p, SamplingParams(max_tokens=12 + 5 * i)).token_ids)
+            for i, p in enumerate(ps)]
+    runner = TargetRunner(model, CacheConfig(max_slots=3, capacity=256))
+    engine = Engine(runner, ScriptedDrafter([], VOCAB, corrupt=1.0),
+                    EngineConfig(PolicyConfig(max_draft=4, fixed_draft=3), calibrate=False))
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=12 + 5 * i)) for i, p in enumerate(ps)]
+    while engine.has_work:
+        engine.step()
+    assert [list(s.output) for s in seqs] == solo
