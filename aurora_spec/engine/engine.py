@@ -37,7 +37,7 @@ TraceSink = Callable[[StepTrace], None]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    policy: PolicyConfig = PolicyConfig()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     calibrate: bool = True  # time target forwards of 1..max_draft+1 tokens at start-up
 
 

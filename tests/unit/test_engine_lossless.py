@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.drafters.policy import PolicyConfig
+from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
 from tests.scripted_drafter import ScriptedDrafter
@@ -58,7 +58,7 @@ def test_target_only_engine_matches_reference(target) -> None:
 @pytest.mark.parametrize("tree", [False, True])
 @pytest.mark.parametrize("corrupt", [0.0, 0.2, 0.6, 1.0])
 def test_scripted_drafts_are_lossless(target, tree: bool, corrupt: float) -> None:
-    model, hf = target
+    model, _hf = target
     base = make_engine(model, None)
     for i, prompt in enumerate(prompts(4, 10 + int(corrupt * 10))):
         max_tokens = [1, 7, 23, 40][i]
