@@ -1,0 +1,20 @@
+"""Shared pytest fixtures. Keep each fixture small and documented; group by subsystem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct as a HF dir, in the default cache (shared by the session).
+
+    The first use on a machine converts the GGUF (~20-40 s); scripts/setup.sh normally did that.
+    """
+    from aurora_spec.models.loader import resolve_model
+
+    return resolve_model("smollm2-135m")
