@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
+        self.wakeup = threading.Event()  # set whenever work arrives from another thread
         if cfg.calibrate:
             self.calibrate()
 
@@ -105,14 +107,17 @@ class Engine:
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, domain,
                        record_traces, on_update)
         self._inbox.put(seq)
+        self.wakeup.set()
         return seq
 
     def abort(self, request_id: str) -> None:
         self._aborts.put(request_id)
+        self.wakeup.set()
 
     def call_between_steps(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the engine thread before the next step (e.g. a draft swap)."""
         self._actions.put(fn)
+        self.wakeup.set()
 
     # ----- engine thread ---------------------------------------------------------------------
     @property
@@ -135,6 +140,12 @@ class Engine:
         while not seq.finished:
             self.step()
         return seq.result()
+
+    def fail_running(self) -> None:
+        """After an unexpected error: end every running request (finish_reason "error")."""
+        for seq in list(self.running):
+            seq.finish_reason = "error"
+            self._retire(seq)
 
     def _drain_control(self) -> None:
         while not self._actions.empty():

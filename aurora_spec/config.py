@@ -1,0 +1,37 @@
+"""Frozen configuration sections. The CLI builds them from flags; nothing here is global state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DRAFTERS = ("none", "ngram", "eagle3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "smollm2-135m"  # bundled short name, .gguf path or Hugging Face directory
+    dtype: str = "float32"
+    device: str = "auto"  # auto = cuda when present, else cpu
+    threads: int | None = None  # torch intra-op threads (None = all cores)
+    max_context: int = 2048  # KV cache tokens per request
+    max_slots: int = 4  # requests held in the KV cache at once
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    name: str = "ngram"  # none | ngram | eagle3
+    draft_weights: str | None = None  # eagle3: directory with head.safetensors + head.json
+    draft_vocab: int = 8192  # eagle3 day-0 draft vocabulary size
+    tree_width: int = 1  # > 1 proposes trees
+    seed: int = 0  # eagle3 random initialisation

@@ -1,0 +1,91 @@
+"""Assemble a ready engine (model, tokenizer, runner, drafter) from configuration."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aurora_spec.config import DRAFTERS, DrafterConfig, ModelConfig
+from aurora_spec.drafters.base import Drafter
+from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.models.loader import ModelInfo, ModelLoadError, load_tokenizer, model_info, resolve_model
+from aurora_spec.models.runner import CacheConfig, TargetRunner
+from aurora_spec.models.transformer import DecoderModel, UnsupportedModelError, load_decoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    info: ModelInfo
+    tokenizer: Any
+    model: DecoderModel
+    engine: Engine
+
+    @property
+    def drafter(self) -> Drafter | None:
+        return self.engine.drafter
+
+
+def load_target(cfg: ModelConfig) -> tuple[ModelInfo, Any, DecoderModel]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = resolve_model(cfg.model)
+    info = model_info(model_dir, cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        model = load_decoder(model_dir, cfg.torch_dtype(), cfg.torch_device())
+    except (UnsupportedModelError, OSError) as e:
+        raise ModelLoadError(f"cannot load {cfg.model}: {e}") from e
+    return info, tokenizer, model
+
+
+def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
+    if cfg.name not in DRAFTERS:
+        raise ValueError(f"unknown drafter {cfg.name!r} (choose from {', '.join(DRAFTERS)})")
+    if cfg.name == "none":
+        return None
+    if cfg.name == "ngram":
+        from aurora_spec.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(tree_width=cfg.tree_width)
+    from aurora_spec.drafters.eagle3 import Eagle3Drafter
+    from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
+
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    if cfg.draft_weights:
+        head = Eagle3Head.load(Path(cfg.draft_weights), device=device, dtype=dtype)
+        _check_head_fits(head, model)
+    else:
+        spec = model.spec
+        head_cfg = Eagle3Config(
+            hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            intermediate_size=spec.intermediate_size, rms_norm_eps=spec.rms_norm_eps,
+            rope_theta=spec.rope_theta, draft_vocab_size=min(cfg.draft_vocab, spec.vocab_size),
+            target_vocab_size=spec.vocab_size, target_layers=spec.hidden_layers())
+        head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
+    return Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
+                         tree_width=cfg.tree_width)
+
+
+def _check_head_fits(head: Any, model: DecoderModel) -> None:
+    c, s = head.config, model.spec
+    if (c.hidden_size, c.target_vocab_size, tuple(c.target_layers)) != (
+            s.hidden_size, s.vocab_size, s.hidden_layers()):
+        raise ValueError(f"draft head (hidden {c.hidden_size}, vocab {c.target_vocab_size}, layers "
+                         f"{tuple(c.target_layers)}) does not fit this target (hidden "
+                         f"{s.hidden_size}, vocab {s.vocab_size}, layers {s.hidden_layers()})")
+
+
+def build_runtime(mcfg: ModelConfig, dcfg: DrafterConfig,
+                  ecfg: EngineConfig | None = None, trace_sink=None) -> Runtime:
+    info, tokenizer, model = load_target(mcfg)
+    drafter = make_drafter(dcfg, model)
+    runner = TargetRunner(model, CacheConfig(mcfg.max_slots, mcfg.max_context))
+    engine = Engine(runner, drafter, ecfg or EngineConfig(), trace_sink)
+    return Runtime(info, tokenizer, model, engine)
