@@ -1,0 +1,348 @@
+"""The EAGLE-3 style draft head: one module shared by serving (Eagle3Drafter) and the online
+trainer (DESIGN.md section 3).
+
+Input at draft position j is the pair (h_j, x_{j+1}): h_j is either the fused target hidden
+state (``fuse`` of the low/mid/high layer outputs, 3H -> H) or, when drafting on its own
+outputs, the head's previous pre-norm output; x_{j+1} is embedded with the target's frozen
+embedding. One decoder layer whose attention reads [embed_norm(emb), hidden_norm(h)] (2H), then
+``norm`` and ``lm_head`` over a pruned draft vocabulary; ``d2t`` maps draft ids to target ids.
+
+Parameter layout (for EAGLE-3 export): ``qkv`` is q_proj, k_proj, v_proj stacked on the output
+dim; ``gate_up`` is gate_proj, up_proj stacked; ``embed_norm`` is EAGLE-3's input_layernorm.
+``d2t`` holds absolute target ids (EAGLE-3 files store offsets d2t[i] - i).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aurora_spec.models.layers import (
+    RMSNorm,
+    apply_rope,
+    attend,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+FORMAT = "aurora-eagle3-head"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "head.safetensors"
+MANIFEST_FILE = "head.json"
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    draft_vocab_size: int
+    target_vocab_size: int
+    target_layers: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if not 0 < self.draft_vocab_size <= self.target_vocab_size:
+            raise ValueError("draft_vocab_size must be in [1, target_vocab_size]")
+        object.__setattr__(self, "target_layers", tuple(int(i) for i in self.target_layers))
+
+    @staticmethod
+    def from_target(hf_config: Any, draft_vocab_size: int = 32768) -> Eagle3Config:
+        """Head shaped like one target decoder layer. Accepts a transformers config (llama-like or
+        gemma3, multimodal configs via get_text_config()) or the equivalent config.json dict."""
+        cfg = hf_config
+        if hasattr(cfg, "get_text_config"):
+            cfg = cfg.get_text_config()
+        if hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        cfg = cfg.get("text_config") or cfg  # raw gemma3 config.json
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or {}
+        rope = rope.get("full_attention", rope)  # gemma3: per-layer-type parameters
+        theta = rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0
+        layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+        return Eagle3Config(
+            hidden_size=cfg["hidden_size"], num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6), rope_theta=float(theta),
+            draft_vocab_size=min(draft_vocab_size, vocab), target_vocab_size=vocab,
+            # Same choice as the target runner: EAGLE-3's (2, L//2, L-3), clamped for tiny models.
+            target_layers=(min(2, layers - 1), layers // 2, max(layers - 3, 0)))
+
+
+def default_draft_vocab(cfg: Eagle3Config) -> torch.Tensor:
+    """Day-0 draft vocabulary: the first draft_vocab_size target ids (BPE vocabularies are roughly
+    ordered by merge frequency). The trainer rebuilds it from traffic frequencies."""
+    return torch.arange(cfg.draft_vocab_size, dtype=torch.long)
+
+
+class DraftCache:
+    """Keys/values of one head for a batch of sequences, preallocated and grown in chunks so the
+    per-step append is an in-place copy, not a reallocation of the whole cache.
+
+    ``length`` is the number of valid entries; setting it back drops entries (speculative ones)
+    without freeing memory. When the new keys require grad (training), appends concatenate
+    instead, because autograd forbids overwriting tensors saved for backward.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, device: torch.device | str,
+                 dtype: torch.dtype, chunk: int = 256) -> None:
+        self.chunk = chunk
+        self.k = torch.empty(batch, num_kv_heads, 0, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n entries in total (amortised: grows at least by half or one chunk)."""
+        if n <= self.capacity:
+            return
+        cap = max(n, self.capacity + max(self.chunk, self.capacity // 2))
+        cap = -(-cap // self.chunk) * self.chunk
+        shape = (*self.k.shape[:2], cap, self.k.shape[3])
+        k = self.k.new_empty(shape)
+        v = self.v.new_empty(shape)
+        k[:, :, :self.length] = self.k[:, :, :self.length]
+        v[:, :, :self.length] = self.v[:, :, :self.length]
+        self.k, self.v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, Hkv, T, D) entries; return views of all valid keys and values."""
+        start, end = self.length, self.length + k.shape[2]
+        if k.requires_grad or v.requires_grad:
+            self.k = torch.cat((self.k[:, :, :start], k), dim=2)
+            self.v = torch.cat((self.v[:, :, :start], v), dim=2)
+        else:
+            self.reserve(end)
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, t, start + t) bool: query i (at cache index start + i) sees keys 0..start + i."""
+    keys = torch.arange(start + t, device=device)
+    queries = torch.arange(start, start + t, device=device)
+    return (keys[None, :] <= queries[:, None])[None, None]
+
+
+class Eagle3Head(nn.Module):
+    def __init__(self, config: Eagle3Config) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.version = 0
+        h, d = c.hidden_size, c.head_dim
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.embed_norm = RMSNorm(h, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, c.rms_norm_eps)
+        self.qkv = nn.Linear(2 * h, (c.num_heads + 2 * c.num_kv_heads) * d, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * d, h, bias=False)
+        self.post_attn_norm = RMSNorm(h, c.rms_norm_eps)
+        self.gate_up = nn.Linear(h, 2 * c.intermediate_size, bias=False)
+        self.down = nn.Linear(c.intermediate_size, h, bias=False)
+        self.norm = RMSNorm(h, c.rms_norm_eps)
+        self.lm_head = nn.Linear(h, c.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", default_draft_vocab(c))
+        self.register_buffer("t2d", _target_to_draft(self.d2t, c.target_vocab_size),
+                             persistent=False)
+        # A plain attribute, not a buffer: module.to(bfloat16) would round the frequencies and
+        # make a bf16 serving head disagree with its fp32 training twin at long positions.
+        self._inv_freq = rope_inv_freq(d, c.rope_theta)
+
+    @staticmethod
+    def random(config: Eagle3Config, seed: int = 0, std: float = 0.02) -> Eagle3Head:
+        """Day-0 head: small normal init so a blank head's logits are near uniform."""
+        head = Eagle3Head(config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in head.named_parameters():
+                if not name.endswith("norm.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return head
+
+    def new_cache(self, batch: int = 1, chunk: int = 256) -> DraftCache:
+        p = self.fc.weight
+        return DraftCache(batch, self.config.num_kv_heads, self.config.head_dim, p.device, p.dtype,
+                          chunk)
+
+    def fuse(self, fused_hidden: torch.Tensor) -> torch.Tensor:
+        """(..., 3H) concatenated low/mid/high target layers -> (..., H) draft hidden input."""
+        return self.fc(fused_hidden)
+
+    def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
+                cache: DraftCache | None = None, mask: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, token_embeds (B, T, H), positions (B, T) -> (out_hidden (B, T, H) pre-norm,
+        logits (B, T, V_draft)); logits of the last position only, (B, 1, V), if ``last_only``.
+
+        Without ``cache`` the T inputs attend causally to each other (training). With ``cache``
+        the new keys are appended and the queries attend causally over cache + new entries.
+        ``mask`` (B or 1, 1, T, S) bool, S = keys after the append, overrides the causal default
+        (tree drafts, training-time-test masks)."""
+        b, t, _ = hidden.shape
+        c, d = self.config, self.config.head_dim
+        x = torch.cat((self.embed_norm(token_embeds), self.hidden_norm(hidden)), dim=-1)
+        q, k, v = self.qkv(x).split((c.num_heads * d, c.num_kv_heads * d, c.num_kv_heads * d), -1)
+        q = q.view(b, t, c.num_heads, d).transpose(1, 2)
+        k = k.view(b, t, c.num_kv_heads, d).transpose(1, 2)
+        v = v.view(b, t, c.num_kv_heads, d).transpose(1, 2)
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v)
+        if mask is None and t > 1:  # a single query may see every key: no mask needed
+            mask = causal_mask(start, t, hidden.device)
+        attn = attend(q, k, v, mask)
+        h = hidden + self.o_proj(attn.transpose(1, 2).reshape(b, t, c.num_heads * d))
+        gate, up = self.gate_up(self.post_attn_norm(h)).chunk(2, dim=-1)
+        h = h + self.down(F.silu(gate) * up)
+        logits = self.lm_head(self.norm(h[:, -1:] if last_only else h))
+        return h, logits
+
+    def set_vocab(self, d2t: torch.Tensor) -> None:
+        """Replace the draft vocabulary. lm_head rows of tokens in both vocabularies are kept, new
+        rows start at zero. lm_head becomes a new Parameter: rebuild optimizers afterwards."""
+        c = self.config
+        d2t = torch.as_tensor(d2t, dtype=torch.long).to(self.d2t.device).flatten()
+        _check_d2t(d2t, c.target_vocab_size)
+        old = self.t2d[d2t]  # old draft row of each new token, -1 when new
+        w = self.lm_head.weight
+        new_w = torch.zeros(len(d2t), w.shape[1], device=w.device, dtype=w.dtype)
+        keep = old >= 0
+        with torch.no_grad():
+            new_w[keep] = w[old[keep]]
+        self.lm_head = nn.Linear(w.shape[1], len(d2t), bias=False, device=w.device, dtype=w.dtype)
+        self.lm_head.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
+        self.d2t = d2t
+        self.t2d = _target_to_draft(d2t, c.target_vocab_size)
+        self.config = dataclasses.replace(c, draft_vocab_size=len(d2t))
+
+    # ---- persistence: safetensors + JSON manifest, never pickle ----
+
+    def save(self, path_dir: str | os.PathLike) -> None:
+        """Write head.safetensors and head.json, each atomically (temp file + os.replace). The
+        version is in both, so a reader catching the pair mid-update gets a ValueError."""
+        out = Path(path_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        meta = {"format": FORMAT, "version": str(self.version)}
+        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta))
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": self.version,
+                    "config": dataclasses.asdict(self.config)}
+        text = json.dumps(manifest, indent=2)
+        _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(text))
+
+    @staticmethod
+    def load(path_dir: str | os.PathLike, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> Eagle3Head:
+        """Load a saved head; ValueError on a missing, corrupt or inconsistent checkpoint."""
+        src = Path(path_dir)
+        config, version = _read_manifest(src / MANIFEST_FILE)
+        tensors, meta = _read_weights(src / WEIGHTS_FILE)
+        if meta.get("format") != FORMAT or meta.get("version") != str(version):
+            raise ValueError(f"{src}: weights (version {meta.get('version')}) do not match "
+                             f"{MANIFEST_FILE} (version {version}); torn or mixed checkpoint")
+        head = Eagle3Head(config)
+        _check_state(head, tensors, src)
+        _check_d2t(tensors["d2t"], config.target_vocab_size)
+        head.load_state_dict(tensors)
+        head.t2d = _target_to_draft(head.d2t, config.target_vocab_size)
+        head.version = version
+        return head.to(device=device, dtype=dtype)
+
+
+def _target_to_draft(d2t: torch.Tensor, target_vocab: int) -> torch.Tensor:
+    t2d = torch.full((target_vocab,), -1, dtype=torch.long, device=d2t.device)
+    t2d[d2t] = torch.arange(len(d2t), device=d2t.device)
+    return t2d
+
+
+def _check_d2t(d2t: torch.Tensor, target_vocab: int) -> None:
+    if d2t.dtype != torch.long or d2t.dim() != 1 or len(d2t) == 0:
+        raise ValueError("d2t must be a non-empty 1-D long tensor")
+    if int(d2t.min()) < 0 or int(d2t.max()) >= target_vocab:
+        raise ValueError(f"d2t has ids outside the target vocabulary [0, {target_vocab})")
+    if len(torch.unique(d2t)) != len(d2t):
+        raise ValueError("d2t has duplicate target ids")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_manifest(path: Path) -> tuple[Eagle3Config, int]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read draft head manifest {path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version {manifest.get('format_version')!r}"
+                         f" (expected {FORMAT_VERSION})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version < 0:
+        raise ValueError(f"{path}: version must be a non-negative integer, got {version!r}")
+    try:
+        config = Eagle3Config(**manifest["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid config: {e}") from e
+    return config, version
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"cannot read draft head weights {path}: {e}") from e
+
+
+def _check_state(head: Eagle3Head, tensors: dict[str, torch.Tensor], src: Path) -> None:
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{src}: missing tensors {missing}, unexpected tensors {extra}")
+    for name, ref in expected.items():
+        got = tensors[name]
+        if got.shape != ref.shape:
+            raise ValueError(f"{src}: {name} has shape {tuple(got.shape)}, the config needs "
+                             f"{tuple(ref.shape)}")
+        if got.dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise ValueError(f"{src}: {name} has dtype {got.dtype}, expected {ref.dtype}")
