@@ -166,7 +166,7 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: s
 
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=dtype, local_files_only=True
             )
     except Exception as e:
@@ -296,7 +296,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), dtype=torch.float32, **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
