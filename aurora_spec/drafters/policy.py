@@ -30,12 +30,14 @@ class CostModel:
     """Measured forward times per number of tokens T (EMA), shared by all requests."""
 
     ema: float = 0.1
-    times: dict[int, float] = field(default_factory=dict)
+    times: dict[int, float] = field(default_factory=dict)  # batch of 1, by tokens
+    batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, width)
     draft_token_s: float = 0.0
 
-    def observe_verify(self, tokens: int, seconds: float) -> None:
-        old = self.times.get(tokens)
-        self.times[tokens] = seconds if old is None else old + self.ema * (seconds - old)
+    def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
+        table, key = (self.times, tokens) if batch == 1 else (self.batch_times, (batch, tokens))
+        old = table.get(key)  # type: ignore[call-overload]
+        table[key] = seconds if old is None else old + self.ema * (seconds - old)  # type: ignore[index]
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
@@ -43,8 +45,12 @@ class CostModel:
             old = self.draft_token_s
             self.draft_token_s = per if old == 0 else old + self.ema * (per - old)
 
-    def verify_time(self, tokens: int) -> float:
-        """t(T), interpolated linearly between measured sizes (and extrapolated flat-ish)."""
+    def verify_time(self, tokens: int, batch: int = 1) -> float:
+        """t(T) for a batch of ``batch`` rows of ``tokens`` each: measured when seen, else the
+        single-row curve at the same total number of tokens (forwards are matmul-bound)."""
+        if batch > 1:
+            seen = self.batch_times.get((batch, tokens))
+            return seen if seen is not None else self.verify_time(batch * tokens)
         if tokens in self.times:
             return self.times[tokens]
         if not self.times:

@@ -68,8 +68,22 @@ def tree_ancestors(parents: tuple[int, ...]) -> torch.Tensor:
     return allowed
 
 
+@dataclass(frozen=True)
+class VerifyItem:
+    """One request's part of a batched verify: its handle, root token and draft proposal."""
+
+    handle: int
+    root: int
+    proposal: Proposal
+
+
 class TargetRunner:
-    """Owns the target model and its cache; every method takes and returns token ids only."""
+    """Owns the target model and its cache; every method takes and returns token ids only.
+
+    Requests hold *handles*; the runner keeps their cache rows packed at 0..n-1 (a release moves
+    the last row into the hole), so a batched forward over all running requests reads the cache
+    through one slice, never a gather copy.
+    """
 
     def __init__(self, model: DecoderModel, cache_cfg: CacheConfig = CacheConfig()) -> None:
         self.model = model
@@ -79,7 +93,9 @@ class TargetRunner:
         capacity = min(cache_cfg.capacity, self.spec.max_position_embeddings)
         cache_cfg = CacheConfig(cache_cfg.max_slots, capacity)
         self.cache = KVCache(model, cache_cfg, self.dtype, self.device)
-        self._free = list(range(cache_cfg.max_slots - 1, -1, -1))
+        self.max_slots = cache_cfg.max_slots
+        self._row: dict[int, int] = {}  # handle -> cache row
+        self._next_handle = 0
 
     @property
     def capacity(self) -> int:
@@ -87,23 +103,34 @@ class TargetRunner:
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.max_slots - len(self._row)
 
     def allocate(self) -> int:
-        if not self._free:
+        if not self.free_slots:
             raise CacheFullError("all KV cache slots are in use")
-        slot = self._free.pop()
-        self.cache.lengths[slot] = 0
-        return slot
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        row = len(self._row)
+        self._row[handle] = row
+        self.cache.lengths[row] = 0
+        return handle
 
-    def release(self, slot: int) -> None:
-        self.cache.lengths[slot] = 0
-        self._free.append(slot)
+    def release(self, handle: int) -> None:
+        row = self._row.pop(handle)
+        last = len(self._row)
+        if row != last:  # keep rows packed: move the last row into the hole
+            moved = next(h for h, r in self._row.items() if r == last)
+            n = self.cache.lengths[last]
+            for k, v in zip(self.cache.k, self.cache.v, strict=True):
+                k[row, :, :n] = k[last, :, :n]
+                v[row, :, :n] = v[last, :, :n]
+            self.cache.lengths[row] = n
+            self._row[moved] = row
+        self.cache.lengths[last] = 0
 
-    def length(self, slot: int) -> int:
-        return self.cache.lengths[slot]
+    def length(self, handle: int) -> int:
+        return self.cache.lengths[self._row[handle]]
 
-    def prefill(self, slot: int, tokens: list[int]) -> ForwardOutput:
+    def prefill(self, handle: int, tokens: list[int]) -> ForwardOutput:
         """Forward a prompt into an empty slot. Logits only for the last position."""
         n = len(tokens)
         if n == 0:
@@ -111,45 +138,104 @@ class TargetRunner:
         if n >= self.capacity:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens; the context window holds {self.capacity}")
+        row = self._row[handle]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
         positions = torch.arange(n, device=self.device)
-        out = self._forward(slot, tokens, positions, causal, logits_rows=slice(n - 1, n))
-        self.cache.lengths[slot] = n
+        out = self._forward(row, tokens, positions, causal, logits_rows=slice(n - 1, n))
+        self.cache.lengths[row] = n
         return out
 
-    def verify(self, slot: int, root: int, proposal: Proposal) -> ForwardOutput:
+    def verify(self, handle: int, root: int, proposal: Proposal) -> ForwardOutput:
         """Forward the root and the draft nodes; logits for all n+1 rows. Nothing is committed."""
-        length = self.cache.lengths[slot]
+        row = self._row[handle]
+        length = self.cache.lengths[row]
         if length + len(proposal) + 1 > self.capacity:
             raise InvalidRequestError("the sequence outgrew the context window")
         allowed = tree_ancestors(proposal.parents).to(self.device)
         depths = torch.tensor([0, *proposal.depths()], device=self.device)
-        tokens = [root, *proposal.tokens]
-        return self._forward(slot, tokens, length + depths, allowed)
+        return self._forward(row, [root, *proposal.tokens], length + depths, allowed)
 
-    def commit(self, slot: int, accepted_nodes: tuple[int, ...]) -> None:
+    def verify_batch(self, items: list[VerifyItem]) -> list[ForwardOutput]:
+        """One forward for several requests (ragged draft and cache lengths). Returns one
+        ForwardOutput per item, trimmed to that item's n+1 rows."""
+        if len(items) == 1:
+            it = items[0]
+            return [self.verify(it.handle, it.root, it.proposal)]
+        rows = [self._row[it.handle] for it in items]
+        if sorted(rows) != list(range(len(self._row))):  # not every live row: no single slice
+            return [self.verify(it.handle, it.root, it.proposal) for it in items]
+        by_row = sorted(range(len(items)), key=lambda i: rows[i])
+        out = self._forward_batch([items[i] for i in by_row])
+        result: list[ForwardOutput] = [out[0]] * len(items)
+        for pos, i in enumerate(by_row):
+            result[i] = out[pos]
+        return result
+
+    def commit(self, handle: int, accepted_nodes: tuple[int, ...]) -> None:
         """Keep the root and the accepted path of the last verify; drop everything else."""
-        length = self.cache.lengths[slot]
+        row = self._row[handle]
+        length = self.cache.lengths[row]
         keep = len(accepted_nodes)
         if accepted_nodes != tuple(range(keep)):  # tree path that is not the prefix: compact it
             src = torch.tensor([length + 1 + i for i in accepted_nodes], device=self.device)
-            self.cache.move(slot, src, length + 1)
-        self.cache.lengths[slot] = length + 1 + keep
+            self.cache.move(row, src, length + 1)
+        self.cache.lengths[row] = length + 1 + keep
 
     @torch.inference_mode()
-    def _forward(self, slot: int, tokens: list[int], positions: torch.Tensor,
+    def _forward(self, row: int, tokens: list[int], positions: torch.Tensor,
                  new_allowed: torch.Tensor, logits_rows: slice | None = None) -> ForwardOutput:
-        length = self.cache.lengths[slot]
+        length = self.cache.lengths[row]
         t = len(tokens)
         kv_len = length + t
         mask = torch.ones(1, 1, t, kv_len, dtype=torch.bool, device=self.device)
         mask[0, 0, :, length:] = new_allowed
         sliding = None
         if self.spec.sliding_window:
-            # Key positions: committed entries sit at their index, new ones at their tree position.
             key_pos = torch.cat([torch.arange(length, device=self.device), positions])
-            near = key_pos[None, :] > positions[:, None] - self.spec.sliding_window
-            sliding = mask & near[None, None]
+            sliding = mask & self._near(key_pos[None], positions[None])
         ids = torch.tensor([tokens], device=self.device)
-        return self.model(ids, positions[None], self.cache.views(slot), slice(length, kv_len),
+        return self.model(ids, positions[None], self.cache.views(row), slice(length, kv_len),
                           kv_len, mask, sliding, logits_rows)
+
+    def _near(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """Sliding-window condition (B, 1, T, S) from key (B, S) and query (B, T) positions."""
+        window = self.spec.sliding_window or 0
+        return (key_pos[:, None, :] > query_pos[:, :, None] - window)[:, None]
+
+    @torch.inference_mode()
+    def _forward_batch(self, items: list[VerifyItem]) -> list[ForwardOutput]:
+        """Rows 0..B-1 in order. Padded query rows attend to key 0 only (never to nothing)."""
+        b = len(items)
+        lens = [self.cache.lengths[r] for r in range(b)]
+        sizes = [len(it.proposal) + 1 for it in items]
+        t = max(sizes)
+        if any(n + t > self.capacity for n in lens):
+            return [self.verify(it.handle, it.root, it.proposal) for it in items]
+        kv_len = max(lens) + t
+        dev = self.device
+        tokens = torch.zeros(b, t, dtype=torch.long)
+        positions = torch.zeros(b, t, dtype=torch.long)
+        mask = torch.zeros(b, 1, t, kv_len, dtype=torch.bool)
+        mask[:, :, :, 0] = True
+        for r, it in enumerate(items):
+            n, size = lens[r], sizes[r]
+            tokens[r, :size] = torch.tensor([it.root, *it.proposal.tokens])
+            positions[r] = n + torch.arange(t)
+            positions[r, :size] = n + torch.tensor([0, *it.proposal.depths()])
+            mask[r, 0, :size, :n] = True
+            mask[r, 0, :size, n:n + size] = tree_ancestors(it.proposal.parents)
+        tokens, positions, mask = tokens.to(dev), positions.to(dev), mask.to(dev)
+        sliding = None
+        if self.spec.sliding_window:
+            key_pos = torch.arange(kv_len, device=dev).repeat(b, 1)
+            for r in range(b):
+                key_pos[r, lens[r]:lens[r] + t] = positions[r]
+            sliding = mask & self._near(key_pos, positions)
+        if len(set(lens)) == 1:
+            write: slice | torch.Tensor = slice(lens[0], lens[0] + t)
+        else:
+            write = torch.tensor(lens, device=dev)[:, None] + torch.arange(t, device=dev)
+        views = [(k[:b], v[:b]) for k, v in zip(self.cache.k, self.cache.v, strict=True)]
+        out = self.model(tokens, positions, views, write, kv_len, mask, sliding)
+        return [ForwardOutput(out.logits[r:r + 1, :sizes[r]], out.fused_hidden[r:r + 1, :sizes[r]],
+                              out.final_hidden[r:r + 1, :sizes[r]]) for r in range(b)]

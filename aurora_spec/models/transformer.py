@@ -217,7 +217,7 @@ class DecoderModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
         if self.spec.is_gemma:
             lcos, lsin = rope_cos_sin(positions, self.local_inv_freq, dtype)
-        fused = []
+        saved: dict[int, torch.Tensor] = {}
         for i, (block, (kc, vc)) in enumerate(zip(self.blocks, caches, strict=True)):
             sliding = self.spec.is_gemma and self.spec.sliding_layers[i]
             if sliding:
@@ -225,10 +225,11 @@ class DecoderModel(nn.Module):
             else:
                 x = block(x, cos, sin, mask, kc, vc, write, kv_len)
             if i in self.hidden_layers:
-                fused.append(x)
+                saved[i] = x
         final = self.norm(x)
         rows = final if logits_rows is None else final[:, logits_rows]
-        return ForwardOutput(self.logits(rows), torch.cat(fused, dim=-1), final)
+        fused = torch.cat([saved[i] for i in self.hidden_layers], dim=-1)
+        return ForwardOutput(self.logits(rows), fused, final)
 
 
 def _hf_to_ours(spec: ModelSpec, read) -> dict[str, torch.Tensor]:

@@ -68,3 +68,38 @@ def test_cache_after_rejection_equals_fresh_cache(kind: str) -> None:
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(runner.cache.v[layer][a, :, :n], runner.cache.v[layer][b, :, :n],
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_batched_ragged_verify_equals_single(kind: str) -> None:
+    """One batched forward over requests with different cache lengths and draft shapes gives each
+    request the logits and cache contents of its own single forward."""
+    from aurora_spec.models.runner import VerifyItem
+
+    model, _ = tiny_target(kind)
+    batched = TargetRunner(model, CacheConfig(max_slots=3, capacity=64))
+    single = TargetRunner(model, CacheConfig(max_slots=3, capacity=64))
+    prompts = [list(range(3, 9)), list(range(10, 23)), [40, 41]]
+    props = [Proposal.chain([5, 6, 7]), Proposal((8, 9, 10), (-1, -1, 0)), Proposal()]
+    hb = [batched.allocate() for _ in prompts]
+    hs = [single.allocate() for _ in prompts]
+    for b, s_, p in zip(hb, hs, prompts, strict=True):
+        batched.prefill(b, p)
+        single.prefill(s_, p)
+    outs = batched.verify_batch([VerifyItem(h, 50, pr) for h, pr in zip(hb, props, strict=True)])
+    for h, s_, pr, out in zip(hb, hs, props, outs, strict=True):
+        ref = single.verify(s_, 50, pr)
+        assert out.logits.shape[1] == len(pr) + 1
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+        accepted = (0,) if len(pr) else ()
+        batched.commit(h, accepted)
+        single.commit(s_, accepted)
+    # Releasing the first request moves the last cache row into its place; contents survive.
+    batched.release(hb[0])
+    single.release(hs[0])
+    for h, s_ in zip(hb[1:], hs[1:], strict=True):
+        n = batched.length(h)
+        rb, rs = batched._row[h], single._row[s_]
+        for layer in range(model.spec.num_layers):
+            torch.testing.assert_close(batched.cache.k[layer][rb, :, :n],
+                                       single.cache.k[layer][rs, :, :n], atol=1e-5, rtol=1e-5)
