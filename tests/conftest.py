@@ -18,3 +18,12 @@ def smollm2_dir() -> Path:
     from aurora_spec.models.loader import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_target(smollm2_dir: Path):
+    """(ModelInfo, tokenizer, DecoderModel) for SmolLM2 in float32, loaded once per session."""
+    from aurora_spec.config import ModelConfig
+    from aurora_spec.runtime import load_target
+
+    return load_target(ModelConfig(model=str(smollm2_dir)))
