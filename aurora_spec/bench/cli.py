@@ -1,0 +1,105 @@
+"""``aurora bench``: arms side by side on real traffic prompts; results.json + report.md."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from aurora_spec.bench.runner import ARM_BUILDERS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from aurora_spec.cli import add_model_flags
+
+    p = sub.add_parser(
+        "bench", help="benchmark arms side by side on traffic prompts",
+        description="Run prompts from the traffic data through every arm in one process, "
+        "interleaved per request (batch 1, greedy), and write DIR/results.json, DIR/report.md "
+        "and DIR/bench.png. Arms: " + ", ".join(ARM_BUILDERS) + " (eagle3:DIR and static:DIR "
+        "load a trained head).")
+    p.add_argument("--arms", default="none,ngram,eagle3,hf",
+                   help="comma-separated arms (default: none,ngram,eagle3,hf)")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="measured requests per domain, interleaved round-robin (default 8)")
+    p.add_argument("--stream", default=None,
+                   help="ordered domain segments instead of --domains/--requests, "
+                   "e.g. chat:100,code:100")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
+    add_model_flags(p)
+    p.add_argument("--traffic", default=None,
+                   help="traffic directory (default: $AURORA_TRAFFIC or ../shared/data/traffic "
+                   "next to the repository)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the chat template (default: on when the model has one)")
+    p.add_argument("--draft-weights", default=None, help="eagle3 head directory (safetensors)")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="eagle3 day-0 draft vocabulary")
+    p.add_argument("--tree-width", type=int, default=1, help="> 1 drafts trees")
+    p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up requests run on every arm first, excluded (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="prompt selection and eagle3 init seed")
+    p.add_argument("--out", default="bench-results", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--save-token-ids", action="store_true",
+                   help="store every output's token ids in results.json (default: a hash)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from aurora_spec.bench.runner import ArmOptions, BenchConfig, BenchError, run_bench
+    from aurora_spec.bench.report import check_lines
+    from aurora_spec.bench.traffic import parse_domains
+    from aurora_spec.cli import model_config
+
+    if a.stream and (a.domains or a.requests is not None):
+        raise BenchError("--stream replaces --domains and --requests: give one or the other")
+    if a.requests is not None and a.requests <= 0:
+        raise BenchError("--requests must be positive")
+    if a.max_tokens <= 0:
+        raise BenchError("--max-tokens must be positive")
+    if a.tree_width < 1 or a.max_draft < 0 or a.draft_vocab < 1:
+        raise BenchError("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
+    cfg = BenchConfig(
+        arms=a.arms, domains=parse_domains(a.domains) if a.domains else None,
+        requests=a.requests if a.requests is not None else 8, stream=a.stream,
+        max_tokens=a.max_tokens, warmup=a.warmup, seed=a.seed, traffic=a.traffic, chat=a.chat,
+        model=model_config(a, max_slots=1),
+        arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed),
+        out=a.out, progress=not a.no_progress, plot=not a.no_plot,
+        save_token_ids=a.save_token_ids,
+        command=shlex.join(["aurora", *sys.argv[1:]]) if _invoked_as_cli() else
+        shlex.join(["aurora", "bench", *_argv_of(a)]))
+    results, written = run_bench(cfg)
+    for name, arm in results["arms"].items():
+        print(f"{name:>12}: {_fmt(arm['tokens_per_s'])} tokens/s "
+              f"[{_fmt(arm['tokens_per_s_p10'])}-{_fmt(arm['tokens_per_s_p90'])}], "
+              f"tau {_fmt(arm['tau'], 2)}, vs none {_fmt(arm['speedup_vs_none'], 2)}x")
+    for line in check_lines(results):
+        print(line)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 130 if results["config"].get("interrupted") else 0
+
+
+def _fmt(v: float | None, nd: int = 1) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def _invoked_as_cli() -> bool:
+    return len(sys.argv) > 1 and "bench" in sys.argv[1:]
+
+
+def _argv_of(a: argparse.Namespace) -> list[str]:
+    """Rebuild an equivalent command line (when called as main([...]) from Python)."""
+    out: list[str] = []
+    for key, val in sorted(vars(a).items()):
+        flag = "--" + key.replace("_", "-")
+        if key == "chat" and val is False:
+            out.append("--no-chat")
+        if key in ("func", "command", "verbose") or val is None or val is False:
+            continue
+        out += [flag] if val is True else [flag, str(val)]
+    return out

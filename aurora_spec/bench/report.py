@@ -1,0 +1,348 @@
+"""Aggregate benchmark records into results.json, report.md and an optional PNG plot.
+
+results.json::
+
+    {"config": {command, model, dtype, threads, max_tokens, date, ...},
+     "arms": {ARM: {"kind", "tokens_per_s" (median over requests), "tokens_per_s_p10",
+                    "tokens_per_s_p90", "tokens_per_s_aggregate" (sum tokens / sum time),
+                    "tau" (mean), "acceptance" (accepted / proposed), "requests",
+                    "per_domain": {d: {"tokens_per_s", "tau", "requests", "speedup_vs_none"}},
+                    "speedup_vs_none", "speedup_vs_hf" (ratios of medians),
+                    "diverged_requests" (share), "diverged_count", "first_divergence" ([pos])}},
+     "checks": [{"name", "status": PASS|FAIL|INFO|SKIP, "value", "threshold", "text"}],
+     "requests": [per-request records, see runner.make_record]}
+
+Tokens/s is decode throughput (prefill excluded); speedups are ratios of per-arm medians over the
+same requests, measured side by side in one run (DESIGN.md sections 1 and 6).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+# The figures issue 2 asks for (README quotes the check lines).
+ENGINE_VS_HF_MIN = 1.3  # target-only engine vs transformers generate(), float32
+NGRAM_SUMMARIZATION_MIN = 1.5  # ngram vs target-only on summarization
+MAX_SLOWDOWN = 0.05  # no drafter slower than target-only by more than 5% on any domain
+NON_DRAFTER_KINDS = ("none", "hf")
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]), None for no values."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def _stats(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s") is not None]
+    taus = [r["tau"] for r in recs if r.get("tau") is not None]
+    return {"tokens_per_s": _median(tps), "tau": _mean(taus), "requests": len(recs)}
+
+
+def first_of_kind(arms: dict[str, dict[str, Any]], kind: str) -> str | None:
+    return next((name for name, a in arms.items() if a["kind"] == kind), None)
+
+
+def summarise(records: list[dict[str, Any]], arms: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Per-arm figures from per-request records. ``arms`` is [(name, kind)] in display order."""
+    domains = list(dict.fromkeys(r["domain"] for r in records))
+    out: dict[str, dict[str, Any]] = {}
+    for name, kind in arms:
+        recs = [r for r in records if r["arm"] == name]
+        tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s") is not None]
+        taus = [r["tau"] for r in recs if r.get("tau") is not None]
+        dec_tokens = sum(r.get("decode_tokens") or 0 for r in recs)
+        dec_s = sum(r.get("decode_s") or 0.0 for r in recs)
+        proposed = sum(r.get("proposed") or 0 for r in recs)
+        accepted = sum(r.get("accepted") or 0 for r in recs)
+        div = [r["diverged_at"] for r in recs if r.get("diverged_at") is not None]
+        out[name] = {
+            "kind": kind,
+            "tokens_per_s": _median(tps),
+            "tokens_per_s_p10": percentile(tps, 10),
+            "tokens_per_s_p90": percentile(tps, 90),
+            "tokens_per_s_aggregate": dec_tokens / dec_s if dec_s > 0 else None,
+            "tau": _mean(taus),
+            "acceptance": accepted / proposed if proposed else None,
+            "requests": len(recs),
+            "tokens_mean": _mean([r["tokens"] for r in recs]),
+            "per_domain": {d: _stats([r for r in recs if r["domain"] == d]) for d in domains
+                           if any(r["domain"] == d for r in recs)},
+            "diverged_count": len(div),
+            "diverged_requests": len(div) / len(recs) if recs else None,
+            "first_divergence": sorted(div),
+        }
+    none, hf = first_of_kind(out, "none"), first_of_kind(out, "hf")
+    for name, a in out.items():
+        a["speedup_vs_none"] = _ratio(a["tokens_per_s"], out[none]["tokens_per_s"]) if none else None
+        a["speedup_vs_hf"] = _ratio(a["tokens_per_s"], out[hf]["tokens_per_s"]) if hf else None
+        for d, pd in a["per_domain"].items():
+            base = out[none]["per_domain"].get(d) if none else None
+            pd["speedup_vs_none"] = _ratio(pd["tokens_per_s"], base["tokens_per_s"]) if base else None
+        reference = none or hf
+        if reference is None or name == reference:  # nothing to compare against
+            a["diverged_requests"] = None if name != reference else 0.0
+    for a in out.values():  # rounding last, ratios above use full precision
+        for key in ("tokens_per_s", "tokens_per_s_p10", "tokens_per_s_p90",
+                    "tokens_per_s_aggregate", "tau", "acceptance", "tokens_mean",
+                    "speedup_vs_none", "speedup_vs_hf", "diverged_requests"):
+            a[key] = _r(a[key], 4)
+        for pd in a["per_domain"].values():
+            for key in ("tokens_per_s", "tau", "speedup_vs_none"):
+                pd[key] = _r(pd[key], 4)
+    return out
+
+
+def _check(name: str, status: str, value: float | None, threshold: float | None,
+           text: str) -> dict[str, Any]:
+    return {"name": name, "status": status, "value": _r(value, 4), "threshold": threshold,
+            "text": text}
+
+
+def evaluate_checks(arms: dict[str, dict[str, Any]], dtype: str) -> list[dict[str, Any]]:
+    """The issue-2 figures as explicit PASS/FAIL lines (INFO where no threshold applies, SKIP
+    where the run lacks the arms or domain a check needs)."""
+    checks: list[dict[str, Any]] = []
+    none, hf = first_of_kind(arms, "none"), first_of_kind(arms, "hf")
+    fp32 = dtype == "float32"
+
+    # 1. Target-only through our engine vs transformers generate().
+    if none and hf:
+        v = arms[none]["speedup_vs_hf"]
+        status = "INFO" if not fp32 else ("PASS" if v is not None and v >= ENGINE_VS_HF_MIN
+                                          else "FAIL")
+        goal = f">= {ENGINE_VS_HF_MIN:.2f}x in float32" if fp32 else "no threshold in " + dtype
+        checks.append(_check("engine_vs_hf", status, v, ENGINE_VS_HF_MIN if fp32 else None,
+                             f"target-only engine vs transformers generate(): {_x(v)} "
+                             f"({goal})"))
+    else:
+        checks.append(_check("engine_vs_hf", "SKIP", None, ENGINE_VS_HF_MIN,
+                             "target-only engine vs transformers generate(): needs arms none,hf"))
+
+    # 2. ngram on summarization vs target-only.
+    ngrams = [n for n, a in arms.items() if a["kind"] == "ngram"]
+    for n in ngrams or [None]:
+        pd = arms[n]["per_domain"].get("summarization") if n and none else None
+        if pd is None:
+            checks.append(_check("ngram_summarization", "SKIP", None, NGRAM_SUMMARIZATION_MIN,
+                                 "ngram vs target-only on summarization: needs arms none,ngram "
+                                 "and domain summarization"))
+            continue
+        v = pd["speedup_vs_none"]
+        ok = v is not None and v >= NGRAM_SUMMARIZATION_MIN
+        checks.append(_check("ngram_summarization", "PASS" if ok else "FAIL", v,
+                             NGRAM_SUMMARIZATION_MIN,
+                             f"{n} vs target-only on summarization: {_x(v)} "
+                             f"(>= {NGRAM_SUMMARIZATION_MIN:.2f}x)"))
+
+    # 3. No drafter slower than target-only by more than 5% on any domain.
+    floor = 1 - MAX_SLOWDOWN
+    for n, a in arms.items():
+        if a["kind"] in NON_DRAFTER_KINDS:
+            continue
+        if not none:
+            checks.append(_check("no_slowdown", "SKIP", None, floor,
+                                 f"{n} vs target-only per domain: needs arm none"))
+            continue
+        ratios = {d: pd["speedup_vs_none"] for d, pd in a["per_domain"].items()
+                  if pd["speedup_vs_none"] is not None}
+        if not ratios:
+            checks.append(_check("no_slowdown", "SKIP", None, floor,
+                                 f"{n} vs target-only per domain: no measurements"))
+            continue
+        worst = min(ratios, key=lambda d: ratios[d])
+        ok = ratios[worst] >= floor
+        checks.append(_check("no_slowdown", "PASS" if ok else "FAIL", ratios[worst], floor,
+                             f"{n} slowest domain vs target-only: {worst} {_x(ratios[worst])} "
+                             f"(>= {floor:.2f}x on every domain)"))
+
+    # 4. Losslessness: greedy output identical to target-only (float32); measured in bf16/fp16.
+    reference = none or hf
+    for n, a in arms.items():
+        if n == reference or reference is None or a["diverged_requests"] is None:
+            continue
+        share, cnt = a["diverged_requests"], a["diverged_count"]
+        where = f", first divergence at {a['first_divergence'][:10]}" if cnt else ""
+        what = f"{n} greedy output vs {reference}: {cnt}/{a['requests']} requests differ{where}"
+        if fp32 and a["kind"] != "hf":
+            checks.append(_check("lossless", "PASS" if cnt == 0 else "FAIL", share, 0.0,
+                                 what + " (must be 0 in float32)"))
+        else:
+            note = ("transformers' kernels, not speculation" if a["kind"] == "hf"
+                    else f"measured in {dtype}, DESIGN.md section 4")
+            checks.append(_check("divergence", "INFO", share, None, f"{what} ({note})"))
+    return checks
+
+
+def build_results(config: dict[str, Any], arms: Iterable[Any],
+                  records: list[dict[str, Any]]) -> dict[str, Any]:
+    """``arms``: objects with ``name`` and ``kind`` (or (name, kind) pairs), display order."""
+    pairs = [(a.name, a.kind) if hasattr(a, "name") else tuple(a) for a in arms]
+    summary = summarise(records, pairs)
+    return {"config": config, "arms": summary,
+            "checks": evaluate_checks(summary, config.get("dtype", "float32")),
+            "requests": records}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _f(v: float | None, nd: int = 1) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def check_lines(results: dict[str, Any]) -> list[str]:
+    return [f"{c['status']:<4}  {c['text']}" for c in results.get("checks", [])]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    cfg, arms = results["config"], results["arms"]
+    domains = list(dict.fromkeys(d for a in arms.values() for d in a["per_domain"]))
+    lines = ["# aurora bench", "", f"Command: `{cfg.get('command', '')}`", ""]
+    lines.append(
+        f"Model `{cfg.get('model')}`, {cfg.get('dtype')}, {cfg.get('threads')} thread(s), "
+        f"device {cfg.get('device', 'cpu')}, batch 1, greedy, {cfg.get('max_tokens')} max new "
+        f"tokens, {cfg.get('requests')} measured requests ({cfg.get('mode')}), "
+        f"{cfg.get('warmup')} warm-up excluded, chat template "
+        f"{'on' if cfg.get('chat') else 'off'}, seed {cfg.get('seed')}, {cfg.get('date')}."
+        + (" **Interrupted: partial results.**" if cfg.get("interrupted") else ""))
+    lines += ["", "Arms ran side by side in one process, interleaved per request. Tokens/s is "
+              "decode throughput (prefill excluded), median over requests [p10-p90]; speedups "
+              "are ratios of medians. Per-domain cells: tokens/s median, speedup vs none, tau.",
+              ""]
+    head = ["arm", "tokens/s [p10-p90]", "vs none", "vs hf", "tau", "accept"] + domains + [
+        "diverged"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for name, a in arms.items():
+        row = [f"`{name}`",
+               f"{_f(a['tokens_per_s'])} [{_f(a['tokens_per_s_p10'])}-"
+               f"{_f(a['tokens_per_s_p90'])}]",
+               _x(a["speedup_vs_none"]), _x(a["speedup_vs_hf"]), _f(a["tau"], 2),
+               "-" if a["acceptance"] is None else f"{a['acceptance']:.0%}"]
+        for d in domains:
+            pd = a["per_domain"].get(d)
+            row.append("-" if pd is None else
+                       f"{_f(pd['tokens_per_s'])} · {_x(pd['speedup_vs_none'])} · "
+                       f"{_f(pd['tau'], 2)}")
+        if a["diverged_requests"] is None:
+            row.append("-")
+        else:
+            row.append(f"{a['diverged_count']}/{a['requests']}"
+                       + (f" (first at {a['first_divergence'][:5]})" if a["diverged_count"]
+                          else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Checks", "", "```"] + check_lines(results) + ["```", ""]
+    extra = [k for k in results if k not in ("config", "arms", "checks", "requests")]
+    if extra:
+        lines += ["Other sections in results.json: " + ", ".join(extra) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot_requests(results: dict[str, Any], path: Path) -> None:
+    """tau and tokens/s against request index, one line per arm; stream segment boundaries and
+    draft version changes (swaps) marked."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = results["requests"]
+    fig, (ax_tau, ax_tps) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for k, name in enumerate(results["arms"]):
+        color = colors[k % len(colors)]
+        mine = sorted((r for r in recs if r["arm"] == name), key=lambda r: r["index"])
+        for ax, key in ((ax_tau, "tau"), (ax_tps, "tokens_per_s")):
+            pts = [(r["index"], r[key]) for r in mine if r.get(key) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            many = len(xs) >= 20
+            ax.plot(xs, ys, color=color, alpha=0.3 if many else 0.9, lw=1,
+                    marker=None if many else "o", ms=3, label=None if many else name)
+            if many:  # rolling mean over 10 requests
+                w = 10
+                roll = [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+                ax.plot(xs, roll, color=color, lw=2, label=name)
+        versions = [(r["index"], r.get("draft_version")) for r in mine]
+        for (_, v0), (i1, v1) in zip(versions, versions[1:]):
+            if v0 is not None and v1 is not None and v1 != v0:
+                for ax in (ax_tau, ax_tps):
+                    ax.axvline(i1, color="grey", ls=":", lw=0.8)
+    if results["config"].get("mode") == "stream":
+        by_index = {r["index"]: r for r in recs}
+        prev = None
+        for i in sorted(by_index):
+            seg = by_index[i].get("segment")
+            if seg != prev:
+                for ax in (ax_tau, ax_tps):
+                    if prev is not None:
+                        ax.axvline(i - 0.5, color="black", ls="--", lw=0.8)
+                ax_tau.annotate(by_index[i]["domain"], (i, 1), xycoords=("data", "axes fraction"),
+                                va="top", fontsize=8)
+                prev = seg
+    ax_tau.set_ylabel("tau (tokens / verify step)")
+    ax_tps.set_ylabel("decode tokens/s")
+    ax_tps.set_xlabel("request index")
+    ax_tps.legend(loc="best", fontsize=8)
+    cfg = results["config"]
+    fig.suptitle(f"{cfg.get('model')} {cfg.get('dtype')}, {cfg.get('threads')} thread(s), "
+                 f"{cfg.get('max_tokens')} max new tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, results: dict[str, Any], plot: bool = True) -> list[Path]:
+    """Write results.json and report.md (and bench.png when ``plot``); returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.json", out_dir / "report.md"]
+    _atomic_write(paths[0], json.dumps(results, indent=1) + "\n")
+    _atomic_write(paths[1], render_markdown(results))
+    if plot and results["requests"]:
+        try:
+            plot_requests(results, out_dir / "bench.png")
+            paths.append(out_dir / "bench.png")
+        except ImportError:  # matplotlib is optional for the figures themselves
+            pass
+    return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,321 @@
+"""aurora bench without the bundled model: traffic selection and streams, the interleaved runner
+(fake arms), divergence, aggregation, checks and report files; one tiny-model engine-vs-hf run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aurora_spec.bench import report
+from aurora_spec.bench.runner import (
+    ArmOutput,
+    BenchError,
+    BenchRequest,
+    EngineArm,
+    HfArm,
+    first_divergence,
+    mark_divergence,
+    normalise_output,
+    parse_arms,
+    pick_reference,
+    run_interleaved,
+)
+from aurora_spec.bench.traffic import (
+    TRAFFIC_ENV,
+    DomainPool,
+    Prompt,
+    TrafficError,
+    default_traffic_dir,
+    list_domains,
+    load_domain,
+    make_pools,
+    parse_stream,
+    plan_mixed,
+    plan_stream,
+    resolve_traffic_dir,
+)
+from aurora_spec.cli import main
+
+
+def write_traffic(root: Path, domains: dict[str, int]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for d, n in domains.items():
+        with (root / f"{d}.jsonl").open("w") as f:
+            for i in range(n):
+                f.write(json.dumps({"id": f"{d}:{i}", "domain": d, "source": "test",
+                                    "prompt": f"{d} prompt number {i}"}) + "\n")
+    return root
+
+
+# ---- traffic ---------------------------------------------------------------------------------
+
+
+def test_load_and_list(tmp_path: Path) -> None:
+    t = write_traffic(tmp_path / "traffic", {"chat": 5, "code": 3})
+    assert list_domains(t) == ["chat", "code"]
+    ps = load_domain(t, "code")
+    assert [p.id for p in ps] == ["code:0", "code:1", "code:2"]
+    assert ps[0] == Prompt("code:0", "code", "test", "code prompt number 0")
+    with pytest.raises(TrafficError, match="unknown domain 'math'.*chat, code"):
+        load_domain(t, "math")
+    (t / "bad.jsonl").write_text('{"id": "x", "prompt": "ok"}\n{not json\n')
+    with pytest.raises(TrafficError, match="bad.jsonl:2"):
+        load_domain(t, "bad")
+
+
+def test_traffic_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRAFFIC_ENV, raising=False)
+    repo = Path(__file__).resolve().parents[2]
+    assert default_traffic_dir() == (repo.parent / "shared" / "data" / "traffic").resolve()
+    monkeypatch.setenv(TRAFFIC_ENV, str(tmp_path / "elsewhere"))
+    assert default_traffic_dir() == tmp_path / "elsewhere"
+    with pytest.raises(TrafficError, match="traffic directory not found.*--traffic"):
+        resolve_traffic_dir(None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrafficError, match="no <domain>.jsonl"):
+        resolve_traffic_dir(tmp_path / "empty")
+
+
+def test_pool_is_seeded_and_never_repeats(tmp_path: Path) -> None:
+    prompts = load_domain(write_traffic(tmp_path, {"chat": 20}), "chat")
+    a = [DomainPool("chat", prompts, 1).take().id for _ in range(1)]
+    p1, p2, p3 = (DomainPool("chat", prompts, s) for s in (1, 1, 2))
+    s1 = [p1.take().id for _ in range(20)]
+    assert s1 == [p2.take().id for _ in range(20)]
+    assert s1 != [p3.take().id for _ in range(20)]
+    assert sorted(s1) == sorted(p.id for p in prompts) and a[0] == s1[0]
+    with pytest.raises(TrafficError, match="ran out of prompts"):
+        p1.take()
+    pool = DomainPool("chat", prompts, 0)
+    got = pool.take(accept=lambda p: p.id.endswith("7"))
+    assert got.id == "chat:7" and pool.skipped > 0
+
+
+def test_plan_mixed_round_robin_warmup_does_not_change_selection(tmp_path: Path) -> None:
+    t = write_traffic(tmp_path, {"a": 10, "b": 10})
+
+    def plan(warmup: int):
+        return plan_mixed(make_pools(t, ["a", "b"], 0), ["a", "b"], 3, warmup)
+
+    p0, p2 = plan(0), plan(2)
+    assert [r.prompt.domain for r in p2.requests] == ["a", "b"] * 3
+    assert [r.prompt.id for r in p0.requests] == [r.prompt.id for r in p2.requests]
+    assert [r.prompt.domain for r in p2.warmup] == ["a", "b"]
+    ids = [r.prompt.id for r in p2.requests + p2.warmup]
+    assert len(set(ids)) == len(ids)  # warm-up never reuses a measured prompt
+    assert p2.mode == "mixed" and [(s.domain, s.count) for s in p2.segments] == [("a", 3), ("b", 3)]
+
+
+def test_streams(tmp_path: Path) -> None:
+    assert [(s.domain, s.count) for s in parse_stream("chat:2, code:3")] == [("chat", 2),
+                                                                              ("code", 3)]
+    for bad in ("chat", "chat:x", "chat:0", ":3", ""):
+        with pytest.raises(TrafficError):
+            parse_stream(bad)
+    t = write_traffic(tmp_path, {"a": 10, "b": 10})
+    segs = parse_stream("a:3,b:2,a:3")
+    plan = plan_stream(make_pools(t, ["a", "b"], 0), segs, 1)
+    assert [r.prompt.domain for r in plan.requests] == list("aaabbaaa")
+    assert [r.segment for r in plan.requests] == [0, 0, 0, 1, 1, 2, 2, 2]
+    ids = [r.prompt.id for r in plan.requests + plan.warmup]
+    assert len(set(ids)) == len(ids)  # later segments of a domain continue with fresh prompts
+    assert plan.warmup[0].prompt.domain == "a" and plan.mode == "stream"
+
+
+# ---- runner ----------------------------------------------------------------------------------
+
+
+def test_divergence_and_normalisation() -> None:
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+    assert normalise_output([5, 6, 2], (2,), 3) == ((5, 6), "stop")  # HF keeps EOS; we drop it
+    assert normalise_output([5, 6, 7], (2,), 3) == ((5, 6, 7), "length")
+    assert normalise_output([5, 2, 9], (2,), 8) == ((5,), "stop")
+
+
+def test_parse_arms() -> None:
+    specs = parse_arms("none,ngram,eagle3:/tmp/head,hf")
+    assert [(s.name, s.kind, s.arg) for s in specs] == [
+        ("none", "none", None), ("ngram", "ngram", None), ("eagle3:/tmp/head", "eagle3", "/tmp/head"),
+        ("hf", "hf", None)]
+    assert pick_reference(specs) == "none"
+    assert pick_reference(parse_arms("ngram,hf")) == "hf"
+    with pytest.raises(BenchError, match="unknown arm 'medusa'"):
+        parse_arms("none,medusa")
+    with pytest.raises(BenchError, match="twice"):
+        parse_arms("none,none")
+
+
+class FakeArm:
+    def __init__(self, name: str, kind: str, log: list, flip_at: int | None = None) -> None:
+        self.name, self.kind, self.log, self.flip_at = name, kind, log, flip_at
+
+    def run(self, prompt_ids, max_tokens, domain, request_id) -> ArmOutput:
+        self.log.append(request_id)
+        toks = [t + 1 for t in prompt_ids][:max_tokens]
+        if self.flip_at is not None and len(toks) > self.flip_at:
+            toks[self.flip_at] = -1
+        return ArmOutput(tuple(toks), "length", len(prompt_ids), len(toks) - 1, 0.1, 0.01,
+                         None if self.kind == "hf" else 1.5, 0)
+
+    def close(self) -> None:
+        pass
+
+
+def _requests(tmp_path: Path, n: int) -> tuple[list[BenchRequest], list[BenchRequest]]:
+    t = write_traffic(tmp_path, {"a": 10, "b": 10})
+    plan = plan_mixed(make_pools(t, ["a", "b"], 0), ["a", "b"], n, 1)
+    mk = [BenchRequest(p, [i, i + 1, i + 2]) for i, p in enumerate(plan.requests)]
+    return mk, [BenchRequest(p, [7, 8, 9]) for p in plan.warmup]
+
+
+def test_run_interleaved_rotates_and_excludes_warmup(tmp_path: Path) -> None:
+    log: list[str] = []
+    arms = [FakeArm("none", "none", log), FakeArm("ngram", "ngram", log, flip_at=1),
+            FakeArm("hf", "hf", log)]
+    reqs, warm = _requests(tmp_path, 2)
+    seen: list[dict] = []
+    out = run_interleaved(arms, reqs, warm, 3, progress=False, on_record=seen.append)
+    assert log[:3] == ["warmup-0-none", "warmup-0-ngram", "warmup-0-hf"]
+    assert log[3:9] == ["run-0-none", "run-0-ngram", "run-0-hf",
+                        "run-1-ngram", "run-1-hf", "run-1-none"]  # rotating order
+    assert len(out.records) == 12 and seen == out.records and not out.interrupted
+    mark_divergence(out, "none")
+    by = {(r["arm"], r["index"]): r for r in out.records}
+    assert by[("ngram", 0)]["diverged_at"] == 1 and by[("hf", 0)]["diverged_at"] is None
+    rec = by[("hf", 3)]
+    assert rec["domain"] == "b" and rec["tau"] is None and rec["tokens_per_s"] == 20.0
+    for key in ("arm", "index", "domain", "tau", "tokens_per_s", "tokens", "draft_version",
+                "token_ids_sha1", "prompt_id", "segment"):
+        assert key in rec
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def _rec(arm: str, i: int, domain: str, tps: float, tau: float | None, div: int | None = None):
+    return {"arm": arm, "index": i, "domain": domain, "segment": 0, "tokens_per_s": tps,
+            "tau": tau, "tokens": 10, "decode_tokens": 9, "decode_s": 9 / tps,
+            "proposed": None if tau is None else 8, "accepted": None if tau is None else 4,
+            "draft_version": 0, "diverged_at": div}
+
+
+def _records() -> list[dict]:
+    recs = []
+    for i, d in enumerate(["summarization", "chat"] * 2):
+        recs.append(_rec("none", i, d, 20.0 + i, 1.0))
+        recs.append(_rec("ngram", i, d, (40.0 if d == "summarization" else 18.0) + i, 2.0,
+                         div=5 if i == 3 else None))
+        recs.append(_rec("hf", i, d, 10.0 + i, None))
+    return recs
+
+
+def test_summarise_medians_speedups_divergence() -> None:
+    arms = report.summarise(_records(), [("none", "none"), ("ngram", "ngram"), ("hf", "hf")])
+    none, ngram, hf = arms["none"], arms["ngram"], arms["hf"]
+    assert none["tokens_per_s"] == 21.5 and none["requests"] == 4
+    assert none["tokens_per_s_p10"] == pytest.approx(20.3) and none["tau"] == 1.0
+    assert none["speedup_vs_hf"] == pytest.approx(21.5 / 11.5, abs=1e-3)
+    assert ngram["per_domain"]["summarization"] == {
+        "tokens_per_s": 41.0, "tau": 2.0, "requests": 2, "speedup_vs_none": pytest.approx(41 / 21,
+                                                                                          abs=1e-3)}
+    assert ngram["per_domain"]["chat"]["speedup_vs_none"] == pytest.approx(20 / 22, abs=1e-3)
+    assert ngram["acceptance"] == 0.5 and hf["tau"] is None and hf["acceptance"] is None
+    assert ngram["diverged_count"] == 1 and ngram["diverged_requests"] == 0.25
+    assert ngram["first_divergence"] == [5] and none["diverged_requests"] == 0.0
+
+
+def test_checks_pass_fail_info() -> None:
+    pairs = [("none", "none"), ("ngram", "ngram"), ("hf", "hf")]
+    arms = report.summarise(_records(), pairs)
+    checks = {(c["name"], c["text"].split()[0]): c for c in report.evaluate_checks(arms, "float32")}
+    assert checks[("engine_vs_hf", "target-only")]["status"] == "PASS"  # 1.87x
+    assert checks[("ngram_summarization", "ngram")]["status"] == "PASS"  # 1.95x
+    slow = checks[("no_slowdown", "ngram")]
+    assert slow["status"] == "FAIL" and "chat" in slow["text"]  # 0.91x on chat
+    assert checks[("lossless", "ngram")]["status"] == "FAIL"  # 1 request diverged in float32
+    assert checks[("divergence", "hf")]["status"] == "INFO"
+    bf16 = {c["name"]: c for c in report.evaluate_checks(arms, "bfloat16")}
+    assert bf16["engine_vs_hf"]["status"] == "INFO" and bf16["divergence"]["status"] == "INFO"
+    only = report.evaluate_checks(report.summarise(_records(), [("ngram", "ngram")]), "float32")
+    assert {c["status"] for c in only} == {"SKIP"}
+
+
+def test_write_report(tmp_path: Path) -> None:
+    config = {"command": "aurora bench --arms none,ngram,hf", "dtype": "float32", "model": "m",
+              "threads": 1, "max_tokens": 10, "mode": "stream", "requests": 4, "warmup": 0}
+    recs = _records()
+    for r in recs:
+        r["segment"] = 0 if r["index"] < 2 else 1
+    results = report.build_results(config, [("none", "none"), ("ngram", "ngram"), ("hf", "hf")],
+                                   recs)
+    paths = report.write_report(tmp_path / "out", results, plot=True)
+    assert [p.name for p in paths] == ["results.json", "report.md", "bench.png"]
+    loaded = json.loads(paths[0].read_text())
+    assert set(loaded) == {"config", "arms", "checks", "requests"}
+    assert loaded["arms"]["ngram"]["speedup_vs_none"] == results["arms"]["ngram"]["speedup_vs_none"]
+    md = paths[1].read_text()
+    assert "`aurora bench --arms none,ngram,hf`" in md
+    assert "| `ngram` |" in md and "summarization" in md and "FAIL  ngram slowest domain" in md
+    assert paths[2].stat().st_size > 1000
+
+
+# ---- command line: bad input fails before loading anything ------------------------------------
+
+
+def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = write_traffic(tmp_path / "traffic", {"chat": 3})
+    out = tmp_path / "out"
+    cases = [
+        (["--arms", "none,medusa"], "unknown arm 'medusa'"),
+        (["--traffic", str(tmp_path / "nope")], "traffic directory not found"),
+        (["--domains", "math"], "unknown domain 'math'"),
+        (["--stream", "chat:2", "--domains", "chat"], "--stream replaces"),
+        (["--stream", "chat:x"], "bad stream segment"),
+        (["--max-tokens", "0"], "--max-tokens must be positive"),
+        (["--requests", "0"], "--requests must be positive"),
+    ]
+    for extra, msg in cases:
+        argv = ["bench", "--traffic", str(t), "--out", str(out), "--no-progress", *extra]
+        if "--traffic" in extra:
+            argv = ["bench", "--out", str(out), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+# ---- a tiny random model: engine target-only and transformers generate() agree ----------------
+
+
+def test_engine_and_hf_arms_agree_on_tiny_model() -> None:
+    from aurora_spec.engine.engine import Engine, EngineConfig
+    from aurora_spec.models.runner import CacheConfig, TargetRunner
+    from aurora_spec.models.transformer import from_hf_model
+    from tests.tiny_models import tiny_hf_llama
+
+    hf = tiny_hf_llama(seed=3)
+    model = from_hf_model(hf)
+    engine = Engine(TargetRunner(model, CacheConfig(1, 256)), None, EngineConfig(calibrate=False))
+    stops = (2,)
+    arms = [EngineArm("none", "none", engine, stops), HfArm("hf", hf, stops, pad_id=0)]
+    gen = torch.Generator().manual_seed(0)
+    reqs = [BenchRequest(_planned(i), torch.randint(3, 96, (6 + i,), generator=gen).tolist())
+            for i in range(4)]
+    out = run_interleaved(arms, reqs, [], 12, progress=False, save_ids=True)
+    mark_divergence(out, "none")
+    hf_recs = [r for r in out.records if r["arm"] == "hf"]
+    assert all(r["diverged_at"] is None for r in hf_recs)
+    for r in out.records:
+        assert 2 not in r["token_ids"] and r["tokens"] == len(r["token_ids"])
+        assert r["finish_reason"] in ("stop", "length")
+
+
+def _planned(i: int):
+    from aurora_spec.bench.traffic import PlannedRequest
+
+    return PlannedRequest(Prompt(f"p{i}", "chat", "test", f"prompt {i}"), 0)
