@@ -1,0 +1,76 @@
+"""Configuration of the flywheel: what is recorded, how the trainer learns, how versions go live.
+
+Frozen dataclasses only; the learner, the trainer process and the CLI build them from code or flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+TRACE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    dtype: str = "bfloat16"  # storage dtype of recorded hidden rows (halves memory vs fp32)
+    max_rejected: int = 8  # rejected-branch rows kept per verify step (0: none)
+    buffer_bytes: int = 64 << 20  # serving-side buffer bound; the oldest records are dropped
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TRACE_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    depth: int = 3  # training-time-test unroll depth (EAGLE-3)
+    depth_weights: tuple[float, ...] = (1.0, 0.8, 0.64, 0.51, 0.41, 0.33, 0.26, 0.21)
+    lambda_discard: float = 0.3  # weight of the KL at rejected-branch contexts (0 = off)
+    batch_tokens: int = 512  # committed positions per training step (packed)
+    window: int = 128  # committed positions per training window (one request's slice)
+    recent_ratio: float = 0.5  # share of a batch drawn from the newest windows, rest from replay
+    recent_windows: int = 64  # "newest": the last N windows
+    reservoir_windows: int = 2048  # replay reservoir over all traffic (reservoir sampling)
+    holdout_every: int = 8  # every Nth window is held out for the gate (never trained on)
+    holdout_windows: int = 32  # the gate's slice: the newest held-out windows
+    reuse: float = 8.0  # train on at most reuse x (positions ingested); then wait for traffic
+    publish_every: int = 25  # optimizer steps between candidate evaluations
+    gate_depth: int = 6  # draft length of the offline acceptance measure
+    gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
+    gate_min_positions: int = 32  # no publication before the held-out slice has this many
+    vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
+    vocab_min_tokens: int = 256  # emitted tokens seen before the first (and each) rebuild
+    vocab_coverage_window: int = 4096  # recent emitted tokens the coverage is measured on
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    mode: str = "online"  # online | static (record and report, never train or swap)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint_dir: str | None = None  # versioned checkpoints; None: a temp dir, removed at stop
+    resume: bool = True  # start from the newest valid checkpoint in checkpoint_dir
+    keep_checkpoints: int = 5
+    trainer_threads: int = 1  # torch threads of the trainer process
+    serving_threads: int | None = None  # None: leave the serving process's setting alone
+    trainer_device: str = "auto"  # auto: a CUDA device when the machine has one, else cpu
+    omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the trainer process
+    send_bytes: int = 8 << 20  # traces handed to the trainer per request
+    rollback_min_steps: int = 48  # drafting verify steps on a new version before judging it
+    rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share
+    rollback_min_gap: float = 0.1  # ... and by at least this many tokens per step
+    watchdog_s: float = 0.5  # how often the trainer process is checked
+    restart_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "static"):
+            raise ValueError(f"mode must be online or static, got {self.mode!r}")
+        if self.trainer_threads < 1:
+            raise ValueError("trainer_threads must be >= 1")

@@ -1,0 +1,185 @@
+"""The draft head's loss (DESIGN.md section 3) and the offline acceptance measure used by the gate.
+
+RL framing: the draft is the policy, target + verifier the environment, accepted tokens the
+reward. Maximising expected acceptance is approached through forward KL(p_target || p_draft):
+
+- accepted part: on the emitted sequence, unrolled over the draft depth as EAGLE-3's
+  training-time test: at depth d >= 2 the head's input hidden is its own output of depth d-1 at
+  the previous position, and it attends to what it would see at serving time (the target-built
+  entries before the draft point, then its own speculative entries) -- exactly the drafter's
+  cache layout (drafters/eagle3.py). Per-depth weights are configurable;
+- discard part: the same KL at rejected-proposal contexts, which the verify pass already scored
+  (depth 1, teacher-forced on the target's hidden state of the parent), weighted by
+  ``lambda_discard``.
+
+**Vocabulary choice.** p_target is restricted to the draft vocabulary and renormalised there:
+target logits are computed only for the d2t rows of the target's lm_head (a Vd x H matmul, not
+V x H), then log-softmaxed over those. The draft can never propose a token outside its vocabulary,
+so mass outside it is unlearnable; renormalising keeps the KL finite and makes each position's
+gradient independent of how much mass falls outside (the vocab builder, flywheel/vocab.py, keeps
+that mass small and reports coverage). Full-vocabulary logits are never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.flywheel.batch import Batch
+
+
+class TargetHead:
+    """The target's frozen lm_head (+ Gemma's final soft-cap), evaluated on draft-vocab rows."""
+
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None) -> None:
+        self.weight = weight.detach()
+        self.softcap = softcap
+        self._d2t: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+
+    def logits(self, final: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
+        if self._d2t is None or self._d2t is not d2t:
+            self._rows = self.weight[d2t.to(self.weight.device)].float()
+            self._d2t = d2t
+        out = final.float() @ self._rows.T
+        cap = self.softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
+
+class Embedder:
+    """The target's frozen token embedding (times Gemma's scale), as the drafter feeds it."""
+
+    def __init__(self, weight: torch.Tensor, scale: float = 1.0) -> None:
+        self.weight, self.scale = weight.detach(), float(scale)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.weight[ids.to(self.weight.device)].float()
+        return e * self.scale if self.scale != 1.0 else e
+
+
+@dataclass
+class Unrolled:
+    logits: list[torch.Tensor]  # per depth, (Nc, Vd) for the committed pairs
+    valid: list[torch.Tensor]  # per depth, (Nc,) bool: the query exists at that depth
+    logits_b: torch.Tensor  # (Nb, Vd) branch pairs, depth 1
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a[:, None] == b[None, :]
+
+
+def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int,
+                     with_branches: bool = True) -> Unrolled:
+    """All depths of the training-time test in ``depth`` forwards of the packed batch."""
+    b = batch
+    nc = b.n_committed
+    nb = b.n_branch if with_branches else 0
+    dev = b.hidden_c.device
+    hid = b.hidden_c if nb == 0 else torch.cat((b.hidden_c, b.hidden_b))
+    pos = b.pos_c if nb == 0 else torch.cat((b.pos_c, b.pos_b))
+    wdt = head.fc.weight.dtype
+    emb_c = embed(b.tok_c).to(wdt)
+    emb = emb_c if nb == 0 else torch.cat((emb_c, embed(b.tok_b).to(wdt)))
+    mask = torch.zeros(nc + nb, nc + nb, dtype=torch.bool, device=dev)
+    same_c = _same(b.win_c, b.win_c)
+    mask[:nc, :nc] = same_c & (b.pos_c[None, :] <= b.pos_c[:, None])
+    if nb:
+        mask[nc:, :nc] = _same(b.win_b, b.win_c) & (b.pos_c[None, :] < b.fork_b[:, None])
+        mask[nc:, nc:] = b.anc_b
+    cache = head.new_cache(1)
+    g, logits = head(head.fuse(hid.to(wdt))[None], emb[None], pos[None], cache,
+                     mask=mask[None, None])
+    out_logits, valids = [logits[0, :nc]], [torch.ones(nc, dtype=torch.bool, device=dev)]
+    g_prev = g[0, :nc]
+    has_prev = b.prev_c >= 0
+    prev = b.prev_c.clamp(min=0)
+    for d in range(2, depth + 1):
+        parts = [same_c & (b.pos_c[None, :] <= b.pos_c[:, None] - d + 1)]
+        if nb:
+            parts.append(torch.zeros(nc, nb, dtype=torch.bool, device=dev))
+        for e in range(2, d + 1):
+            parts.append(same_c & (b.pos_c[None, :] == b.pos_c[:, None] - (d - e)))
+        mask_d = torch.cat(parts, dim=1)
+        g_d, logits_d = head(g_prev[prev][None], emb_c[None], b.pos_c[None], cache,
+                             mask=mask_d[None, None])
+        out_logits.append(logits_d[0])
+        valids.append(valids[-1][prev] & has_prev)
+        g_prev = g_d[0]
+    logits_b = logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1])
+    return Unrolled(out_logits, valids, logits_b)
+
+
+def _kl(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise forward KL(p_target || p_draft) over the draft vocabulary."""
+    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    log_q = F.log_softmax(draft_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    accepted_kl: list[float]  # per depth
+    discard_kl: float
+    top1: list[float]  # per depth: the draft's argmax equals the emitted token
+
+
+def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Embedder,
+                  depth: int, depth_weights: tuple[float, ...],
+                  lambda_discard: float) -> LossOut:
+    with_b = lambda_discard > 0 and batch.n_branch > 0
+    un = unrolled_forward(head, batch, embed, depth, with_branches=with_b)
+    d2t = head.d2t
+    with torch.no_grad():
+        tgt_c = target.logits(batch.final_c, d2t)
+        tgt_b = target.logits(batch.final_b, d2t) if with_b else None
+    weights = list(depth_weights[:depth]) + [depth_weights[-1]] * max(0, depth - len(depth_weights))
+    total = un.logits[0].new_zeros(())
+    wsum = 0.0
+    kls, top1 = [], []
+    for d, (lg, valid) in enumerate(zip(un.logits, un.valid)):
+        if not bool(valid.any()):
+            kls.append(float("nan"))
+            top1.append(float("nan"))
+            continue
+        kl = _kl(tgt_c[valid], lg[valid]).mean()
+        total = total + weights[d] * kl
+        wsum += weights[d]
+        kls.append(float(kl.detach()))
+        with torch.no_grad():
+            top1.append(float((d2t[lg[valid].argmax(-1)] == batch.truth_c[valid]).float().mean()))
+    total = total / max(wsum, 1e-9)
+    discard = float("nan")
+    if with_b and tgt_b is not None and len(tgt_b):
+        kl_b = _kl(tgt_b, un.logits_b).mean()
+        total = total + lambda_discard * kl_b
+        discard = float(kl_b.detach())
+    return LossOut(total, kls, discard, top1)
+
+
+@torch.no_grad()
+def acceptance_lengths(head: Eagle3Head, batch: Batch, embed: Embedder,
+                       depth: int) -> torch.Tensor:
+    """For every draft point in ``batch`` (a committed pair at depth 1), how many of a greedy
+    chain of ``depth`` draft tokens the verifier would accept, judged against the tokens the
+    target emitted. Teacher-forcing the emitted token at depth >= 2 is exact here: a chain only
+    continues past depth d-1 when its token there equals the emitted one."""
+    un = unrolled_forward(head, batch, embed, depth, with_branches=False)
+    d2t = head.d2t
+    nc = batch.n_committed
+    correct = [(d2t[lg.argmax(-1)] == batch.truth_c) & v for lg, v in zip(un.logits, un.valid)]
+    nxt = torch.full((nc,), -1, dtype=torch.long, device=batch.prev_c.device)
+    has = batch.prev_c >= 0
+    nxt[batch.prev_c[has]] = torch.arange(nc, device=nxt.device)[has]
+    run = correct[0].clone()
+    total = run.long()
+    idx = torch.arange(nc, device=nxt.device)
+    for d in range(1, depth):
+        idx = torch.where(idx >= 0, nxt[idx.clamp(min=0)], idx)
+        ok = idx >= 0
+        run = run & ok & correct[d][idx.clamp(min=0)]
+        total += run.long()
+    return total

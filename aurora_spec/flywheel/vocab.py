@@ -1,0 +1,71 @@
+"""The draft vocabulary, chosen from the token frequencies of the traffic seen so far.
+
+The draft head's lm_head covers ``draft_vocab_size`` target tokens (d2t). Coverage, the share of
+recently emitted tokens inside the draft vocabulary, is the reported metric: a token outside can
+never be drafted. When coverage falls below a threshold (new traffic, a domain shift) and a
+rebuilt vocabulary would cover clearly more, the builder proposes a new d2t: the most frequent
+tokens by a score that weighs all traffic so far and the recent window equally (the recent window
+adapts to shifts, the all-time counts keep what other domains need). ``Eagle3Head.set_vocab``
+keeps the lm_head rows of tokens in both vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class VocabBuilder:
+    def __init__(self, target_vocab: int, draft_vocab: int, threshold: float = 0.97,
+                 min_tokens: int = 256, window: int = 4096, min_gain: float = 0.005) -> None:
+        self.target_vocab, self.draft_vocab = target_vocab, draft_vocab
+        self.threshold, self.min_tokens, self.min_gain = threshold, min_tokens, min_gain
+        self.counts = torch.zeros(target_vocab, dtype=torch.float64)
+        self.recent: deque[int] = deque(maxlen=window)
+        self.seen = 0
+        self.since_rebuild = 0
+        self.rebuilds = 0
+
+    def observe(self, tokens: list[int] | tuple[int, ...]) -> None:
+        ids = [t for t in tokens if 0 <= t < self.target_vocab]
+        if not ids:
+            return
+        self.counts.index_add_(0, torch.tensor(ids), torch.ones(len(ids), dtype=torch.float64))
+        self.recent.extend(ids)
+        self.seen += len(ids)
+        self.since_rebuild += len(ids)
+
+    def coverage(self, t2d: torch.Tensor) -> float:
+        """Share of the recent emitted tokens that are in the vocabulary ``t2d`` maps."""
+        if not self.recent:
+            return 1.0
+        ids = torch.tensor(list(self.recent))
+        return float((t2d.cpu()[ids] >= 0).double().mean())
+
+    def build(self) -> torch.Tensor:
+        """The ``draft_vocab`` highest-scoring tokens (ties: lower ids, the BPE merge order)."""
+        score = self.counts / max(self.counts.sum().item(), 1.0)
+        if self.recent:
+            recent = torch.zeros_like(self.counts)
+            recent.index_add_(0, torch.tensor(list(self.recent)),
+                              torch.ones(len(self.recent), dtype=torch.float64))
+            score = score + recent / len(self.recent)
+        score = score - torch.arange(self.target_vocab, dtype=torch.float64) * 1e-12
+        return torch.sort(torch.topk(score, self.draft_vocab).indices).values
+
+    def maybe_rebuild(self, t2d: torch.Tensor) -> torch.Tensor | None:
+        """A new d2t when coverage is below the threshold and rebuilding clearly helps."""
+        if self.since_rebuild < self.min_tokens or self.draft_vocab >= self.target_vocab:
+            return None
+        now = self.coverage(t2d)
+        if now >= self.threshold:
+            return None
+        d2t = self.build()
+        new_t2d = torch.full((self.target_vocab,), -1, dtype=torch.long)
+        new_t2d[d2t] = torch.arange(len(d2t))
+        self.since_rebuild = 0
+        if self.coverage(new_t2d) < now + self.min_gain:
+            return None
+        self.rebuilds += 1
+        return d2t

@@ -1,0 +1,152 @@
+"""Flywheel data path and loss: records -> windows -> packed batch; the training-time-test unroll
+reproduces the drafter's serving-time chains exactly; KL restricted to the draft vocabulary."""
+
+from __future__ import annotations
+
+import torch
+
+from aurora_spec.drafters.eagle3 import Eagle3Drafter
+from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
+from aurora_spec.drafters.policy import PolicyConfig
+from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
+from aurora_spec.flywheel.losses import (
+    Embedder,
+    TargetHead,
+    acceptance_lengths,
+    flywheel_loss,
+    unrolled_forward,
+)
+from aurora_spec.flywheel.traces import TraceBuffer, pack, record_step, unpack
+from aurora_spec.models.runner import CacheConfig, TargetRunner
+from aurora_spec.types import SamplingParams
+from tests.tiny_models import tiny_target
+
+
+def head_for(model, std: float = 0.3, seed: int = 0, draft_vocab: int = 80) -> Eagle3Head:
+    s = model.spec
+    cfg = Eagle3Config(hidden_size=s.hidden_size, num_heads=s.num_heads,
+                       num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                       intermediate_size=s.intermediate_size, rms_norm_eps=s.rms_norm_eps,
+                       rope_theta=s.rope_theta, draft_vocab_size=draft_vocab,
+                       target_vocab_size=s.vocab_size, target_layers=s.hidden_layers())
+    return Eagle3Head.random(cfg, seed=seed, std=std).eval()
+
+
+def run_engine(model, head, prompt, max_tokens=40, k=4, tree=1):
+    records, traces = [], []
+
+    def sink(t):
+        records.append(record_step(t, torch.float32, max_rejected=8))
+        traces.append((t.context_len, t.proposal.tokens, t.result.num_accepted))
+
+    drafter = Eagle3Drafter(head, model.embed.weight, tree_width=tree)
+    runner = TargetRunner(model, CacheConfig(max_slots=1, capacity=256))
+    engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=k, fixed_draft=k),
+                                                  calibrate=False), sink)
+    out = engine.generate(prompt, SamplingParams(max_tokens=max_tokens))
+    return list(prompt) + list(out.token_ids), records, traces, runner
+
+
+def full_rows(runner, tokens):
+    slot = runner.allocate()
+    out = runner.prefill(slot, tokens)
+    runner.release(slot)
+    return out.fused_hidden[0], out.final_hidden[0]
+
+
+def test_unrolled_forward_reproduces_serving_chains():
+    model, _ = tiny_target("llama", seed=1)
+    head = head_for(model)
+    prompt = [5, 9, 17, 33, 4, 60]
+    seq, records, traces, runner = run_engine(model, head, prompt)
+    fused, final = full_rows(runner, seq[:-1])
+    win = Window("r", None, 0, seq, torch.cat((fused, final), -1))
+    batch = pack_windows([win])
+    depth = 4
+    with torch.no_grad():
+        un = unrolled_forward(head, batch, Embedder(model.embed.weight), depth)
+    preds = [head.d2t[lg.argmax(-1)] for lg in un.logits]
+    checked = 0
+    for c, proposal, m in traces:
+        for d in range(1, min(m + 1, len(proposal)) + 1):
+            i = c - 1 + d - 1
+            assert bool(un.valid[d - 1][i])
+            assert int(preds[d - 1][i]) == proposal[d - 1], (c, d)
+            checked += 1
+    assert checked > 20
+    # acceptance_lengths judged on the emitted tokens equals what the verifier accepted.
+    lengths = acceptance_lengths(head, batch, Embedder(model.embed.weight), depth)
+    for c, proposal, m in traces:
+        if len(proposal) == depth:
+            assert int(lengths[c - 1]) == m
+
+
+def test_records_assemble_into_windows_matching_a_full_forward():
+    model, _ = tiny_target("llama", seed=2)
+    head = head_for(model, seed=3)
+    prompt = [7, 8, 9, 10]
+    seq, records, traces, runner = run_engine(model, head, prompt, max_tokens=50)
+    fused, final = full_rows(runner, seq[:-1])
+    asm = WindowAssembler(window=16)
+    wins = []
+    for r in unpack(pack(records)):
+        wins += asm.add(r)
+    wins += asm.flush()
+    assert len(wins) >= 3
+    covered = 0
+    for w in wins:
+        n = w.rows.shape[0]
+        assert w.tokens == seq[w.pos0:w.pos0 + n + 1]
+        torch.testing.assert_close(w.rows[:, :fused.shape[1]], fused[w.pos0:w.pos0 + n],
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(w.rows[:, fused.shape[1]:], final[w.pos0:w.pos0 + n],
+                                   atol=1e-4, rtol=1e-4)
+        covered += w.pairs
+    assert covered == len(seq) - 1 - len(prompt) - 1  # every pair from the first root on
+    # Branch rows: the target's hidden states of rejected drafts (checked by recomputing).
+    batch = pack_windows(wins)
+    assert batch.n_branch > 0
+    w = next(w for w in wins if w.br_tok)
+    par = w.br_parent[0]
+    assert par >= 0
+    branch_seq = seq[:w.pos0 + par + 1] + [w.br_tok[0]]
+    bf, bfin = full_rows(runner, branch_seq)
+    torch.testing.assert_close(w.br_rows[0, fused.shape[1]:], bfin[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_loss_decreases_and_discard_term_is_optional():
+    model, _ = tiny_target("llama", seed=1)
+    head = head_for(model, std=0.02)
+    seq, records, _, _ = run_engine(model, head_for(model, seed=5), [3, 4, 5], max_tokens=60)
+    asm = WindowAssembler(window=32)
+    wins = [w for r in records for w in asm.add(r)] + asm.flush()
+    batch = pack_windows(wins)
+    target = TargetHead(model.lm_head.weight)
+    embed = Embedder(model.embed.weight)
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = flywheel_loss(head, batch, target, embed, 3, (1.0, 0.8, 0.6), 0.5)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert out.discard_kl == out.discard_kl  # not NaN: branches were used
+    off = flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.0)
+    assert off.discard_kl != off.discard_kl  # NaN: discard part off
+
+
+def test_trace_buffer_is_bounded_and_drops_oldest():
+    model, _ = tiny_target("llama", seed=1)
+    _, records, _, _ = run_engine(model, head_for(model), [1, 2, 3], max_tokens=30)
+    size = records[0].nbytes
+    buf = TraceBuffer(capacity_bytes=size * 5)
+    for r in records:
+        buf.append(r)
+    assert buf.bytes <= buf.capacity and buf.dropped == len(records) - len(buf)
+    kept = buf.drain()
+    assert kept[-1] is records[-1]  # the newest survive
+    assert buf.bytes == 0 and len(buf) == 0
