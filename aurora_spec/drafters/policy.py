@@ -22,7 +22,7 @@ class PolicyConfig:
     prior_alpha: float = 0.5
     ema: float = 0.1  # weight of a new observation
     probe_every: int = 16
-    probe_length: int = 2
+    probe_length: int = 1
 
 
 @dataclass
