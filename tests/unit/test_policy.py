@@ -1,0 +1,61 @@
+"""Adaptive draft length: follows measured acceptance and measured costs, down to zero."""
+
+from __future__ import annotations
+
+from aurora_spec.drafters.policy import CostModel, DraftLengthPolicy, PolicyConfig
+
+
+def costs(ratio_per_token: float, draft_s: float = 0.0) -> CostModel:
+    c = CostModel()
+    for t in range(1, 10):
+        c.times[t] = 0.030 * (1 + ratio_per_token * (t - 1))
+    c.draft_token_s = draft_s
+    return c
+
+
+def trained(policy: DraftLengthPolicy, accepted: int, depth: int, steps: int = 60) -> None:
+    for _ in range(steps):
+        policy.observe(depth, accepted)
+
+
+def test_useless_drafter_goes_to_zero_but_keeps_probing() -> None:
+    p = DraftLengthPolicy(PolicyConfig(max_draft=8, probe_every=16, probe_length=1), costs(0.1))
+    trained(p, accepted=0, depth=4)
+    choices = [p.choose(8) for _ in range(64)]
+    assert choices.count(0) == 60 and choices.count(1) == 4  # one cheap probe every 16 steps
+
+
+def test_good_drafter_with_cheap_verify_drafts_long() -> None:
+    p = DraftLengthPolicy(PolicyConfig(max_draft=8), costs(0.02))
+    trained(p, accepted=8, depth=8)
+    assert p.choose(8) == 8
+    assert p.choose(3) == 3  # the limit (remaining tokens, context) is respected
+
+
+def test_expensive_verify_shortens_drafts() -> None:
+    cheap = DraftLengthPolicy(PolicyConfig(max_draft=8), costs(0.02))
+    dear = DraftLengthPolicy(PolicyConfig(max_draft=8), costs(0.5))
+    for p in (cheap, dear):
+        p.alpha = [0.7] * 8
+    assert 0 < dear.choose(8) < cheap.choose(8)
+
+
+def test_draft_cost_counts() -> None:
+    free = DraftLengthPolicy(PolicyConfig(max_draft=8), costs(0.05, draft_s=0.0))
+    slow = DraftLengthPolicy(PolicyConfig(max_draft=8), costs(0.05, draft_s=0.02))
+    for p in (free, slow):
+        p.alpha = [0.6] * 8
+    assert slow.choose(8) < free.choose(8)
+
+
+def test_alpha_is_conditional_per_depth() -> None:
+    p = DraftLengthPolicy(PolicyConfig(max_draft=4, ema=0.5), costs(0.1))
+    p.observe(max_depth=4, accepted=1)  # depth 1 accepted, depth 2 rejected, 3-4 unobserved
+    assert p.alpha[0] > 0.5 and p.alpha[1] < 0.5 and p.alpha[2] == p.alpha[3] == 0.5
+
+
+def test_batch_cost_falls_back_to_total_tokens() -> None:
+    c = costs(0.1)
+    assert c.verify_time(3, batch=2) == c.verify_time(6)
+    c.observe_verify(3, 0.5, batch=2)
+    assert c.verify_time(3, batch=2) == 0.5
