@@ -188,6 +188,7 @@ class ArmOptions:
     tree_width: int = 1
     seed: int = 0
     calibrate: bool = True
+    max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
 
 
 @dataclass
@@ -230,7 +231,7 @@ def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
 
     drafter = make_drafter(DrafterConfig(drafter_name, weights, opts.draft_vocab, opts.tree_width,
                                          opts.seed), target.model)
-    runner = TargetRunner(target.model, CacheConfig(1, target.max_context))
+    runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context))
     engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=opts.max_draft),
                                                   calibrate=opts.calibrate))
     return EngineArm(name, kind, engine, target.stop_ids)
