@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the test models are small (threads only add synchronisation), and tests
+# must not fight over the machine's two cores with servers or trainers they start.
+torch.set_num_threads(1)
 
 # ---- models ---------------------------------------------------------------------------------
 

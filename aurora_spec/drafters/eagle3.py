@@ -218,5 +218,7 @@ class Eagle3Drafter:
             return None
         if req.gen is None:
             req.gen = torch.Generator(device=self.head.fc.weight.device)
-            req.gen.manual_seed(params.seed)
+            # NOT the request's seed itself: the verifier's generator uses that one, and a draft
+            # drawn from the same random stream as its acceptance test is biased (not lossless).
+            req.gen.manual_seed((params.seed * 6364136223846793005 + 1442695040888963407) % 2**63)
         return req.gen
