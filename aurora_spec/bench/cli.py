@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench-results", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--concurrency", default=None,
+                   help="comma-separated client counts, e.g. 1,2,4,8: closed-loop concurrency "
+                   "sweep with continuous batching (engine arms only)")
     p.add_argument("--save-token-ids", action="store_true",
                    help="store every output's token ids in results.json (default: a hash)")
     p.set_defaults(func=cmd_bench)
@@ -70,10 +73,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
         model=model_config(a, max_slots=1),
         arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed),
         out=a.out, progress=not a.no_progress, plot=not a.no_plot,
-        save_token_ids=a.save_token_ids,
+        save_token_ids=a.save_token_ids, concurrency=_levels(a.concurrency),
         command=shlex.join(["aurora", *sys.argv[1:]]) if _invoked_as_cli() else
         shlex.join(["aurora", "bench", *_argv_of(a)]))
     results, written = run_bench(cfg)
+    if cfg.concurrency:
+        for line in results["checks_concurrency"]:
+            print(line)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
     for name, arm in results["arms"].items():
         print(f"{name:>12}: {_fmt(arm['tokens_per_s'])} tokens/s "
               f"[{_fmt(arm['tokens_per_s_p10'])}-{_fmt(arm['tokens_per_s_p90'])}], "
@@ -82,6 +90,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print(line)
     print("wrote " + ", ".join(str(p) for p in written))
     return 130 if results["config"].get("interrupted") else 0
+
+
+def _levels(spec: str | None) -> list[int] | None:
+    from aurora_spec.bench.runner import BenchError
+
+    if not spec:
+        return None
+    try:
+        levels = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--concurrency takes integers like 1,2,4,8, got {spec!r}") from None
+    if not levels or min(levels) < 1 or max(levels) > 64:
+        raise BenchError("--concurrency levels must be between 1 and 64")
+    return levels
 
 
 def _fmt(v: float | None, nd: int = 1) -> str:

@@ -24,6 +24,8 @@ Extension points (for streams with online learning, concurrency sweeps):
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import hashlib
 import logging
@@ -423,6 +425,7 @@ class BenchConfig:
     progress: bool = True
     plot: bool = True
     save_token_ids: bool = False
+    concurrency: list[int] | None = None  # run the concurrency sweep instead (issue 5)
     command: str = ""
     extra_sections: list[Callable[[dict[str, Any]], dict[str, Any]]] = field(
         default_factory=list)
@@ -485,6 +488,8 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
     plan = prepare_plan(cfg, accept)
     target = BenchTarget(info, tokenizer, model, capacity, stop_token_ids(info, tokenizer),
                          mcfg.torch_dtype())
+    if cfg.concurrency:
+        return _run_concurrency(cfg, target, specs, plan, encoded)
     arms = [build_arm(target, s, cfg.arm_options) for s in specs]
     try:
         requests = [BenchRequest(p, encoded[p.prompt.prompt]) for p in plan.requests]
@@ -525,3 +530,36 @@ def prepare_traffic_dir(cfg: BenchConfig) -> Path:
     from aurora_spec.bench.traffic import resolve_traffic_dir
 
     return resolve_traffic_dir(cfg.traffic)
+
+
+def _run_concurrency(cfg: BenchConfig, target: BenchTarget, specs: list[ArmSpec], plan: Plan,
+                     encoded: dict[str, list[int]]) -> tuple[dict[str, Any], list[Path]]:
+    import datetime
+    import json
+
+    from aurora_spec.bench.concurrency import concurrency_checks, render_concurrency, run_concurrency
+    from aurora_spec.bench.report import _atomic_write
+
+    engine_specs = {s.name: s for s in specs if s.kind != "hf"}  # generate() has no batching
+    if not engine_specs:
+        raise BenchError("--concurrency needs at least one engine arm (none, ngram, eagle3, ...)")
+
+    def build(name: str, slots: int) -> Any:
+        opts = dataclasses.replace(cfg.arm_options, max_slots=slots)
+        return build_arm(target, engine_specs[name], opts).engine  # type: ignore[attr-defined]
+
+    prompts = [encoded[p.prompt.prompt] for p in plan.requests]
+    conc = run_concurrency(build, list(engine_specs), prompts, cfg.concurrency or [],
+                           cfg.max_tokens, target.stop_ids, cfg.progress)
+    results = {"config": {
+        "command": cfg.command, "model": cfg.model.model, "dtype": cfg.model.dtype,
+        "threads": torch.get_num_threads(), "max_tokens": cfg.max_tokens,
+        "requests_per_level": len(prompts), "levels": cfg.concurrency,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")},
+        "concurrency": conc, "checks_concurrency": concurrency_checks(conc)}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "report.md"]
+    _atomic_write(paths[0], json.dumps(results, indent=1) + "\n")
+    _atomic_write(paths[1], render_concurrency(results))
+    return results, paths
