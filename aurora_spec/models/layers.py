@@ -18,7 +18,10 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as the reference implementations do) then cast back.
+        if x.dtype == torch.float32:  # one fused kernel instead of seven small ops
+            w = self.weight + self.offset if self.offset else self.weight
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        # Lower precision: normalise in float32 (as the reference implementations do).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (self.offset + self.weight.float())).to(x.dtype)
@@ -65,3 +68,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+class RopeTable:
+    """cos / sign-folded sin for every position, built once: the hot path only indexes it.
+
+    With ``sin_signed = [-sin_lo, sin_hi]``, rotating the half-split layout needs no negation:
+    ``x * cos + swap_halves(x) * sin_signed`` equals ``apply_rope``.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        pos = torch.arange(max_positions, dtype=torch.float32, device=device)
+        freqs = pos[:, None] * inv_freq.to(device)[None]
+        self.cos = torch.cat((freqs, freqs), -1).cos().to(dtype)
+        self.sin = torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, 1, T, D)."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from aurora_spec.models.layers import RMSNorm, apply_rope, attend, rope_cos_sin, rope_inv_freq
+from aurora_spec.models.layers import RMSNorm, RopeTable, rope_inv_freq, rotate
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2"}
 GEMMA = {"gemma3_text", "gemma3"}
@@ -133,28 +133,32 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | torch.Tensor,
                 kv_len: int) -> torch.Tensor:
+        """``mask`` is additive (0 / -inf), (B, 1, T, kv_len). Written with functional calls and
+        q and k rotated together: at batch 1 the decode step is bound by per-op overhead."""
         b, t, _ = x.shape
-        d = self.head_dim
-        qkv = self.qkv(self.input_norm(x))
-        q, k, v = qkv.split((self.n_q * d, self.n_kv * d, self.n_kv * d), dim=-1)
-        q = q.view(b, t, self.n_q, d).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, d).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, d).transpose(1, 2)
+        nq, nkv, d = self.n_q, self.n_kv, self.head_dim
+        qkv = F.linear(self.input_norm(x), self.qkv.weight, self.qkv.bias).view(b, t, -1, d)
+        qkv = qkv.transpose(1, 2)  # (B, heads, T, D)
         if self.gemma:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nkv])), dim=1)
+        else:
+            qk = qkv[:, :nq + nkv]
+        qk = rotate(qk, cos, sin)
+        q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         _write_kv(k_cache, v_cache, write, k, v)
-        attn = attend(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], mask, self.scale)
-        attn_out = self.o(attn.transpose(1, 2).reshape(b, t, self.n_q * d))
+        attn = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask, scale=self.scale,
+            enable_gqa=nq != nkv)
+        attn_out = F.linear(attn.transpose(1, 2).reshape(b, t, nq * d), self.o.weight)
         if self.gemma:
             x = x + self.post_attn_norm(attn_out)
             mlp_in = self.pre_ffn_norm(x)
         else:
             x = x + attn_out
             mlp_in = self.post_attn_norm(x)
-        gate, up = self.gate_up(mlp_in).chunk(2, dim=-1)
+        gate, up = F.linear(mlp_in, self.gate_up.weight).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
-        mlp_out = self.down(act * up)
+        mlp_out = F.linear(act * up, self.down.weight)
         return x + (self.post_ffn_norm(mlp_out) if self.gemma else mlp_out)
 
 
@@ -195,6 +199,25 @@ class DecoderModel(nn.Module):
         self.register_buffer("local_inv_freq", rope_inv_freq(spec.head_dim, spec.local_rope_theta),
                              persistent=False)
         self.hidden_layers = spec.hidden_layers()
+        self._rope_tables: dict[str, RopeTable] = {}
+
+    def _rope(self, kind: str) -> RopeTable:
+        """Rotary tables, built on first use in the model's dtype and device."""
+        table = self._rope_tables.get(kind)
+        weight = self.embed.weight
+        if table is None or table.cos.dtype != weight.dtype or table.cos.device != weight.device:
+            inv = self.inv_freq if kind == "global" else self.local_inv_freq
+            table = RopeTable(inv, self.spec.max_position_embeddings, weight.dtype, weight.device)
+            self._rope_tables[kind] = table
+        return table
+
+    @staticmethod
+    def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Bool mask -> additive float mask, once per forward rather than once per layer."""
+        if mask.dtype != torch.bool:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -213,10 +236,12 @@ class DecoderModel(nn.Module):
         mask/sliding_mask: bool (B, 1, T, kv_len). ``logits_rows`` limits the lm_head to some rows
         (prefill needs only the last one)."""
         x = self.embed_tokens(tokens)
-        dtype = x.dtype
-        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        cos, sin = self._rope("global").lookup(positions)
         if self.spec.is_gemma:
-            lcos, lsin = rope_cos_sin(positions, self.local_inv_freq, dtype)
+            lcos, lsin = self._rope("local").lookup(positions)
+        mask = self._additive(mask, x.dtype)
+        if sliding_mask is not None:
+            sliding_mask = self._additive(sliding_mask, x.dtype)
         saved: dict[int, torch.Tensor] = {}
         for i, (block, (kc, vc)) in enumerate(zip(self.blocks, caches, strict=True)):
             sliding = self.spec.is_gemma and self.spec.sliding_layers[i]
