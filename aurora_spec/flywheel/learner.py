@@ -1,0 +1,341 @@
+"""OnlineLearner: the Learner (flywheel/api.py) that makes the draft head learn from live traffic.
+
+    learner = OnlineLearner(model, drafter_or_engine, LearnerConfig())
+    engine = Engine(runner, drafter, cfg, trace_sink=learner.trace_sink)   # or attach() sets it
+    learner.attach(engine); learner.start(); ... ; learner.stop()
+
+Serving process side: ``trace_sink`` (engine thread) copies each verify step into a compact
+record in a byte-bounded buffer and updates live acceptance by version -- nothing else. A bridge
+thread hands buffered traces to the trainer process when it asks, offers its candidates to the
+``Publisher`` (load, validate, swap between engine steps, roll back) and restarts the trainer
+process if it dies (watchdog): serving keeps its live version meanwhile.
+Trainer process side: flywheel/worker.py. Mode ``static`` records and reports but never trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any
+
+import torch
+
+from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_to_payload
+from aurora_spec.flywheel.config import LearnerConfig
+from aurora_spec.flywheel.publisher import Publisher
+from aurora_spec.flywheel.traces import TraceBuffer, pack, record_step
+from aurora_spec.types import StepTrace
+
+log = logging.getLogger(__name__)
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _child_env(**env: str):
+    """Environment a spawned child inherits (read at exec), restored afterwards."""
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+class OnlineLearner:
+    """``model``: the target DecoderModel (its lm_head and embedding are shared read-only with the
+    trainer); ``drafter_or_engine``: the Eagle3Drafter serving uses, or the Engine holding it
+    (then attach() is implied); ``config``: LearnerConfig."""
+
+    def __init__(self, model: Any, drafter_or_engine: Any = None,
+                 config: LearnerConfig | None = None) -> None:
+        self.model = model
+        self.cfg = cfg = config or LearnerConfig()
+        self.engine: Any = None
+        self.drafter: Any = None
+        self.buffer = TraceBuffer(cfg.trace.buffer_bytes)
+        self._dtype = cfg.trace.torch_dtype
+        self._max_rejected = cfg.trace.max_rejected if cfg.trainer.lambda_discard > 0 else 0
+        self.publisher: Publisher | None = None
+        self.store: CheckpointStore | None = None
+        self._tmpdir: str | None = None
+        self._proc: Any = None
+        self._inbox: Any = None
+        self._outbox: Any = None
+        self._bridge: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._want = 0
+        self._trainer_status: dict = {}
+        self._initial: Any = None
+        self.recorded = 0
+        self.sink_errors = 0
+        self.trainer_restarts = 0
+        self.paused = False
+        self._started = False
+        if drafter_or_engine is not None:
+            if hasattr(drafter_or_engine, "call_between_steps"):
+                self.attach(drafter_or_engine)
+            else:
+                self._bind_drafter(drafter_or_engine)
+
+    # ---- wiring -------------------------------------------------------------------------------
+    def _bind_drafter(self, drafter: Any) -> None:
+        if drafter is None or not hasattr(drafter, "swap_head"):
+            raise ValueError("online learning needs an eagle3 drafter (one with swap_head)")
+        check_fits(drafter.head, self.model)
+        self.drafter = drafter
+        if self._initial is None:
+            self._initial = copy.deepcopy(drafter.head)
+        if self.publisher is None:
+            c = self.cfg
+            self.publisher = Publisher(drafter, self.engine, self.model, None,
+                                       c.rollback_min_steps, c.rollback_drop, c.rollback_min_gap,
+                                       on_change=self._on_change)
+        self.publisher.engine = self.engine
+
+    def attach(self, engine: Any) -> None:
+        self.engine = engine
+        self._bind_drafter(engine.drafter if engine.drafter is not None else self.drafter)
+        if getattr(engine, "trace_sink", None) is None:
+            engine.trace_sink = self.trace_sink
+
+    # ---- Learner protocol ---------------------------------------------------------------------
+    def trace_sink(self, trace: StepTrace) -> None:
+        try:
+            if self.publisher is not None:
+                self.publisher.observe(trace.proposal.draft_version, len(trace.proposal),
+                                       trace.result.num_accepted)
+            if self.cfg.mode == "online":
+                self.buffer.append(record_step(trace, self._dtype, self._max_rejected))
+                self.recorded += 1
+        except Exception:  # recording must never break serving
+            self.sink_errors += 1
+            if self.sink_errors == 1:
+                log.exception("trace recording failed (further failures are counted only)")
+
+    def start(self) -> None:
+        if self._started:
+            return
+        if self.publisher is None:
+            raise RuntimeError("attach an engine (or pass a drafter) before start()")
+        c = self.cfg
+        if c.serving_threads:
+            torch.set_num_threads(c.serving_threads)
+        if c.mode == "static":
+            self._started = True
+            return
+        root = c.checkpoint_dir or tempfile.mkdtemp(prefix="aurora-flywheel-")
+        self._tmpdir = None if c.checkpoint_dir else root
+        self.store = CheckpointStore(root, c.keep_checkpoints)
+        self.publisher.store = self.store
+        if c.checkpoint_dir and c.resume:
+            w = self.drafter.head.fc.weight
+            head = self.store.newest_valid(self.model, w.device, w.dtype)
+            if head is not None and head.version != self.drafter.head.version:
+                log.info("resuming from checkpoint version %d", head.version)
+                self.publisher.swap(head.eval(), watch=False, reason="resume")
+        lm = self.model.lm_head.weight.detach()
+        emb = self.model.embed.weight.detach()
+        lm_shared = lm.to("cpu", torch.float32).clone()
+        self._shared = {"lm_weight": lm_shared,
+                        "embed_weight": lm_shared if emb is lm else
+                        emb.to("cpu", torch.float32).clone()}
+        self._stopping.clear()
+        self._spawn()
+        self._bridge = threading.Thread(target=self._bridge_loop, name="aurora-flywheel",
+                                        daemon=True)
+        self._bridge.start()
+        self._started = True
+
+    def stop(self, save: bool = True) -> None:
+        self._stopping.set()
+        if self._bridge is not None:
+            self._bridge.join(timeout=10)
+            self._bridge = None
+        self._stop_proc()
+        if save and self.cfg.checkpoint_dir and self.store is not None and self.publisher:
+            live = self.publisher.live
+            try:
+                self.store.save(live)
+                self.store.mark_live(live.version)
+            except OSError as e:
+                log.warning("cannot save the live draft to %s: %s", self.store.root, e)
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self._started = False
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = {"learning": self.cfg.mode == "online" and self._started,
+                              "mode": self.cfg.mode}
+        st.update(self._trainer_status)
+        if self.publisher is not None:
+            st.update(self.publisher.status())
+        st.update(buffer_fill=round(self.buffer.fill, 4), buffer_bytes=self.buffer.bytes,
+                  dropped_traces=self.buffer.dropped, recorded_traces=self.recorded,
+                  trainer_alive=bool(self._proc is not None and self._proc.is_alive()),
+                  trainer_pid=self.trainer_pid, trainer_restarts=self.trainer_restarts,
+                  paused=self.paused, sink_errors=self.sink_errors)
+        return st
+
+    def pause(self) -> None:
+        self.paused = True
+        self._send(("pause",))
+
+    def resume(self) -> None:
+        self.paused = False
+        self._send(("resume",))
+
+    def swap_now(self) -> bool:
+        """Ask the trainer to gate and publish its current weights now (the gate still applies)."""
+        return self._send(("publish_now",))
+
+    def rollback(self) -> bool:
+        return bool(self.publisher and self.publisher.rollback("requested"))
+
+    def reset(self) -> None:
+        """Back to the head serving started with; the trainer forgets its data and weights."""
+        if self.publisher is None or self._initial is None:
+            return
+        head = copy.deepcopy(self._initial)
+        self.publisher.swap(head, watch=False, reason="reset")
+        self.buffer.clear()
+
+    # ---- extras -------------------------------------------------------------------------------
+    @property
+    def trainer_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def live_version(self) -> int:
+        return self.publisher.live_version if self.publisher else 0
+
+    def wait_for(self, predicate, timeout: float = 30.0, poll: float = 0.05) -> bool:
+        """Poll ``predicate(status())`` until true or timeout (tests, benchmarks)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate(self.status()):
+                return True
+            time.sleep(poll)
+        return bool(predicate(self.status()))
+
+    # ---- trainer process ----------------------------------------------------------------------
+    def _spawn(self) -> None:
+        from aurora_spec.flywheel.worker import trainer_main
+
+        c = self.cfg
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
+        self._want = 0
+        device = c.trainer_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert self.publisher is not None and self.store is not None
+        live = self.publisher.live
+        spec = {"head": head_to_payload(live), "threads": c.trainer_threads, "device": device,
+                "trainer_cfg": c.trainer, "softcap": self.model.spec.final_logit_softcap,
+                "embed_scale": float(self.model.spec.embed_scale),
+                "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
+                "next_version": max(self.store.max_version(), live.version) + 1,
+                "send_bytes": c.send_bytes, "log_level": logging.getLogger().level,
+                **self._shared}
+        env = {"OMP_NUM_THREADS": str(c.trainer_threads), "MKL_NUM_THREADS": str(c.trainer_threads)}
+        if c.omp_passive:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        proc = ctx.Process(target=trainer_main, args=(spec, self._inbox, self._outbox),
+                           name="aurora-trainer", daemon=True)
+        with _child_env(**env):
+            proc.start()
+        self._proc = proc
+        log.info("trainer process %d started", proc.pid)
+
+    def _stop_proc(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        self._send(("stop",))
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        self._close_queues()
+        self._proc = None
+
+    def _close_queues(self) -> None:
+        for q in (self._inbox, self._outbox):
+            if q is not None:
+                q.cancel_join_thread()
+                q.close()
+
+    def _send(self, msg: tuple) -> bool:
+        if self._inbox is None or self._proc is None or not self._proc.is_alive():
+            return False
+        self._inbox.put(msg)
+        return True
+
+    def _on_change(self, reason: str, head: Any) -> None:
+        """The publisher changed the live head: tell the trainer (its gate baseline)."""
+        if reason.startswith("rollback"):
+            self._send(("rollback", head.version))
+        elif reason == "reset":
+            self._send(("reset", head_to_payload(head)))
+
+    def _bridge_loop(self) -> None:
+        next_check = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                msg = self._outbox.get(timeout=0.05)
+            except (queue.Empty, OSError, EOFError, ValueError):
+                msg = None
+            if msg is not None:
+                self._handle(msg)
+            if self._want and len(self.buffer):
+                records = self.buffer.drain(self._want)
+                self._want = 0
+                self._send(("traces", pack(records)))
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.cfg.watchdog_s
+                self._watchdog()
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "want":
+            self._want = int(msg[1])
+        elif kind == "status":
+            self._trainer_status = msg[1]
+        elif kind == "candidate":
+            _, version, path, gate = msg
+            assert self.publisher is not None
+            head = self.publisher.offer(path)
+            if head is not None:
+                log.info("version %d live (held-out acceptance %.3f vs %.3f)", version,
+                         gate["candidate"], gate["live"])
+                self._send(("live", version))
+            else:
+                self._send(("refused", version))
+
+    def _watchdog(self) -> None:
+        proc = self._proc
+        if proc is None or proc.is_alive() or self._stopping.is_set():
+            return
+        self.trainer_restarts += 1
+        log.warning("trainer process %d died (exit code %s); serving stays on version %d; "
+                    "restarting the trainer", proc.pid, proc.exitcode, self.live_version)
+        self._close_queues()
+        self._trainer_status = {}
+        time.sleep(min(self.cfg.restart_backoff_s * self.trainer_restarts, 30.0))
+        if not self._stopping.is_set():
+            self._spawn()
+            if self.paused:
+                self._send(("pause",))

@@ -1,0 +1,168 @@
+"""Serving side of versioning: take a candidate, swap it in between engine steps, watch live
+acceptance by version, roll back by itself when a new version does worse.
+
+- ``offer(path)`` loads a candidate checkpoint (safetensors + manifest; a corrupt or incompatible
+  one is refused with a log line and serving keeps its version), then swaps.
+- ``swap`` hands ``drafter.swap_head(new)`` to ``engine.call_between_steps``: it runs on the
+  engine thread between two steps, so no step ever sees a half-updated head, and the pause is
+  one function call (the drafter rebuilds its draft caches lazily).
+- ``observe`` (engine thread, per verify step) keeps accepted tokens per drafting step by draft
+  version. After a swap u -> v, once v has ``min_steps`` drafting steps, it is compared with u's
+  recent level; a drop beyond ``drop`` (relative) and ``min_gap`` (absolute) rolls back to u.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.flywheel.checkpoints import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VersionStats:
+    steps: int = 0  # verify steps with a non-empty proposal
+    accepted: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))
+
+    @property
+    def mean(self) -> float:
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def recent_mean(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+
+@dataclass
+class _Watch:
+    previous: Eagle3Head
+    new_version: int
+    baseline: float | None  # previous version's recent accepted/step; None: too few steps
+
+
+class Publisher:
+    def __init__(self, drafter: Any, engine: Any = None, model: Any = None,
+                 store: CheckpointStore | None = None, min_steps: int = 48, drop: float = 0.25,
+                 min_gap: float = 0.1, on_change: Callable[[str, Eagle3Head], None] | None = None,
+                 ) -> None:
+        self.drafter, self.engine, self.model, self.store = drafter, engine, model, store
+        self.min_steps, self.drop, self.min_gap = min_steps, drop, min_gap
+        self.on_change = on_change
+        self.live: Eagle3Head = drafter.head
+        self.previous: Eagle3Head | None = None
+        self.by_version: dict[int, VersionStats] = {}
+        self.swaps = self.rollbacks = self.refused = 0
+        self.bad_versions: set[int] = set()
+        self._watch: _Watch | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def live_version(self) -> int:
+        return int(self.live.version)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        w = self.drafter.head.fc.weight
+        return w.device, w.dtype
+
+    def offer(self, path: str) -> Eagle3Head | None:
+        """Load a candidate checkpoint and make it live; None when refused."""
+        device, dtype = self._device_dtype()
+        try:
+            head = CheckpointStore.load(path, self.model, device, dtype)
+        except ValueError as e:
+            self.refused += 1
+            log.warning("refusing candidate checkpoint %s: %s; serving stays on version %d",
+                        path, e, self.live_version)
+            return None
+        if head.version in self.bad_versions:
+            self.refused += 1
+            log.warning("refusing candidate %s: version %d was rolled back", path, head.version)
+            return None
+        head.eval()
+        for p in head.parameters():
+            p.requires_grad_(False)
+        self.swap(head, watch=True)
+        return head
+
+    def swap(self, head: Eagle3Head, watch: bool = True, reason: str = "candidate") -> None:
+        with self._lock:
+            old = self.live
+            baseline = None
+            stats = self.by_version.get(old.version)
+            if stats is not None and len(stats.recent) >= self.min_steps // 2:
+                baseline = stats.recent_mean
+            self.previous, self.live = old, head
+            self._watch = _Watch(old, head.version, baseline) if watch else None
+            self.swaps += 1
+        self._run_between_steps(lambda: self.drafter.swap_head(head))
+        log.info("draft version %d -> %d (%s)", old.version, head.version, reason)
+        if self.store is not None:
+            try:
+                self.store.mark_live(head.version)
+            except OSError as e:
+                log.warning("cannot record the live version in %s: %s", self.store.root, e)
+        if self.on_change is not None:
+            self.on_change(reason, head)
+
+    def _run_between_steps(self, fn: Callable[[], None]) -> None:
+        if self.engine is not None:
+            self.engine.call_between_steps(fn)
+        else:
+            fn()
+
+    def rollback(self, reason: str = "manual") -> bool:
+        with self._lock:
+            prev = self.previous
+            if prev is None:
+                return False
+            bad = self.live.version
+            self.bad_versions.add(bad)
+            self.rollbacks += 1
+            self.previous = None
+        log.warning("rolling back draft version %d -> %d (%s)", bad, prev.version, reason)
+        if self.store is not None:
+            try:
+                self.store.mark_bad(bad)
+            except OSError as e:
+                log.warning("cannot mark version %d bad: %s", bad, e)
+        self.swap(prev, watch=False, reason=f"rollback: {reason}")
+        return True
+
+    def observe(self, version: int, proposed: int, accepted: int) -> None:
+        """One verify step's outcome (engine thread). Cheap: a few integer updates."""
+        if proposed <= 0:
+            return
+        stats = self.by_version.get(version)
+        if stats is None:
+            stats = self.by_version[version] = VersionStats()
+        stats.steps += 1
+        stats.accepted += accepted
+        stats.recent.append(accepted)
+        w = self._watch
+        if w is None or version != w.new_version or stats.steps < self.min_steps:
+            return
+        self._watch = None
+        if w.baseline is None:
+            return
+        now = stats.recent_mean
+        if now < w.baseline * (1 - self.drop) and w.baseline - now >= self.min_gap:
+            self.rollback(f"live acceptance fell from {w.baseline:.2f} to {now:.2f} "
+                          f"tokens per drafting step")
+
+    def status(self) -> dict:
+        return {"live_version": self.live_version, "swaps": self.swaps,
+                "rollbacks": self.rollbacks, "candidates_refused": self.refused,
+                "serving_version": int(getattr(self.drafter.head, "version", -1)),
+                "live_acceptance": {str(v): {"steps": s.steps, "accepted_per_step":
+                                             round(s.mean, 3)}
+                                    for v, s in sorted(self.by_version.items())[-8:]}}

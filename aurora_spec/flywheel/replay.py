@@ -1,0 +1,88 @@
+"""Where the trainer keeps windows: the newest ones, a replay reservoir over all traffic, and a
+held-out slice for the gate.
+
+- ``recent``: the last N training windows (what traffic looks like now);
+- ``reservoir``: a uniform sample over every training window ever seen (reservoir sampling,
+  Vitter's algorithm R), the forgetting guard: a burst of one domain cannot push the others out;
+- ``holdout``: a random 1 in ``holdout_every`` of the windows, never trained on; the newest of them are the
+  gate's held-out slice.
+A batch mixes ``recent_ratio`` of newest windows with replay.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from aurora_spec.flywheel.batch import Window
+
+
+class WindowStore:
+    def __init__(self, recent_windows: int = 64, reservoir_windows: int = 2048,
+                 holdout_every: int = 8, holdout_windows: int = 32, seed: int = 0) -> None:
+        self.recent: deque[Window] = deque(maxlen=recent_windows)
+        self.reservoir: list[Window] = []
+        self.reservoir_cap = reservoir_windows
+        self.holdout: deque[Window] = deque(maxlen=holdout_windows)
+        self.holdout_every = holdout_every
+        self.rng = random.Random(seed)
+        self.windows_seen = 0  # training windows offered to the reservoir
+        self.count = 0
+        self.positions = 0  # training pairs ingested
+        self.holdout_added = 0
+
+    def add(self, win: Window) -> None:
+        self.count += 1
+        if (self.holdout_every > 0 and win.pairs > 0
+                and self.rng.random() * self.holdout_every < 1.0):
+            self.holdout.append(win)
+            self.holdout_added += 1
+            return
+        self.recent.append(win)
+        self.positions += win.pairs
+        self.windows_seen += 1
+        if len(self.reservoir) < self.reservoir_cap:
+            self.reservoir.append(win)
+        else:
+            j = self.rng.randrange(self.windows_seen)
+            if j < self.reservoir_cap:
+                self.reservoir[j] = win
+
+    @property
+    def empty(self) -> bool:
+        return not self.recent and not self.reservoir
+
+    def sample(self, pairs: int, recent_ratio: float) -> list[Window]:
+        """Windows totalling about ``pairs`` training pairs (each window at most once)."""
+        chosen: list[Window] = []
+        ids: set[int] = set()
+        total, misses = 0, 0
+        while total < pairs and misses < 8:
+            pool = self.recent if (self.rng.random() < recent_ratio or not self.reservoir) \
+                else self.reservoir
+            if not pool:
+                pool = self.reservoir or self.recent
+            win = pool[self.rng.randrange(len(pool))]
+            if id(win) in ids:
+                misses += 1
+                continue
+            ids.add(id(win))
+            chosen.append(win)
+            total += win.pairs + len(win.br_tok)
+        return chosen
+
+    def holdout_slice(self) -> list[Window]:
+        return list(self.holdout)
+
+    def clear(self) -> None:
+        self.recent.clear()
+        self.reservoir.clear()
+        self.holdout.clear()
+        self.windows_seen = self.count = self.positions = self.holdout_added = 0
+
+    @property
+    def nbytes(self) -> int:
+        seen: dict[int, Window] = {}
+        for w in (*self.recent, *self.reservoir, *self.holdout):
+            seen[id(w)] = w
+        return sum(w.nbytes for w in seen.values())

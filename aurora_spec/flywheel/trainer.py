@@ -1,0 +1,250 @@
+"""The online trainer: step records in, candidate draft-head versions out.
+
+Runs wherever it is put: in the trainer process (flywheel/worker.py), or in-process for offline
+fitting (``aurora train``) and tests. Owns a float32 copy of the head, AdamW, the windows
+(recent + replay reservoir + held-out slice), the draft-vocabulary builder, and the gate: a
+candidate is offered only when its offline acceptance on the held-out slice beats the live
+version's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
+from aurora_spec.flywheel.config import TrainerConfig
+from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
+from aurora_spec.flywheel.replay import WindowStore
+from aurora_spec.flywheel.traces import TraceRecord
+from aurora_spec.flywheel.vocab import VocabBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    candidate: float  # mean accepted draft tokens per draft point (greedy chain of gate_depth)
+    live: float
+    positions: int
+    reason: str = ""
+
+
+@dataclass
+class TrainerStats:
+    steps: int = 0
+    trained_pairs: int = 0
+    loss: float = float("nan")
+    accepted_kl: list[float] = field(default_factory=list)
+    discard_kl: float = float("nan")
+    top1: list[float] = field(default_factory=list)
+    step_ms: float = 0.0
+    gates: int = 0
+    gate_rejections: int = 0
+    last_gate: dict | None = None
+    candidates: int = 0
+
+
+class Trainer:
+    def __init__(self, head: Eagle3Head, target: TargetHead, embed: Embedder,
+                 cfg: TrainerConfig | None = None, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg = cfg or TrainerConfig()
+        self.device = torch.device(device)
+        self.target, self.embed = target, embed
+        self.head = copy.deepcopy(head).to(self.device, torch.float32).train()
+        self.live = copy.deepcopy(self.head).eval()
+        self.next_version = head.version + 1
+        self.assembler = WindowAssembler(cfg.window)
+        self.store = WindowStore(cfg.recent_windows, cfg.reservoir_windows, cfg.holdout_every,
+                                 cfg.holdout_windows, cfg.seed)
+        c = self.head.config
+        self.vocab = VocabBuilder(c.target_vocab_size, c.draft_vocab_size,
+                                  cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
+                                  cfg.vocab_coverage_window)
+        self.stats = TrainerStats()
+        self.records = 0
+        self._live_score: tuple[tuple, float] | None = None
+        torch.manual_seed(cfg.seed)
+        self._make_optimizer()
+
+    # ---- data ------------------------------------------------------------------------------
+    def ingest(self, records: list[TraceRecord]) -> None:
+        for rec in records:
+            self.records += 1
+            self.vocab.observe(rec.tokens[1:])
+            for win in self.assembler.add(rec):
+                self.store.add(win)
+
+    def add_windows(self, windows: list[Window]) -> None:
+        for win in windows:
+            self.store.add(win)
+
+    def flush(self) -> None:
+        """Close every open window (no more steps are coming soon)."""
+        self.add_windows(self.assembler.flush())
+
+    @property
+    def coverage(self) -> float:
+        return self.vocab.coverage(self.head.t2d)
+
+    def can_train(self) -> bool:
+        s = self.store
+        return not s.empty and self.stats.trained_pairs < self.cfg.reuse * max(s.positions, 1)
+
+    # ---- training --------------------------------------------------------------------------
+    def _make_optimizer(self, keep_state: dict | None = None) -> None:
+        c = self.cfg
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=c.lr, betas=c.betas,
+                                     weight_decay=c.weight_decay)
+        if keep_state:
+            for p in self.head.parameters():
+                if p in keep_state:
+                    self.opt.state[p] = keep_state[p]
+
+    def maybe_rebuild_vocab(self) -> bool:
+        d2t = self.vocab.maybe_rebuild(self.head.t2d)
+        if d2t is None:
+            return False
+        before = self.coverage
+        old_state = {p: s for p, s in self.opt.state.items() if p is not self.head.lm_head.weight}
+        self.head.set_vocab(d2t.to(self.device))
+        self._make_optimizer(old_state)
+        log.info("draft vocabulary rebuilt (%d tokens): coverage %.3f -> %.3f",
+                 len(d2t), before, self.coverage)
+        return True
+
+    def train_step(self) -> float | None:
+        """One optimizer step on a batch of newest + replayed windows; None without data."""
+        if self.store.empty:
+            return None
+        c = self.cfg
+        self.maybe_rebuild_vocab()
+        t0 = time.perf_counter()
+        windows = self.store.sample(c.batch_tokens, c.recent_ratio)
+        batch = pack_windows(windows, with_branches=c.lambda_discard > 0).to(self.device)
+        if batch.n_committed == 0 and batch.n_branch == 0:
+            return None
+        self.head.train()
+        out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth, c.depth_weights,
+                            c.lambda_discard)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), c.grad_clip)
+        self.opt.step()
+        s = self.stats
+        s.steps += 1
+        s.trained_pairs += batch.n_committed
+        s.loss = float(out.loss.detach())
+        s.accepted_kl, s.discard_kl, s.top1 = out.accepted_kl, out.discard_kl, out.top1
+        ms = (time.perf_counter() - t0) * 1e3
+        s.step_ms = ms if s.steps == 1 else 0.9 * s.step_ms + 0.1 * ms
+        return s.loss
+
+    # ---- evaluation and gate ---------------------------------------------------------------
+    @torch.no_grad()
+    def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
+                           depth: int | None = None) -> tuple[float, int]:
+        """Mean accepted draft tokens per draft point on ``windows`` (default: held-out slice)."""
+        windows = self.store.holdout_slice() if windows is None else windows
+        depth = depth or self.cfg.gate_depth
+        was_training = head.training
+        head.eval()
+        total, n, chunk = 0, 0, []
+        budget = max(self.cfg.batch_tokens, 1)
+
+        def run(ws: list[Window]) -> None:
+            nonlocal total, n
+            batch = pack_windows(ws, with_branches=False).to(self.device)
+            if batch.n_committed:
+                lengths = acceptance_lengths(head, batch, self.embed, depth)
+                total += int(lengths.sum())
+                n += batch.n_committed
+        size = 0
+        for w in windows:
+            chunk.append(w)
+            size += w.pairs
+            if size >= budget:
+                run(chunk)
+                chunk, size = [], 0
+        if chunk:
+            run(chunk)
+        head.train(was_training)
+        return (total / n if n else 0.0), n
+
+    def gate(self, candidate: Eagle3Head) -> GateResult:
+        windows = self.store.holdout_slice()
+        key = (self.live.version, id(self.live), self.store.holdout_added, len(windows))
+        if self._live_score is not None and self._live_score[0] == key:
+            live = self._live_score[1]
+            cand, n = self.offline_acceptance(candidate, windows)
+        else:
+            live, n = self.offline_acceptance(self.live, windows)
+            self._live_score = (key, live)
+            cand, _ = self.offline_acceptance(candidate, windows)
+        c = self.cfg
+        if n < c.gate_min_positions:
+            res = GateResult(False, cand, live, n, f"held-out slice too small ({n} positions)")
+        elif not cand > live + c.gate_margin:
+            res = GateResult(False, cand, live, n, f"candidate {cand:.3f} does not beat live "
+                                                   f"{live:.3f} + margin {c.gate_margin}")
+        else:
+            res = GateResult(True, cand, live, n)
+        self.stats.gates += 1
+        self.stats.gate_rejections += 0 if res.passed else 1
+        self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
+                                "live": round(live, 4), "positions": n, "reason": res.reason}
+        return res
+
+    def propose_candidate(self) -> tuple[Eagle3Head, GateResult] | None:
+        """A frozen copy of the current weights with the next version, if it passes the gate."""
+        cand = copy.deepcopy(self.head).eval()
+        for p in cand.parameters():
+            p.requires_grad_(False)
+        res = self.gate(cand)
+        if not res.passed:
+            log.info("gate: candidate not published: %s", res.reason)
+            return None
+        cand.version = self.next_version
+        self.next_version += 1
+        self.stats.candidates += 1
+        return cand, res
+
+    def set_live(self, head: Eagle3Head) -> None:
+        """The gate's baseline becomes ``head`` (after a swap or a rollback)."""
+        self.live = copy.deepcopy(head).to(self.device, torch.float32).eval()
+        self.next_version = max(self.next_version, head.version + 1)
+        self._live_score = None
+
+    def restart_from(self, head: Eagle3Head) -> None:
+        """Continue training from ``head``'s weights with a fresh optimizer (after a rollback or a
+        reset); the data stays."""
+        self.head = copy.deepcopy(head).to(self.device, torch.float32).train()
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        self._make_optimizer()
+        self.set_live(head)
+
+    def status(self) -> dict:
+        s = self.stats
+
+        def rnd(x: float | None) -> float | None:
+            return None if x is None or math.isnan(x) else round(x, 4)
+
+        return {"trainer_step": s.steps, "loss": rnd(s.loss), "accepted_kl": [rnd(x) for x in
+                                                                            s.accepted_kl],
+                "discard_kl": rnd(s.discard_kl), "top1": [rnd(x) for x in s.top1],
+                "step_ms": round(s.step_ms, 1), "trained_pairs": s.trained_pairs,
+                "ingested_pairs": self.store.positions, "records": self.records,
+                "windows": len(self.store.reservoir), "holdout_windows": len(self.store.holdout),
+                "vocab_coverage": round(self.coverage, 4), "vocab_rebuilds": self.vocab.rebuilds,
+                "gates": s.gates, "gate_rejections": s.gate_rejections,
+                "last_gate": s.last_gate, "candidates": s.candidates,
+                "data_bytes": self.store.nbytes}

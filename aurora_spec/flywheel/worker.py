@@ -1,0 +1,132 @@
+"""The trainer process: its main loop and its message protocol with the serving process.
+
+Started by ``OnlineLearner`` with the ``spawn`` context; the parent sets OMP_NUM_THREADS /
+OMP_WAIT_POLICY=PASSIVE in the environment it inherits, so OpenMP is configured before torch is
+imported here (two torch processes with spinning OpenMP threads slow each other 5-60x on a
+2-core machine, DESIGN.md section 4).
+
+Parent -> trainer (``inbox``): ("traces", payload) | ("live", version) | ("refused", version) |
+("rollback", version) | ("pause",) | ("resume",) | ("publish_now",) | ("reset", head_payload) |
+("stop",).
+Trainer -> parent (``outbox``): ("want", max_bytes) | ("candidate", version, path, gate) |
+("status", dict) | ("log", level, text).
+
+Traces are pulled: the trainer asks for more only when it has digested the last batch, so a slow
+trainer leaves traces in the serving-side byte-bounded buffer (where the oldest are dropped)
+instead of an unbounded pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+from typing import Any
+
+
+def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    from aurora_spec.flywheel.checkpoints import CheckpointStore, head_from_payload
+    from aurora_spec.flywheel.losses import Embedder, TargetHead
+    from aurora_spec.flywheel.traces import unpack
+    from aurora_spec.flywheel.trainer import Trainer
+
+    logging.basicConfig(level=spec.get("log_level", logging.WARNING),
+                        format="%(asctime)s %(levelname)s trainer[%(process)d] %(name)s: %(message)s")
+    log = logging.getLogger("aurora_spec.flywheel.worker")
+    device = torch.device(spec["device"])
+    init = head_from_payload(spec["head"])
+    target = TargetHead(spec["lm_weight"].to(device), spec["softcap"])
+    embed = Embedder(spec["embed_weight"].to(device), spec["embed_scale"])
+    trainer = Trainer(init, target, embed, spec["trainer_cfg"], device)
+    trainer.next_version = max(trainer.next_version, spec["next_version"])
+    store = CheckpointStore(spec["checkpoint_dir"], spec["keep"])
+    published = {init.version: trainer.live}
+    parent = mp.parent_process()
+    paused, pending, want_out = False, None, False
+    publish_every = spec["trainer_cfg"].publish_every
+    last_status, last_traces, since_publish = 0.0, time.monotonic(), 0
+    force_publish = False
+    log.info("trainer started (pid %d, %d threads, %s)", os.getpid(), spec["threads"], device)
+
+    def send_status() -> None:
+        st = trainer.status()
+        st.update(paused=paused, pid=os.getpid(), pending_candidate=pending)
+        outbox.put(("status", st))
+
+    while True:
+        if parent is not None and not parent.is_alive():
+            return
+        if not want_out:
+            outbox.put(("want", spec["send_bytes"]))
+            want_out = True
+        busy = not paused and trainer.can_train()
+        try:
+            msg = inbox.get(timeout=0.0 if busy else 0.2)
+        except queue.Empty:
+            msg = None
+        if msg is not None:
+            kind = msg[0]
+            if kind == "stop":
+                send_status()
+                return
+            if kind == "traces":
+                want_out = False
+                records = unpack(msg[1])
+                if records:
+                    trainer.ingest(records)
+                    last_traces = time.monotonic()
+            elif kind == "live":
+                if pending is not None and pending[0] == msg[1]:
+                    trainer.set_live(pending[1])
+                    published[msg[1]] = pending[1]
+                    for v in sorted(published)[:-4]:
+                        del published[v]
+                pending = None
+            elif kind == "refused":
+                pending = None
+            elif kind == "rollback":
+                head = published.get(msg[1])
+                if head is not None:
+                    trainer.restart_from(head)
+                pending = None
+            elif kind == "pause":
+                paused = True
+            elif kind == "resume":
+                paused = False
+            elif kind == "publish_now":
+                force_publish = True
+            elif kind == "reset":
+                head = head_from_payload(msg[1])
+                trainer.store.clear()
+                trainer.restart_from(head)
+                published = {head.version: trainer.live}
+                pending = None
+            continue  # drain messages first
+        if time.monotonic() - last_traces > 1.0 and trainer.assembler._open:
+            trainer.flush()  # traffic paused: close open windows so they can be trained on
+        if busy:
+            trainer.train_step()
+            since_publish += 1
+        if (pending is None and (since_publish >= publish_every or force_publish)
+                and (busy or force_publish)):
+            since_publish, force_publish = 0, False
+            got = trainer.propose_candidate()
+            if got is not None:
+                cand, res = got
+                path = store.save(cand)
+                pending = (cand.version, cand)
+                outbox.put(("candidate", cand.version, str(path),
+                            {"candidate": res.candidate, "live": res.live,
+                             "positions": res.positions}))
+        if time.monotonic() - last_status > 0.5:
+            send_status()
+            last_status = time.monotonic()

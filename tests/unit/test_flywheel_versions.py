@@ -1,0 +1,167 @@
+"""Versioning without a trainer process: lossless swaps mid-generation, corrupt checkpoints refused,
+the gate refuses a worse candidate, rollback on a live acceptance drop, resume from the newest
+valid checkpoint."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from aurora_spec.drafters.eagle3 import Eagle3Drafter
+from aurora_spec.drafters.policy import PolicyConfig
+from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.flywheel.checkpoints import CheckpointStore
+from aurora_spec.flywheel.config import TrainerConfig
+from aurora_spec.flywheel.losses import Embedder, TargetHead
+from aurora_spec.flywheel.publisher import Publisher
+from aurora_spec.flywheel.trainer import Trainer
+from aurora_spec.flywheel.traces import record_step
+from aurora_spec.models.runner import CacheConfig, TargetRunner
+from aurora_spec.types import SamplingParams
+from tests.tiny_models import tiny_target
+from tests.unit.test_flywheel_losses import head_for
+
+GREEDY = SamplingParams(max_tokens=40)
+
+
+def make_engine(model, drafter, sink=None, k=4) -> Engine:
+    runner = TargetRunner(model, CacheConfig(max_slots=2, capacity=256))
+    return Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=k, fixed_draft=k),
+                                                calibrate=False), sink)
+
+
+def test_swaps_mid_generation_are_lossless(tmp_path):
+    model, _ = tiny_target("llama", seed=4)
+    base = make_engine(model, None)
+    store = CheckpointStore(tmp_path)
+    heads = []
+    for v in range(1, 6):
+        h = head_for(model, std=0.3, seed=v)
+        h.version = v
+        heads.append(store.save(h))
+    drafter = Eagle3Drafter(head_for(model, std=0.3, seed=0), model.embed.weight)
+    engine = make_engine(model, drafter)
+    pub = Publisher(drafter, engine, model, store)
+    prompts = [[5, 6, 7], [40, 41, 3, 9, 10]]
+    want = [list(base.generate(p, GREEDY).token_ids) for p in prompts]
+    seqs = [engine.add_request(p, GREEDY) for p in prompts]  # two interleaved requests
+    steps, versions = 0, set()
+    while not all(s.finished for s in seqs):
+        engine.step()
+        steps += 1
+        if steps % 2 == 0 and heads:
+            assert pub.offer(str(heads.pop(0))) is not None  # applied before the next step
+        for s in seqs:
+            versions |= s.stats.draft_versions
+    assert [list(s.output) for s in seqs] == want
+    assert len(versions) >= 4 and pub.swaps == 5
+
+
+def test_corrupt_checkpoint_is_refused_and_serving_keeps_its_version(tmp_path, caplog):
+    model, _ = tiny_target("llama", seed=4)
+    drafter = Eagle3Drafter(head_for(model, std=0.3), model.embed.weight)
+    engine = make_engine(model, drafter)
+    store = CheckpointStore(tmp_path)
+    good = head_for(model, seed=1)
+    good.version = 1
+    pub = Publisher(drafter, engine, model, store)
+    assert pub.offer(str(store.save(good))) is not None
+    bad = head_for(model, seed=2)
+    bad.version = 2
+    path = store.save(bad)
+    raw = (path / "head.safetensors").read_bytes()
+    (path / "head.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated write
+    with caplog.at_level(logging.WARNING):
+        assert pub.offer(str(path)) is None
+    assert "refusing candidate checkpoint" in caplog.text and pub.refused == 1
+    out = engine.generate([3, 4, 5], GREEDY)  # serving goes on with version 1
+    # (version 0 is the engine's empty proposal when the draft limit is 0 at the very end)
+    assert out.stats.draft_versions - {0} == {1} and drafter.head.version == 1
+    # An incompatible head (another target) is refused too.
+    other, _ = tiny_target("llama", seed=0, vocab=80)
+    alien = head_for(other, seed=3, draft_vocab=64)
+    alien.version = 3
+    assert pub.offer(str(store.save(alien))) is None and drafter.head.version == 1
+    # A restart resumes from the newest *valid* checkpoint, logging the refusals.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        head = store.newest_valid(model)
+    assert head is not None and head.version == 1
+    assert "refusing checkpoint" in caplog.text
+
+
+def collect_windows(model, trainer, prompts, head):
+    recs = []
+    engine = make_engine(model, Eagle3Drafter(head, model.embed.weight),
+                         lambda t: recs.append(record_step(t)))
+    for p in prompts:
+        engine.generate(p, SamplingParams(max_tokens=48))
+    trainer.ingest(recs)
+    trainer.flush()
+
+
+def test_gate_refuses_a_worse_candidate():
+    torch.manual_seed(0)
+    model, _ = tiny_target("llama", seed=0)
+    head = head_for(model, std=0.02, draft_vocab=64)
+    cfg = TrainerConfig(batch_tokens=256, window=32, holdout_every=3, gate_min_positions=16,
+                        vocab_min_tokens=32)
+    trainer = Trainer(head, TargetHead(model.lm_head.weight), Embedder(model.embed.weight), cfg)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)] * 4
+    collect_windows(model, trainer, prompts, head)
+    for _ in range(60):
+        trainer.train_step()
+    got = trainer.propose_candidate()  # better than the day-0 head: published
+    assert got is not None and got[0].version == 1 and got[1].candidate > got[1].live
+    trainer.set_live(got[0])
+    worse = head_for(model, std=0.3, seed=9, draft_vocab=64)  # a random head
+    trainer.head = worse
+    assert trainer.propose_candidate() is None
+    assert trainer.stats.last_gate["passed"] is False
+    assert trainer.stats.last_gate["candidate"] < trainer.stats.last_gate["live"]
+    assert trainer.next_version == 2  # refused candidates consume no version
+
+
+class FakeEngine:
+    def __init__(self):
+        self.actions = []
+
+    def call_between_steps(self, fn):
+        self.actions.append(fn)
+
+    def run(self):
+        while self.actions:
+            self.actions.pop(0)()
+
+
+def test_rollback_when_live_acceptance_drops(tmp_path):
+    model, _ = tiny_target("llama", seed=4)
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    engine = FakeEngine()
+    store = CheckpointStore(tmp_path)
+    pub = Publisher(drafter, engine, model, store, min_steps=20, drop=0.25, min_gap=0.1)
+    for _ in range(40):
+        pub.observe(0, 4, 3)  # version 0: 3 of 4 drafts accepted
+    new = head_for(model, seed=1)
+    new.version = 1
+    pub.offer(str(store.save(new)))
+    assert drafter.head.version == 0  # not before the engine's next step
+    engine.run()
+    assert drafter.head.version == 1
+    for _ in range(25):
+        pub.observe(1, 4, 1)  # much worse live
+    engine.run()
+    assert pub.rollbacks == 1 and drafter.head.version == 0 and pub.live_version == 0
+    assert not (tmp_path / "v000001").exists() and (tmp_path / "v000001.bad").exists()
+    assert store.live_version() == 0
+    # A version that holds up is kept.
+    better = head_for(model, seed=2)
+    better.version = 2
+    pub.offer(str(store.save(better)))
+    engine.run()
+    for _ in range(25):
+        pub.observe(2, 4, 3)
+    engine.run()
+    assert pub.rollbacks == 1 and drafter.head.version == 2
