@@ -20,13 +20,13 @@ def _start(d: NgramDrafter, rid: str, prompt: list[int], first: int) -> list[int
 
 
 def test_is_a_drafter():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     assert isinstance(d, Drafter)
     assert d.name == "ngram"
 
 
 def test_prompt_lookup_copies_span():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     prompt = [1, 2, 3, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7, 3, 10]
     tokens = _start(d, "r", prompt, 11)  # ends with "3 10 11", seen before: copy what followed
     prop = d.propose("r", tokens, 4, GREEDY)
@@ -36,7 +36,7 @@ def test_prompt_lookup_copies_span():
 
 
 def test_prompt_lookup_prefers_longest_most_recent_match():
-    d = NgramDrafter(min_n=1, max_n=3)
+    d = NgramDrafter(min_n=1, max_n=3, size_by_acceptance=False)
     # "5 6" is followed by 7 at one place, and "4 5 6" by 8 at another: the 3-gram wins.
     tokens = [4, 5, 6, 8, 9, 0, 5, 6, 7, 1, 4, 5, 6]
     assert d.propose("r", tokens, 2, GREEDY).tokens == (8, 9)
@@ -46,7 +46,7 @@ def test_prompt_lookup_prefers_longest_most_recent_match():
 
 
 def test_local_copy_runs_past_the_end_with_overlap():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     tokens = [9, 1, 2, 1, 2, 1, 2]  # period 2: the draft keeps the period
     assert d.propose("r", tokens, 5, GREEDY).tokens == (1, 2, 1, 2, 1)
 
@@ -54,7 +54,7 @@ def test_local_copy_runs_past_the_end_with_overlap():
 def test_incremental_index_matches_fresh_index():
     rng = random.Random(0)
     seq = [rng.randrange(20) for _ in range(400)]
-    inc, fresh = NgramDrafter(max_entries=0), NgramDrafter(max_entries=0)
+    inc, fresh = NgramDrafter(max_entries=0, size_by_acceptance=False), NgramDrafter(max_entries=0, size_by_acceptance=False)
     inc.start("r", seq[:50], seq[50], EMPTY_HIDDEN)
     for end in range(51, 400, 3):
         a = inc.propose("r", seq[:end], 6, GREEDY)
@@ -63,7 +63,7 @@ def test_incremental_index_matches_fresh_index():
 
 
 def test_cross_request_memory():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     seen = [100, 101, 102, 103, 104, 105, 106, 107]
     tokens = _start(d, "a", [7, 8], 100)
     d.propose("a", tokens, 4, GREEDY)
@@ -78,7 +78,7 @@ def test_cross_request_memory():
 
 
 def test_global_memory_prefers_most_frequent_continuation():
-    d = NgramDrafter(min_n=2, max_n=2)
+    d = NgramDrafter(min_n=2, max_n=2, size_by_acceptance=False)
     for i, seq in enumerate([[1, 2, 3], [1, 2, 4], [1, 2, 4]]):
         d.finish(f"r{i}", seq)
     assert d.propose("new", [9, 1, 2], 1, GREEDY).tokens == (4,)
@@ -96,7 +96,7 @@ def test_bump_keeps_sorted_and_bounded():
 
 
 def test_k_bounds():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     tokens = list(range(10)) * 20
     for k in (1, 2, 3, 7, 16, 50):
         assert len(d.propose("r", tokens, k, GREEDY)) == k
@@ -105,7 +105,7 @@ def test_k_bounds():
 
 
 def test_k_zero_is_empty_and_indexes_nothing():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     tokens = list(range(10)) * 20
     prop = d.propose("r", tokens, 0, GREEDY)
     assert prop == Proposal()
@@ -113,14 +113,14 @@ def test_k_zero_is_empty_and_indexes_nothing():
 
 
 def test_stop_token_truncates_draft():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     tokens = [1, 2, 3, 4, 5, 6, 1, 2]
     params = SamplingParams(stop_token_ids=(4,))
     assert d.propose("r", tokens, 5, params).tokens == (3, 4)
 
 
 def test_memory_bound_and_evictions():
-    d = NgramDrafter(max_entries=50)
+    d = NgramDrafter(max_entries=50, size_by_acceptance=False)
     rng = random.Random(1)
     for i in range(20):
         seq = [rng.randrange(1000) for _ in range(40)]
@@ -136,7 +136,7 @@ def test_memory_bound_and_evictions():
 
 
 def test_lru_keeps_recently_used_ngrams():
-    d = NgramDrafter(min_n=2, max_n=2, max_entries=3)
+    d = NgramDrafter(min_n=2, max_n=2, max_entries=3, size_by_acceptance=False)
     d.finish("a", [1, 2, 3])  # key (1,2)
     d.finish("b", [4, 5, 6])  # key (4,5)
     # propose indexes the request's own n-grams too ((9,1) -> 2), then touches (1,2) on the hit.
@@ -157,7 +157,7 @@ def _check_tree(prop: Proposal) -> None:
 
 
 def test_tree_mode_returns_valid_tree_with_distinct_siblings():
-    d = NgramDrafter(min_n=1, max_n=3, tree_width=3)
+    d = NgramDrafter(min_n=1, max_n=3, tree_width=3, size_by_acceptance=False)
     # Global memory: after "1 2", 3 then 4 were seen; locally (and globally) "2" is followed by 5.
     d.finish("a", [1, 2, 3, 30, 31])
     d.finish("b", [1, 2, 4, 40, 41])
@@ -174,19 +174,19 @@ def test_tree_mode_returns_valid_tree_with_distinct_siblings():
 
 
 def test_tree_mode_k_bound_and_fallback_to_chain():
-    d = NgramDrafter(tree_width=4)
+    d = NgramDrafter(tree_width=4, size_by_acceptance=False)
     tokens = list(range(10)) * 5
     for k in (1, 2, 3, 5, 8, 13):
         prop = d.propose("r", tokens, k, GREEDY)
         _check_tree(prop)
         assert 1 <= len(prop) <= k
     # A single candidate gives a plain chain.
-    d2 = NgramDrafter(tree_width=4, max_entries=0)
+    d2 = NgramDrafter(tree_width=4, max_entries=0, size_by_acceptance=False)
     assert d2.propose("r", [1, 2, 3, 4, 1, 2], 3, GREEDY).is_chain
 
 
 def test_finish_frees_state_and_observe_counts_acceptance():
-    d = NgramDrafter()
+    d = NgramDrafter(size_by_acceptance=False)
     tokens = _start(d, "r", [1, 2, 3, 4, 1, 2], 3)
     assert "r" in d._requests
     prop = d.propose("r", tokens, 3, GREEDY)
@@ -205,7 +205,33 @@ def test_finish_frees_state_and_observe_counts_acceptance():
 
 
 def test_rewritten_sequence_rebuilds_local_index():
-    d = NgramDrafter(max_entries=0)
+    d = NgramDrafter(max_entries=0, size_by_acceptance=False)
     d.propose("r", [1, 2, 3, 1, 2], 1, GREEDY)
     # Same id, different history (the engine never does this, but stay correct if a caller does).
     assert d.propose("r", [7, 8, 5, 7, 8], 1, GREEDY).tokens == (5,)
+
+
+def test_drafts_are_sized_by_measured_acceptance() -> None:
+    """A match kind that is never accepted stops being drafted (bar rare exploration); one that
+    is always accepted gets long drafts."""
+    d = NgramDrafter(max_entries=0)
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
+    d.start("r", seq[:-1], seq[-1], None)
+    first = d.propose("r", seq, 8, SamplingParams())
+    assert 1 <= len(first) <= 8
+
+    def feed(accepted: int, n: int = 40) -> None:
+        for _ in range(n):
+            prop = d.propose("r", seq, 8, SamplingParams())
+            if len(prop):
+                res = VerifyResult(tuple(range(accepted)), prop.tokens[:accepted], 0, False, len(prop))
+                d.observe(StepTrace("r", len(seq) - 1, seq[-1], prop, res, None, None))  # type: ignore[arg-type]
+
+    feed(accepted=0)
+    lengths = [len(d.propose("r", seq, 8, SamplingParams())) for _ in range(20)]
+    assert lengths.count(0) >= 17  # nearly always skipped now
+    d2 = NgramDrafter(max_entries=0)
+    d2.start("r", seq[:-1], seq[-1], None)
+    d = d2
+    feed(accepted=5)
+    assert len(d.propose("r", seq, 8, SamplingParams())) == 8
