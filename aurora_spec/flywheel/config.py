@@ -41,7 +41,8 @@ class TrainerConfig:
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
     reuse: float = 8.0  # train on at most reuse x (positions ingested); then wait for traffic
     publish_every: int = 25  # optimizer steps between candidate evaluations
-    gate_depth: int = 6  # draft length of the offline acceptance measure
+    gate_depth: int = 4  # draft length of the offline acceptance measure
+    gate_positions: int = 512  # the newest held-out positions the gate judges on
     gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage

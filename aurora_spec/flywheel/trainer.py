@@ -179,8 +179,18 @@ class Trainer:
         head.train(was_training)
         return (total / n if n else 0.0), n
 
+    def gate_windows(self) -> list[Window]:
+        """The newest held-out windows, about ``gate_positions`` pairs in all."""
+        out, n = [], 0
+        for w in reversed(self.store.holdout_slice()):
+            if n >= self.cfg.gate_positions:
+                break
+            out.append(w)
+            n += w.pairs
+        return out
+
     def gate(self, candidate: Eagle3Head) -> GateResult:
-        windows = self.store.holdout_slice()
+        windows = self.gate_windows()
         key = (self.live.version, id(self.live), self.store.holdout_added, len(windows))
         if self._live_score is not None and self._live_score[0] == key:
             live = self._live_score[1]

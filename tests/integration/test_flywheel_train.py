@@ -1,0 +1,47 @@
+"""`aurora train` and `aurora export` on the bundled model: a head fitted from a tiny traffic file
+loads with --draft-weights and decodes losslessly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli import aurora
+
+pytestmark = pytest.mark.integration
+
+
+def test_train_then_generate_and_export(smollm2_dir: Path, tmp_path: Path) -> None:
+    traffic = tmp_path / "traffic"
+    traffic.mkdir()
+    rows = [{"id": "a", "domain": "chat", "source": "t", "prompt": "Name three colors."},
+            {"id": "b", "domain": "chat", "source": "t", "prompt": "Count from one to five."}]
+    (traffic / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "head"
+    r = aurora("train", "--model", str(smollm2_dir), "--traffic", str(traffic), "--out", str(out),
+               "--requests", "2", "--max-tokens", "12", "--epochs", "1", "--threads", "1",
+               "--draft-vocab", "1024", "--batch-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert (out / "head.safetensors").is_file() and (out / "head.json").is_file()
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["requests"] == 2 and summary["generated_tokens"] > 0
+    outs = {}
+    for drafter, extra in (("none", []), ("eagle3", ["--draft-weights", str(out)])):
+        g = aurora("generate", "--model", str(smollm2_dir), "--drafter", drafter, *extra,
+                   "--json", "--chat", "--max-tokens", "12", "--threads", "1",
+                   "Name three colors.")
+        assert g.returncode == 0, g.stderr
+        outs[drafter] = json.loads(g.stdout)["token_ids"]
+    assert outs["none"] == outs["eagle3"]
+    e = aurora("export", str(out), "--out", str(tmp_path / "eagle3"))
+    assert e.returncode == 0, e.stderr
+    cfg = json.loads((tmp_path / "eagle3" / "config.json").read_text())
+    assert cfg["draft_vocab_size"] == 1024 and cfg["vocab_size"] == 49152
+
+
+def test_train_bad_traffic_path_is_one_clear_line(tmp_path: Path) -> None:
+    r = aurora("train", "--traffic", str(tmp_path / "nope"), "--out", str(tmp_path / "h"))
+    assert r.returncode == 2 and "traffic path not found" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "h").exists()
