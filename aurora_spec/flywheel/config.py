@@ -37,6 +37,7 @@ class TrainerConfig:
     recent_ratio: float = 0.5  # share of a batch drawn from the newest windows, rest from replay
     recent_windows: int = 64  # "newest": the last N windows
     reservoir_windows: int = 2048  # replay reservoir over all traffic (reservoir sampling)
+    reservoir_bytes: int | None = 512 << 20  # ... and at most about this many bytes of windows
     holdout_every: int = 8  # every Nth window is held out for the gate (never trained on)
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
     reuse: float = 8.0  # train on at most reuse x (positions ingested); then wait for traffic
@@ -48,6 +49,7 @@ class TrainerConfig:
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
     vocab_min_tokens: int = 256  # emitted tokens seen before the first (and each) rebuild
     vocab_coverage_window: int = 4096  # recent emitted tokens the coverage is measured on
+    init_from_target: bool = True  # day-0 lm_head rows (+ norm gain) copied from the target's
     seed: int = 0
 
 

@@ -140,15 +140,13 @@ class OnlineLearner:
         self.store = CheckpointStore(root, c.keep_checkpoints)
         self.publisher.store = self.store
         if c.checkpoint_dir and c.resume:
-            w = self.drafter.head.fc.weight
-            head = self.store.newest_valid(self.model, w.device, w.dtype)
-            if head is not None and head.version != self.drafter.head.version:
-                log.info("resuming from checkpoint version %d", head.version)
-                self.publisher.swap(head.eval(), watch=False, reason="resume")
+            self.resume_from_checkpoints()
         lm = self.model.lm_head.weight.detach()
         emb = self.model.embed.weight.detach()
         lm_shared = lm.to("cpu", torch.float32).clone()
+        norm = self.model.norm
         self._shared = {"lm_weight": lm_shared,
+                        "norm_scale": (norm.weight.detach().float() + norm.offset).cpu().clone(),
                         "embed_weight": lm_shared if emb is lm else
                         emb.to("cpu", torch.float32).clone()}
         self._stopping.clear()
@@ -213,6 +211,23 @@ class OnlineLearner:
         self.buffer.clear()
 
     # ---- extras -------------------------------------------------------------------------------
+    def resume_from_checkpoints(self) -> int | None:
+        """Serve the newest valid checkpoint of ``checkpoint_dir`` (corrupt or incompatible ones
+        are refused with a log line); returns its version, None when there is none."""
+        if self.publisher is None or not self.cfg.checkpoint_dir:
+            return None
+        if self.store is None:
+            self.store = CheckpointStore(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
+            self.publisher.store = self.store
+        w = self.drafter.head.fc.weight
+        head = self.store.newest_valid(self.model, w.device, w.dtype)
+        if head is None:
+            return None
+        if head.version != self.drafter.head.version:
+            log.info("resuming from checkpoint version %d", head.version)
+            self.publisher.swap(head.eval(), watch=False, reason="resume")
+        return head.version
+
     @property
     def trainer_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None

@@ -34,11 +34,21 @@ from aurora_spec.flywheel.batch import Batch
 class TargetHead:
     """The target's frozen lm_head (+ Gemma's final soft-cap), evaluated on draft-vocab rows."""
 
-    def __init__(self, weight: torch.Tensor, softcap: float | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None,
+                 norm_scale: torch.Tensor | None = None) -> None:
         self.weight = weight.detach()
         self.softcap = softcap
+        self.norm_scale = None if norm_scale is None else norm_scale.detach()  # final norm gain
         self._d2t: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
+
+    @staticmethod
+    def from_model(model, device: torch.device | str = "cpu") -> TargetHead:
+        """Frozen float32 copies of the target's lm_head, soft-cap and final norm gain."""
+        norm = model.norm
+        scale = (norm.weight.detach().float() + norm.offset).to(device)
+        return TargetHead(model.lm_head.weight.detach().to(device, torch.float32),
+                          model.spec.final_logit_softcap, scale)
 
     def logits(self, final: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
         if self._d2t is None or self._d2t is not d2t:
@@ -54,6 +64,11 @@ class Embedder:
 
     def __init__(self, weight: torch.Tensor, scale: float = 1.0) -> None:
         self.weight, self.scale = weight.detach(), float(scale)
+
+    @staticmethod
+    def from_model(model, device: torch.device | str = "cpu") -> Embedder:
+        return Embedder(model.embed.weight.detach().to(device, torch.float32),
+                        model.spec.embed_scale)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         e = self.weight[ids.to(self.weight.device)].float()

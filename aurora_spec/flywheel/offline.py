@@ -122,12 +122,11 @@ def fit(model: Any, records: list[TraceRecord], prompt_tokens: list[int],
         windows += asm.add(r)
     windows += asm.flush()
     cfg = replace(cfg, recent_ratio=0.0, reservoir_windows=max(len(windows), 1),
+                  reservoir_bytes=None,
                   holdout_windows=max(len(windows), 1), reuse=float("inf"),
                   vocab_rebuild_coverage=0.0)
-    target = TargetHead(model.lm_head.weight.detach().to(device, torch.float32),
-                        model.spec.final_logit_softcap)
-    embed = Embedder(model.embed.weight.detach().to(device, torch.float32),
-                     model.spec.embed_scale)
+    target = TargetHead.from_model(model, device)
+    embed = Embedder.from_model(model, device)
     trainer = Trainer(head, target, embed, cfg, device)
     trainer.vocab = vocab
     trainer.add_windows(windows)

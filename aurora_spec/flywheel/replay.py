@@ -19,10 +19,13 @@ from aurora_spec.flywheel.batch import Window
 
 class WindowStore:
     def __init__(self, recent_windows: int = 64, reservoir_windows: int = 2048,
-                 holdout_every: int = 8, holdout_windows: int = 32, seed: int = 0) -> None:
+                 holdout_every: int = 8, holdout_windows: int = 32, seed: int = 0,
+                 reservoir_bytes: int | None = None) -> None:
         self.recent: deque[Window] = deque(maxlen=recent_windows)
         self.reservoir: list[Window] = []
-        self.reservoir_cap = reservoir_windows
+        self.max_windows = reservoir_windows
+        self.reservoir_bytes = reservoir_bytes
+        self._bytes_seen = 0
         self.holdout: deque[Window] = deque(maxlen=holdout_windows)
         self.holdout_every = holdout_every
         self.rng = random.Random(seed)
@@ -41,12 +44,24 @@ class WindowStore:
         self.recent.append(win)
         self.positions += win.pairs
         self.windows_seen += 1
+        self._bytes_seen += win.nbytes
+        if len(self.reservoir) > self.reservoir_cap:  # windows grew: shrink uniformly
+            del self.reservoir[self.rng.randrange(len(self.reservoir))]
         if len(self.reservoir) < self.reservoir_cap:
             self.reservoir.append(win)
         else:
             j = self.rng.randrange(self.windows_seen)
             if j < self.reservoir_cap:
                 self.reservoir[j] = win
+
+    @property
+    def reservoir_cap(self) -> int:
+        """Windows the reservoir holds: ``reservoir_windows``, or fewer so that windows of the
+        mean size seen so far fit in ``reservoir_bytes``."""
+        if not self.reservoir_bytes or not self.windows_seen:
+            return self.max_windows
+        mean = self._bytes_seen / self.windows_seen
+        return max(16, min(self.max_windows, int(self.reservoir_bytes / mean)))
 
     @property
     def empty(self) -> bool:
@@ -79,6 +94,7 @@ class WindowStore:
         self.reservoir.clear()
         self.holdout.clear()
         self.windows_seen = self.count = self.positions = self.holdout_added = 0
+        self._bytes_seen = 0
 
     @property
     def nbytes(self) -> int:

@@ -63,7 +63,7 @@ class Trainer:
         self.next_version = head.version + 1
         self.assembler = WindowAssembler(cfg.window)
         self.store = WindowStore(cfg.recent_windows, cfg.reservoir_windows, cfg.holdout_every,
-                                 cfg.holdout_windows, cfg.seed)
+                                 cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes)
         c = self.head.config
         self.vocab = VocabBuilder(c.target_vocab_size, c.draft_vocab_size,
                                   cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
@@ -72,7 +72,20 @@ class Trainer:
         self.records = 0
         self._live_score: tuple[tuple, float] | None = None
         torch.manual_seed(cfg.seed)
+        if cfg.init_from_target and head.version == 0:
+            self._init_from_target(torch.ones(c.draft_vocab_size, dtype=torch.bool), norm=True)
         self._make_optimizer()
+
+    @torch.no_grad()
+    def _init_from_target(self, rows: torch.Tensor, norm: bool = False) -> None:
+        """Start lm_head rows (those in ``rows``) from the target's lm_head rows of the same
+        tokens, and -- for a day-0 head -- the final norm gain from the target's: the head's
+        output space starts aligned with the target's instead of random. No training data used."""
+        w = self.head.lm_head.weight
+        idx = self.head.d2t[rows.to(self.head.d2t.device)]
+        w[rows.to(w.device)] = self.target.weight[idx.to(self.target.weight.device)].to(w)
+        if norm and self.target.norm_scale is not None:
+            self.head.norm.weight.copy_(self.target.norm_scale.to(self.head.norm.weight))
 
     # ---- data ------------------------------------------------------------------------------
     def ingest(self, records: list[TraceRecord]) -> None:
@@ -114,7 +127,10 @@ class Trainer:
             return False
         before = self.coverage
         old_state = {p: s for p, s in self.opt.state.items() if p is not self.head.lm_head.weight}
+        was_new = self.head.t2d[d2t.to(self.head.t2d.device)] < 0
         self.head.set_vocab(d2t.to(self.device))
+        if self.cfg.init_from_target and bool(was_new.any()):
+            self._init_from_target(was_new)
         self._make_optimizer(old_state)
         log.info("draft vocabulary rebuilt (%d tokens): coverage %.3f -> %.3f",
                  len(d2t), before, self.coverage)

@@ -44,7 +44,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     log = logging.getLogger("aurora_spec.flywheel.worker")
     device = torch.device(spec["device"])
     init = head_from_payload(spec["head"])
-    target = TargetHead(spec["lm_weight"].to(device), spec["softcap"])
+    target = TargetHead(spec["lm_weight"].to(device), spec["softcap"],
+                        spec["norm_scale"].to(device))
     embed = Embedder(spec["embed_weight"].to(device), spec["embed_scale"])
     trainer = Trainer(init, target, embed, spec["trainer_cfg"], device)
     trainer.next_version = max(trainer.next_version, spec["next_version"])

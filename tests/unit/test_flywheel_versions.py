@@ -165,3 +165,44 @@ def test_rollback_when_live_acceptance_drops(tmp_path):
         pub.observe(2, 4, 3)
     engine.run()
     assert pub.rollbacks == 1 and drafter.head.version == 2
+
+
+def test_learner_resumes_from_newest_valid_checkpoint(tmp_path, caplog):
+    from aurora_spec.flywheel.config import LearnerConfig
+    from aurora_spec.flywheel.learner import OnlineLearner
+
+    model, _ = tiny_target("llama", seed=4)
+    store = CheckpointStore(tmp_path)
+    for v in (1, 2, 3):
+        h = head_for(model, seed=v)
+        h.version = v
+        store.save(h)
+    (tmp_path / "v000003" / "head.json").write_text("{truncated")
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    engine = make_engine(model, drafter)
+    learner = OnlineLearner(model, engine, LearnerConfig(checkpoint_dir=str(tmp_path)))
+    with caplog.at_level(logging.WARNING):
+        assert learner.resume_from_checkpoints() == 2
+    assert "refusing checkpoint" in caplog.text and "v000003" in caplog.text
+    engine.generate([3, 4], SamplingParams(max_tokens=4))  # the swap happens between steps
+    assert drafter.head.version == 2 and learner.status()["live_version"] == 2
+
+
+def test_replay_reservoir_keeps_old_domains():
+    from aurora_spec.flywheel.batch import Window
+    from aurora_spec.flywheel.replay import WindowStore
+
+    store = WindowStore(recent_windows=8, reservoir_windows=100, holdout_every=0, seed=1)
+    rows = torch.zeros(5, 8)
+    for dom, n in (("a", 300), ("b", 300)):  # a burst of b after a
+        for _ in range(n):
+            store.add(Window("r", dom, 0, [1] * 6, rows))
+    share_a = sum(w.domain == "a" for w in store.reservoir) / len(store.reservoir)
+    assert 0.3 < share_a < 0.7  # uniform over all traffic, not just the burst
+    assert all(w.domain == "b" for w in store.recent)
+    batch = store.sample(pairs=4 * 40, recent_ratio=0.5)
+    assert any(w.domain == "a" for w in batch)
+    small = WindowStore(reservoir_windows=1000, holdout_every=0, reservoir_bytes=50 * 400)
+    for _ in range(200):
+        small.add(Window("r", "a", 0, [1] * 6, rows))
+    assert len(small.reservoir) <= max(16, small.reservoir_cap) < 200
