@@ -146,7 +146,7 @@ def evaluate_checks(arms: dict[str, dict[str, Any]], dtype: str) -> list[dict[st
                              "target-only engine vs transformers generate(): needs arms none,hf"))
 
     # 2. ngram on summarization vs target-only.
-    ngrams = [n for n, a in arms.items() if a["kind"] == "ngram"]
+    ngrams: list[str | None] = [n for n, a in arms.items() if a["kind"] == "ngram"]
     for n in ngrams or [None]:
         pd = arms[n]["per_domain"].get("summarization") if n and none else None
         if pd is None:

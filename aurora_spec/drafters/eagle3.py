@@ -164,6 +164,7 @@ class Eagle3Drafter:
             hidden = head.fuse(req.hid[s:e].to(dtype))[None]
             g, logits = head(hidden, self._embed(req.toks[s:e])[None], self._pos(s, e),
                              req.cache, last_only=True)
+        assert g is not None and logits is not None  # cache.length < req.n: the loop ran
         return g[:, -1:], logits[:, -1]
 
     def _chain(self, req: _Request, g: torch.Tensor, logits: torch.Tensor, k: int,

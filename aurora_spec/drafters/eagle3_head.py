@@ -148,6 +148,9 @@ def causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
 
 
 class Eagle3Head(nn.Module):
+    d2t: torch.Tensor  # buffers, registered in __init__
+    t2d: torch.Tensor
+
     def __init__(self, config: Eagle3Config) -> None:
         super().__init__()
         c = config

@@ -210,10 +210,10 @@ class NgramDrafter:
                     break
             if not draft:
                 st.last_source, st.last_n = source, n
-            if source == _LOCAL:
+            if isinstance(val, int):  # local: a position in ``tokens``
                 _copy_from(tokens, draft, val, k)  # a local copy fills the rest in one go
                 break
-            draft.append(val[0])
+            draft.append(val[0])  # global: a (token, count, ...) record
         return draft
 
     # ---- how much a match is worth ------------------------------------------------------------
@@ -251,7 +251,7 @@ class NgramDrafter:
         firsts: list[tuple[str, int, int | tuple[int, ...]]] = []  # (source, first token, payload)
         seen: set[int] = set()
         for source, _, val in self._matches(st, tokens[-self.max_n:]):
-            cands = [tokens[val]] if source == _LOCAL else val[0::2]
+            cands = [tokens[val]] if isinstance(val, int) else list(val[0::2])
             for tok in cands:
                 if tok not in seen and len(firsts) < self.tree_width:
                     seen.add(tok)
@@ -266,7 +266,7 @@ class NgramDrafter:
             limit = k - n_alt * alt_len if i == 0 else alt_len
             if i == 0:
                 st.last_source = source
-            if source == _LOCAL:
+            if isinstance(val, int):  # local: a position in ``tokens``
                 branch: list[int] = []
                 _copy_from(tokens, branch, val, limit)
             else:

@@ -35,9 +35,13 @@ class CostModel:
     draft_token_s: float = 0.0
 
     def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
-        table, key = (self.times, tokens) if batch == 1 else (self.batch_times, (batch, tokens))
-        old = table.get(key)  # type: ignore[call-overload]
-        table[key] = seconds if old is None else old + self.ema * (seconds - old)  # type: ignore[index]
+        if batch == 1:
+            old = self.times.get(tokens)
+            self.times[tokens] = seconds if old is None else old + self.ema * (seconds - old)
+        else:
+            key = (batch, tokens)
+            old = self.batch_times.get(key)
+            self.batch_times[key] = seconds if old is None else old + self.ema * (seconds - old)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:

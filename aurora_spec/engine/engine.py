@@ -75,6 +75,12 @@ class Sequence:
                                 len(self.prompt_ids))
 
 
+def _policy(seq: Sequence) -> DraftLengthPolicy:
+    """The request's draft-length policy, made at prefill (so set for every running sequence)."""
+    assert seq.policy is not None
+    return seq.policy
+
+
 class Engine:
     def __init__(self, runner: TargetRunner, drafter: Drafter | None,
                  cfg: EngineConfig = EngineConfig(), trace_sink: TraceSink | None = None) -> None:
@@ -217,6 +223,7 @@ class Engine:
     def _pick(self, logits: torch.Tensor, seq: Sequence) -> int:
         if seq.params.greedy:
             return int(logits.argmax())
+        assert seq.generator is not None  # made at prefill whenever sampling is not greedy
         return int(sample(processed_probs(logits, seq.params), seq.generator))
 
     def _draft_limit(self, seq: Sequence) -> int:
@@ -230,14 +237,14 @@ class Engine:
         being nearly free once the batch is large (measured by the cost model)."""
         if self.drafter is None:
             return [0] * len(seqs)
-        wants = [seq.policy.choose(self._draft_limit(seq)) for seq in seqs]  # type: ignore[union-attr]
+        wants = [_policy(seq).choose(self._draft_limit(seq)) for seq in seqs]
         if len(seqs) == 1 or self.cfg.policy.fixed_draft is not None or not any(wants):
             return wants
         c, batch = self.costs.draft_token_s, len(seqs)
         best_cap, best_rate = 0, 0.0
         for cap in range(max(wants) + 1):
             ks = [min(w, cap) for w in wants]
-            tokens = sum(seq.policy.expected_tokens(k)  # type: ignore[union-attr]
+            tokens = sum(_policy(seq).expected_tokens(k)
                          for seq, k in zip(seqs, ks, strict=True))
             rate = tokens / (self.costs.verify_time(max(ks) + 1, batch) + c * sum(ks))
             if rate > best_rate:
@@ -261,6 +268,7 @@ class Engine:
         if seq.params.greedy:
             result = verify_greedy(proposal, logits)
         else:
+            assert seq.generator is not None  # made at prefill whenever sampling is not greedy
             result = verify_sampling(proposal, processed_probs(logits, seq.params), seq.generator)
         self.runner.commit(seq.slot, result.accepted_nodes)
         return result
@@ -269,7 +277,7 @@ class Engine:
                       result: VerifyResult) -> None:
         if len(proposal):
             depth = max(proposal.depths())
-            seq.policy.observe(depth, result.num_accepted)  # type: ignore[union-attr]
+            _policy(seq).observe(depth, result.num_accepted)
             self.policy.observe(depth, result.num_accepted)
         trace = StepTrace(seq.request_id, self.runner.length(seq.slot) - 1 - result.num_accepted,
                           seq.output[-1], proposal, result, out.fused_hidden[0],

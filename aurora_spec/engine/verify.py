@@ -65,8 +65,8 @@ def verify_sampling(proposal: Proposal, probs: torch.Tensor,
     if q_all is not None:
         q_idx = torch.tensor([i * vocab + t for i, t in enumerate(tokens)], device=q_all.device)
         gathered = torch.cat((gathered, torch.take(q_all, q_idx).to(gathered)))
-    gathered = gathered.tolist()
-    p_tok, q_tok = gathered[:n], (gathered[n:] if q_all is not None else [1.0] * n)
+    vals: list[float] = gathered.tolist()
+    p_tok, q_tok = vals[:n], (vals[n:] if q_all is not None else [1.0] * n)
     u = torch.rand(n, generator=generator, device=generator.device).tolist()
     kids = _children(parents)
     accepted: list[int] = []
@@ -107,7 +107,9 @@ def _residual(p: torch.Tensor, token: int, q: torch.Tensor | None) -> torch.Tens
     return r / total
 
 
-def _result(proposal: Proposal, accepted: list[int], next_token: int, bonus: bool) -> VerifyResult:
+def _result(proposal: Proposal, accepted: list[int], next_token: int | torch.Tensor,
+            bonus: bool) -> VerifyResult:
+    """``next_token``: an int, or a one-element tensor (``sample`` of a (V,) row gives an int)."""
     return VerifyResult(
         accepted_nodes=tuple(accepted),
         accepted_tokens=tuple(proposal.tokens[i] for i in accepted),

@@ -60,11 +60,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
-    q: (B, Hq, T, D); k, v: (B, Hkv, S, D); mask: bool (B, 1, T, S), True = may attend.
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D); mask: bool (B, 1, T, S), True = may attend;
+    None = every query sees every key.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])

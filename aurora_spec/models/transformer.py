@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +186,9 @@ class ForwardOutput:
 class DecoderModel(nn.Module):
     """Token ids in, logits + chosen hidden states out, keys/values written into given caches."""
 
+    inv_freq: torch.Tensor  # buffers, registered in __init__
+    local_inv_freq: torch.Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -319,7 +323,7 @@ def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32,
 
 def from_hf_model(hf_model: nn.Module, dtype: torch.dtype = torch.float32) -> DecoderModel:
     """Build a DecoderModel sharing nothing with an in-memory transformers model (tests)."""
-    spec = ModelSpec.from_config(hf_model.config.to_dict())
+    spec = ModelSpec.from_config(cast(Any, hf_model).config.to_dict())
     sd = hf_model.state_dict()
 
     def read(name: str) -> torch.Tensor:
