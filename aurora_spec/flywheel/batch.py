@@ -63,7 +63,7 @@ class WindowAssembler:
     closes when full (the next one starts at its last row, so no pair is lost), when its request
     skips a position (a dropped record), or when the request has been silent for ``idle`` records."""
 
-    def __init__(self, window: int = 128, idle: int = 256, max_open: int = 1024) -> None:
+    def __init__(self, window: int = 128, idle: int = 64, max_open: int = 1024) -> None:
         self.window, self.idle, self.max_open = window, idle, max_open
         self._open: dict[str, _Open] = {}
         self._count = 0
@@ -90,7 +90,7 @@ class WindowAssembler:
         o.versions.add(rec.version)
         if o.n > self.window:
             out += self._close(o, carry=True)
-        if self._count % 64 == 0 or len(self._open) > self.max_open:
+        if self._count % 16 == 0 or len(self._open) > self.max_open:
             for stale in [x for x in self._open.values()
                           if self._count - x.last_seen > self.idle or len(self._open) > self.max_open]:
                 out += self._close(stale)

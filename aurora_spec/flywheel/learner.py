@@ -302,7 +302,7 @@ class OnlineLearner:
     def _on_change(self, reason: str, head: Any) -> None:
         """The publisher changed the live head: tell the trainer (its gate baseline)."""
         if reason.startswith("rollback"):
-            self._send(("rollback", head.version))
+            self._send(("rollback", head.version, head_to_payload(head)))
         elif reason == "reset":
             self._send(("reset", head_to_payload(head)))
 

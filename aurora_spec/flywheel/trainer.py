@@ -255,6 +255,9 @@ class Trainer:
         self.head = copy.deepcopy(head).to(self.device, torch.float32).train()
         for p in self.head.parameters():
             p.requires_grad_(True)
+        if self.cfg.init_from_target and head.version == 0:
+            self._init_from_target(torch.ones(self.head.config.draft_vocab_size,
+                                              dtype=torch.bool), norm=True)
         self._make_optimizer()
         self.set_live(head)
 

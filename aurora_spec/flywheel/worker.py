@@ -6,7 +6,7 @@ imported here (two torch processes with spinning OpenMP threads slow each other 
 2-core machine, DESIGN.md section 4).
 
 Parent -> trainer (``inbox``): ("traces", payload) | ("live", version) | ("refused", version) |
-("rollback", version) | ("pause",) | ("resume",) | ("publish_now",) | ("reset", head_payload) |
+("rollback", version, head_payload) | ("pause",) | ("resume",) | ("publish_now",) | ("reset", head_payload) |
 ("stop",).
 Trainer -> parent (``outbox``): ("want", max_bytes) | ("candidate", version, path, gate) |
 ("status", dict) | ("log", level, text).
@@ -34,6 +34,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    from aurora_spec.flywheel.batch import WindowAssembler
     from aurora_spec.flywheel.checkpoints import CheckpointStore, head_from_payload
     from aurora_spec.flywheel.losses import Embedder, TargetHead
     from aurora_spec.flywheel.traces import unpack
@@ -94,10 +95,9 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 pending = None
             elif kind == "refused":
                 pending = None
-            elif kind == "rollback":
-                head = published.get(msg[1])
-                if head is not None:
-                    trainer.restart_from(head)
+            elif kind == "rollback":  # ("rollback", version, head_payload)
+                head = published.get(msg[1]) or head_from_payload(msg[2], device)
+                trainer.restart_from(head)
                 pending = None
             elif kind == "pause":
                 paused = True
@@ -106,8 +106,9 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
             elif kind == "publish_now":
                 force_publish = True
             elif kind == "reset":
-                head = head_from_payload(msg[1])
+                head = head_from_payload(msg[1], device)
                 trainer.store.clear()
+                trainer.assembler = WindowAssembler(trainer.cfg.window)
                 trainer.restart_from(head)
                 published = {head.version: trainer.live}
                 pending = None
