@@ -21,7 +21,8 @@ class PolicyConfig:
     fixed_draft: int | None = None  # set to disable adaptation (benchmarks, tests)
     prior_alpha: float = 0.5
     ema: float = 0.1  # weight of a new observation
-    probe_every: int = 16
+    probe_every: int = 16  # first probe interval (steps) once drafting stopped paying
+    probe_max_every: int = 256  # failed probes double the interval up to this
     probe_length: int = 1
 
 
@@ -73,14 +74,30 @@ class CostModel:
         return self.times[lo] * (1 - w) + self.times[hi] * w
 
 
-class DraftLengthPolicy:
-    """Per-drafter acceptance statistics + a shared cost model -> draft length for the next step."""
+@dataclass
+class ProbeState:
+    """Shared by a drafter's global policy and its per-request children: a failed probe makes
+    the next one wait twice as long, for every request (a useless drafter then costs ~nothing),
+    an accepted probe brings the interval back to its start."""
 
-    def __init__(self, cfg: PolicyConfig, costs: CostModel | None = None) -> None:
+    interval: int
+    steps_since: int = 0
+
+
+class DraftLengthPolicy:
+    """Acceptance statistics + a shared cost model -> draft length for the next step.
+
+    The engine keeps one global policy and gives each request a child (``parent=``): the child
+    starts from the global acceptance estimates, and its observations update both."""
+
+    def __init__(self, cfg: PolicyConfig, costs: CostModel | None = None,
+                 parent: DraftLengthPolicy | None = None) -> None:
         self.cfg = cfg
-        self.costs = costs or CostModel()
-        self.alpha = [cfg.prior_alpha] * cfg.max_draft
-        self._steps_since_probe = 0
+        self.costs = costs or (parent.costs if parent else CostModel())
+        self.parent = parent
+        self.alpha = list(parent.alpha) if parent else [cfg.prior_alpha] * cfg.max_draft
+        self.probe = parent.probe if parent else ProbeState(cfg.probe_every)
+        self._probing = False  # the last choice was a probe (per request: batches interleave)
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0
@@ -106,21 +123,29 @@ class DraftLengthPolicy:
         if self.cfg.fixed_draft is not None:
             return min(self.cfg.fixed_draft, limit)
         k = self.best_length(limit)
+        probe = self.probe
+        self._probing = False
         if k > 0:
-            self._steps_since_probe = 0
+            probe.steps_since = 0
             return k
-        self._steps_since_probe += 1
-        if self._steps_since_probe >= self.cfg.probe_every:
-            self._steps_since_probe = 0
+        probe.steps_since += 1
+        if probe.steps_since >= probe.interval:
+            probe.steps_since = 0
+            self._probing = True
             return min(self.cfg.probe_length, limit)
         return 0
 
     def observe(self, max_depth: int, accepted: int) -> None:
         """Update alpha_i for the depths that were drafted: depth i (1-based) was accepted iff
         i <= accepted; depths below a rejection carry no information about alpha_i."""
+        if self._probing and max_depth:
+            self._probing = False
+            grown = min(2 * self.probe.interval, self.cfg.probe_max_every)
+            self.probe.interval = self.cfg.probe_every if accepted else grown
         e = self.cfg.ema
-        for depth in range(1, min(max_depth, self.cfg.max_draft) + 1):
-            if depth > accepted + 1:
-                break
-            hit = 1.0 if depth <= accepted else 0.0
-            self.alpha[depth - 1] += e * (hit - self.alpha[depth - 1])
+        for policy in (self, self.parent) if self.parent else (self,):
+            for depth in range(1, min(max_depth, self.cfg.max_draft) + 1):
+                if depth > accepted + 1:
+                    break
+                hit = 1.0 if depth <= accepted else 0.0
+                policy.alpha[depth - 1] += e * (hit - policy.alpha[depth - 1])

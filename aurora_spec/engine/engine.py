@@ -210,8 +210,7 @@ class Engine:
         t0 = time.perf_counter()
         seq.generator = None if seq.params.greedy else make_generator(
             seq.params.seed, self.runner.device)
-        seq.policy = DraftLengthPolicy(self.cfg.policy, self.costs)
-        seq.policy.alpha = list(self.policy.alpha)
+        seq.policy = DraftLengthPolicy(self.cfg.policy, self.costs, parent=self.policy)
         out = self.runner.prefill(seq.slot, seq.prompt_ids)
         first = self._pick(out.logits[0, -1], seq)
         if self.drafter is not None:
@@ -277,8 +276,7 @@ class Engine:
                       result: VerifyResult) -> None:
         if len(proposal):
             depth = max(proposal.depths())
-            _policy(seq).observe(depth, result.num_accepted)
-            self.policy.observe(depth, result.num_accepted)
+            _policy(seq).observe(depth, result.num_accepted)  # updates the global policy too
         trace = StepTrace(seq.request_id, self.runner.length(seq.slot) - 1 - result.num_accepted,
                           seq.output[-1], proposal, result, out.fused_hidden[0],
                           out.final_hidden[0], seq.domain)

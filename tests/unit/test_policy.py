@@ -59,3 +59,25 @@ def test_batch_cost_falls_back_to_total_tokens() -> None:
     assert c.verify_time(3, batch=2) == c.verify_time(6)
     c.observe_verify(3, 0.5, batch=2)
     assert c.verify_time(3, batch=2) == 0.5
+
+
+def test_failed_probes_back_off_for_every_request_and_success_resets() -> None:
+    cfg = PolicyConfig(max_draft=8, probe_every=4, probe_max_every=16, probe_length=1)
+    root = DraftLengthPolicy(cfg, costs(0.3))
+    root.alpha = [0.0] * 8
+    child = DraftLengthPolicy(cfg, parent=root)
+    gaps, since = [], 0
+    for _ in range(80):
+        k = child.choose(8)
+        since += 1
+        if k:
+            gaps.append(since)
+            since = 0
+            child.observe(k, 0)  # every probe fails
+    assert gaps[:4] == [4, 8, 16, 16]
+    other = DraftLengthPolicy(cfg, parent=root)  # a new request inherits the long interval
+    assert root.probe.interval == 16 and other.probe is root.probe
+    while not other.choose(8):
+        pass
+    other.observe(1, 1)  # an accepted probe
+    assert root.probe.interval == 4 and root.alpha[0] > 0.0
