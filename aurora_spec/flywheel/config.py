@@ -40,7 +40,7 @@ class TrainerConfig:
     reservoir_bytes: int | None = 512 << 20  # ... and at most about this many bytes of windows
     holdout_every: int = 8  # every Nth window is held out for the gate (never trained on)
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
-    reuse: float = 8.0  # train on at most reuse x (positions ingested); then wait for traffic
+    reuse: float = 16.0  # train on at most reuse x (positions ingested); then wait for traffic
     publish_every: int = 25  # optimizer steps between candidate evaluations
     gate_depth: int = 4  # draft length of the offline acceptance measure
     gate_positions: int = 512  # the newest held-out positions the gate judges on
@@ -65,6 +65,7 @@ class LearnerConfig:
     serving_threads: int | None = None  # None: leave the serving process's setting alone
     trainer_device: str = "auto"  # auto: a CUDA device when the machine has one, else cpu
     omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the trainer process
+    trainer_nice: int = 10  # the trainer process's niceness: serving wins contended cores
     send_bytes: int = 8 << 20  # traces handed to the trainer per request
     rollback_min_steps: int = 48  # drafting verify steps on a new version before judging it
     rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share

@@ -263,7 +263,7 @@ class OnlineLearner:
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
                 "next_version": max(self.store.max_version(), live.version) + 1,
-                "send_bytes": c.send_bytes, "log_level": logging.getLogger().level,
+                "send_bytes": c.send_bytes, "nice": c.trainer_nice, "log_level": logging.getLogger().level,
                 **self._shared}
         env = {"OMP_NUM_THREADS": str(c.trainer_threads), "MKL_NUM_THREADS": str(c.trainer_threads)}
         if c.omp_passive:

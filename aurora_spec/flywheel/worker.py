@@ -27,6 +27,11 @@ from typing import Any
 
 
 def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
+    if spec.get("nice"):
+        try:  # serving wins whenever the two compete for a core
+            os.nice(spec["nice"])
+        except OSError:
+            pass
     import torch
 
     torch.set_num_threads(spec["threads"])
