@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
 from aurora_spec.bench.runner import ARM_BUILDERS
 
 

@@ -1,0 +1,79 @@
+"""Online-learning arms for ``aurora bench``: ``online`` (day 0: random head) and
+``online-from:DIR`` (start from trained weights), each an eagle3 engine with an OnlineLearner.
+
+Fairness: every arm gets the same machine. The trainer process runs only while its own arm
+serves (paused otherwise, so it never steals cores from the other arms' requests), and during
+those requests serving and training split the thread budget (serving gets ``threads - 1``,
+at least 1; the trainer 1 thread).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from aurora_spec.bench.runner import (
+    ArmOptions,
+    ArmOutput,
+    BenchTarget,
+    EngineArm,
+    engine_arm,
+    register_arm,
+)
+
+
+class OnlineArm(EngineArm):
+    def __init__(self, inner: EngineArm, learner: Any, serve_threads: int) -> None:
+        super().__init__(inner.name, inner.kind, inner.engine, inner.stop_ids)
+        self.learner = learner
+        self.serve_threads = serve_threads
+
+    def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
+            request_id: str) -> ArmOutput:
+        outer = torch.get_num_threads()
+        torch.set_num_threads(self.serve_threads)
+        self.learner.resume()
+        try:
+            return super().run(prompt_ids, max_tokens, domain, request_id)
+        finally:
+            self.learner.pause()
+            torch.set_num_threads(outer)
+
+    def close(self) -> None:
+        self.learner.stop(save=False)
+
+
+def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
+           lambda_discard: float | None = None) -> OnlineArm:
+    import dataclasses
+
+    from aurora_spec.flywheel.config import LearnerConfig, TrainerConfig
+    from aurora_spec.flywheel.learner import OnlineLearner
+
+    inner = engine_arm(target, name, "online", "eagle3", weights, o)
+    trainer = TrainerConfig()
+    if lambda_discard is not None:
+        trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
+    learner = OnlineLearner(target.model, inner.engine,
+                            LearnerConfig(trainer=trainer, trainer_threads=1))
+    learner.start()
+    learner.pause()
+    return OnlineArm(inner, learner, max(1, torch.get_num_threads() - 1))
+
+
+def _build_online(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> OnlineArm:
+    """``online`` or ``online:LAMBDA`` (lambda_discard for the ablation)."""
+    return _build(t, name, None, o, float(arg) if arg else None)
+
+
+def _build_online_from(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> OnlineArm:
+    if not arg:
+        from aurora_spec.bench.runner import BenchError
+
+        raise BenchError("arm 'online-from' needs a head directory: online-from:DIR")
+    return _build(t, name, arg, o)
+
+
+register_arm("online", _build_online)
+register_arm("online-from", _build_online_from)
