@@ -25,6 +25,7 @@ from aurora_spec.server.errors import install_error_handlers
 from aurora_spec.server.security import AuthMiddleware, BodyLimitMiddleware
 from aurora_spec.server.settings import ServerSettings
 from aurora_spec.server.state import ServerState, server_state
+from aurora_spec.server.tracelog import TraceLog
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ def create_app(runtime: Runtime, learner: Learner, settings: ServerSettings) -> 
                   description="OpenAI-compatible speculative decoding server whose draft "
                               "model learns online from live traffic.")
     app.state.aurora = st
+    app.state.tracelog = _trace_log(runtime, settings)
+    if app.state.tracelog is not None:
+        st.metrics.registry.register(app.state.tracelog.collector())
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(live.router)
@@ -48,6 +52,21 @@ def create_app(runtime: Runtime, learner: Learner, settings: ServerSettings) -> 
     app.add_middleware(AuthMiddleware, api_key=settings.api_key, admin_key=settings.admin_key)
     _document_model_ids(app, sorted(st.model_ids()))
     return app
+
+
+def _trace_log(runtime: Runtime, settings: ServerSettings) -> TraceLog | None:
+    """With a trace dir, wrap the engine's trace sink (the learner's) so each recorded step is
+    also logged to disk; opted-out requests never reach the sink, so they are never written."""
+    if settings.trace_dir is None:
+        return None
+    if not settings.learn:
+        log.warning("learning is off: no traces are recorded, --trace-dir %s stays unused",
+                    settings.trace_dir)
+        return None
+    tl = TraceLog(settings.trace_dir, settings.trace_retention_hours,
+                  int(settings.trace_max_mb * (1 << 20)))
+    runtime.engine.trace_sink = tl.wrap(runtime.engine.trace_sink)
+    return tl
 
 
 def _document_model_ids(app: FastAPI, ids: list[str]) -> None:
@@ -70,6 +89,9 @@ def _document_model_ids(app: FastAPI, ids: list[str]) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     st: ServerState = app.state.aurora
+    tracelog: TraceLog | None = app.state.tracelog
+    if tracelog is not None:
+        tracelog.start()  # before the engine thread, so no step waits long in the queue
     st.loop = EngineLoop(st.engine).start()
     st.learner.start()
     log.info("serving %s (learning %s)", st.settings.model_name,
@@ -79,6 +101,8 @@ async def _lifespan(app: FastAPI):
     finally:
         await _drain(st)
         st.loop.stop(timeout=10)
+        if tracelog is not None:
+            tracelog.stop()  # after the engine thread: every recorded step is written
         st.learner.stop(save=True)
         log.info("stopped (learner asked to save the live draft)")
 

@@ -44,6 +44,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-learn", action="store_true", help="serve a fixed draft, record nothing")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the learner keeps draft versions (default: memory/temp only)")
+    p.add_argument("--trace-dir", default=None, metavar="DIR",
+                   help="also append each verify step's trace (token ids and counts only: no "
+                        "prompt text, no hidden states) as JSON lines to hourly files in DIR; "
+                        "requests that opt out of learning, and all requests with "
+                        "learning off, are never written. Without --trace-dir nothing is "
+                        "written to disk: traces stay in memory")
+    p.add_argument("--trace-retention-hours", type=float, default=24.0, metavar="H",
+                   help="delete trace files older than this (default 24)")
+    p.add_argument("--trace-max-mb", type=float, default=256.0, metavar="M",
+                   help="delete the oldest trace files while DIR holds more (default 256)")
     p.add_argument("--trainer-threads", type=int, default=1,
                    help="torch threads of the trainer process (default 1)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -95,7 +105,8 @@ def server_settings(a: argparse.Namespace, learn: bool = True) -> ServerSettings
             model_name=a.served_model_name or a.model, model_aliases=(a.model,),
             api_key=a.api_key or None, admin_key=a.admin_key or None, max_queue=a.max_queue,
             max_tokens_limit=a.max_tokens_limit, max_body_bytes=a.max_body_bytes, learn=learn,
-            shutdown_timeout_s=a.shutdown_timeout,
+            shutdown_timeout_s=a.shutdown_timeout, trace_dir=a.trace_dir,
+            trace_retention_hours=a.trace_retention_hours, trace_max_mb=a.trace_max_mb,
             extra={"drafter": a.drafter, "max_batch": a.max_slots})
     except ValueError as e:
         raise UsageError(str(e)) from e
