@@ -32,7 +32,7 @@ class TrainerConfig:
     depth: int = 3  # training-time-test unroll depth (EAGLE-3)
     depth_weights: tuple[float, ...] = (1.0, 0.8, 0.64, 0.51, 0.41, 0.33, 0.26, 0.21)
     lambda_discard: float = 0.3  # weight of the KL at rejected-branch contexts (0 = off)
-    batch_tokens: int = 512  # committed positions per training step (packed)
+    batch_tokens: int = 256  # committed positions per training step (packed)
     window: int = 128  # committed positions per training window (one request's slice)
     recent_ratio: float = 0.5  # share of a batch drawn from the newest windows, rest from replay
     recent_windows: int = 64  # "newest": the last N windows
@@ -49,7 +49,10 @@ class TrainerConfig:
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
     vocab_min_tokens: int = 256  # emitted tokens seen before the first (and each) rebuild
     vocab_coverage_window: int = 4096  # recent emitted tokens the coverage is measured on
-    init_from_target: bool = True  # day-0 lm_head rows (+ norm gain) copied from the target's
+    autocast: str = "auto"  # bf16 mixed precision: auto (when the device does bf16) | bf16 | off
+    # Day-0 lm_head rows (+ norm gain) copied from the target's. Off: measured no faster on
+    # SmolLM2 traffic (held-out acceptance 0.18 vs 0.19 after 12 epochs of 5k tokens).
+    init_from_target: bool = False
     seed: int = 0
 
 

@@ -54,7 +54,8 @@ class TargetHead:
         if self._d2t is None or self._d2t is not d2t:
             self._rows = self.weight[d2t.to(self.weight.device)].float()
             self._d2t = d2t
-        out = final.float() @ self._rows.T
+        with torch.autocast(final.device.type, enabled=False):  # targets stay float32
+            out = final.float() @ self._rows.T
         cap = self.softcap
         return torch.tanh(out / cap) * cap if cap else out
 

@@ -28,6 +28,17 @@ from aurora_spec.flywheel.vocab import VocabBuilder
 log = logging.getLogger(__name__)
 
 
+def bf16_autocast_ok(device: torch.device) -> bool:
+    """bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX): autocast
+    speeds training up (measured 1.5x on this CPU); elsewhere it would be emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @dataclass
 class GateResult:
     passed: bool
@@ -72,6 +83,8 @@ class Trainer:
         self.records = 0
         self._live_score: tuple[tuple, float] | None = None
         torch.manual_seed(cfg.seed)
+        self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
+                                                   and bf16_autocast_ok(self.device))
         if cfg.init_from_target and head.version == 0:
             self._init_from_target(torch.ones(c.draft_vocab_size, dtype=torch.bool), norm=True)
         self._make_optimizer()
@@ -148,8 +161,9 @@ class Trainer:
         if batch.n_committed == 0 and batch.n_branch == 0:
             return None
         self.head.train()
-        out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth, c.depth_weights,
-                            c.lambda_discard)
+        with self._autocast():
+            out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth,
+                                c.depth_weights, c.lambda_discard)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if c.grad_clip > 0:
@@ -163,6 +177,9 @@ class Trainer:
         ms = (time.perf_counter() - t0) * 1e3
         s.step_ms = ms if s.steps == 1 else 0.9 * s.step_ms + 0.1 * ms
         return s.loss
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     # ---- evaluation and gate ---------------------------------------------------------------
     @torch.no_grad()
@@ -180,7 +197,8 @@ class Trainer:
             nonlocal total, n
             batch = pack_windows(ws, with_branches=False).to(self.device)
             if batch.n_committed:
-                lengths = acceptance_lengths(head, batch, self.embed, depth)
+                with self._autocast():
+                    lengths = acceptance_lengths(head, batch, self.embed, depth)
                 total += int(lengths.sum())
                 n += batch.n_committed
         size = 0
