@@ -93,10 +93,11 @@ class DraftLengthPolicy:
     def __init__(self, cfg: PolicyConfig, costs: CostModel | None = None,
                  parent: DraftLengthPolicy | None = None) -> None:
         self.cfg = cfg
-        self.costs = costs or (parent.costs if parent else CostModel())
         self.parent = parent
-        self.alpha = list(parent.alpha) if parent else [cfg.prior_alpha] * cfg.max_draft
-        self.probe = parent.probe if parent else ProbeState(cfg.probe_every)
+        self.costs: CostModel = costs or (parent.costs if parent else CostModel())
+        self.alpha: list[float] = (list(parent.alpha) if parent
+                                   else [cfg.prior_alpha] * cfg.max_draft)
+        self.probe: ProbeState = parent.probe if parent else ProbeState(cfg.probe_every)
         self._probing = False  # the last choice was a probe (per request: batches interleave)
 
     def expected_tokens(self, k: int) -> float:
