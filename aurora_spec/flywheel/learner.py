@@ -332,7 +332,7 @@ class OnlineLearner:
         elif kind == "candidate":
             _, version, path, gate = msg
             assert self.publisher is not None
-            head = self.publisher.offer(path)
+            head = self.publisher.offer(path, gate.get("alpha") or None)
             if head is not None:
                 log.info("version %d live (held-out acceptance %.3f vs %.3f)", version,
                          gate["candidate"], gate["live"])

@@ -6,6 +6,10 @@ acceptance by version, roll back by itself when a new version does worse.
 - ``swap`` hands ``drafter.swap_head(new)`` to ``engine.call_between_steps``: it runs on the
   engine thread between two steps, so no step ever sees a half-updated head, and the pause is
   one function call (the drafter rebuilds its draft caches lazily).
+- the same between-steps action resets the engine's draft-length policy to what is known about
+  the new version (the gate's per-depth offline acceptance, or the estimates it had when it was
+  last live): estimates learnt on a blank day-0 head would otherwise keep drafting off (probes
+  back off exponentially) long after a good version went live.
 - ``observe`` (engine thread, per verify step) keeps accepted tokens per drafting step by draft
   version. After a swap u -> v, once v has ``min_steps`` drafting steps, it is compared with u's
   recent level; a drop beyond ``drop`` (relative) and ``min_gap`` (absolute) rolls back to u.
@@ -64,6 +68,7 @@ class Publisher:
         self.swaps = self.rollbacks = self.refused = 0
         self.bad_versions: set[int] = set()
         self._watch: _Watch | None = None
+        self._alpha: dict[int, list[float] | None] = {}  # policy estimates of past versions
         self._lock = threading.RLock()
 
     @property
@@ -74,8 +79,9 @@ class Publisher:
         w = self.drafter.head.fc.weight
         return w.device, w.dtype
 
-    def offer(self, path: str) -> Eagle3Head | None:
-        """Load a candidate checkpoint and make it live; None when refused."""
+    def offer(self, path: str, alpha: list[float] | None = None) -> Eagle3Head | None:
+        """Load a candidate checkpoint and make it live; None when refused. ``alpha``: its
+        per-depth acceptance estimated offline (seeds the draft-length policy)."""
         device, dtype = self._device_dtype()
         try:
             head = CheckpointStore.load(path, self.model, device, dtype)
@@ -91,10 +97,11 @@ class Publisher:
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
-        self.swap(head, watch=True)
+        self.swap(head, watch=True, alpha=alpha)
         return head
 
-    def swap(self, head: Eagle3Head, watch: bool = True, reason: str = "candidate") -> None:
+    def swap(self, head: Eagle3Head, watch: bool = True, reason: str = "candidate",
+             alpha: list[float] | None = None) -> None:
         with self._lock:
             old = self.live
             baseline = None
@@ -104,7 +111,14 @@ class Publisher:
             self.previous, self.live = old, head
             self._watch = _Watch(old, head.version, baseline) if watch else None
             self.swaps += 1
-        self._run_between_steps(lambda: self.drafter.swap_head(head))
+        if alpha is None:
+            alpha = self._alpha.get(head.version)
+
+        def action() -> None:
+            self._alpha[old.version] = self._reset_policy(alpha)
+            self.drafter.swap_head(head)
+
+        self._run_between_steps(action)
         log.info("draft version %d -> %d (%s)", old.version, head.version, reason)
         if self.store is not None:
             try:
@@ -113,6 +127,27 @@ class Publisher:
                 log.warning("cannot record the live version in %s: %s", self.store.root, e)
         if self.on_change is not None:
             self.on_change(reason, head)
+
+    def _reset_policy(self, alpha: list[float] | None) -> list[float] | None:
+        """Engine thread: set the draft-length policies' acceptance estimates (global and per
+        running request) to ``alpha`` (None: the prior) and restart probing; returns the old
+        global estimates."""
+        policy = getattr(self.engine, "policy", None)
+        if policy is None or not hasattr(policy, "alpha"):
+            return None
+        old = list(policy.alpha)
+        n = len(policy.alpha)
+        prior = getattr(policy.cfg, "prior_alpha", 0.5)
+        new = [float(alpha[min(i, len(alpha) - 1)]) for i in range(n)] if alpha else [prior] * n
+        running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
+        for p in [policy, *running]:
+            if p is not None and hasattr(p, "alpha"):
+                p.alpha[:] = new
+        probe = getattr(policy, "probe", None)
+        if probe is not None:  # shared by every request's policy
+            probe.interval = policy.cfg.probe_every
+            probe.steps_since = probe.interval - 1  # probe at the next drafting decision
+        return old
 
     def _run_between_steps(self, fn: Callable[[], None]) -> None:
         if self.engine is not None:

@@ -46,6 +46,7 @@ class GateResult:
     live: float
     positions: int
     reason: str = ""
+    alpha: list[float] = field(default_factory=list)  # candidate's per-depth acceptance
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Trainer:
                                   cfg.vocab_coverage_window)
         self.stats = TrainerStats()
         self.records = 0
+        self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float] | None = None
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
@@ -191,6 +193,7 @@ class Trainer:
         was_training = head.training
         head.eval()
         total, n, chunk = 0, 0, []
+        reached = [0] * (depth + 1)  # draft points whose chain got past depth d
         budget = max(self.cfg.batch_tokens, 1)
 
         def run(ws: list[Window]) -> None:
@@ -201,6 +204,8 @@ class Trainer:
                     lengths = acceptance_lengths(head, batch, self.embed, depth)
                 total += int(lengths.sum())
                 n += batch.n_committed
+                for d in range(depth + 1):
+                    reached[d] += int((lengths >= d).sum())
         size = 0
         for w in windows:
             chunk.append(w)
@@ -211,6 +216,8 @@ class Trainer:
         if chunk:
             run(chunk)
         head.train(was_training)
+        self.last_alpha = [reached[d] / reached[d - 1] if reached[d - 1] else 0.0
+                           for d in range(1, depth + 1)]
         return (total / n if n else 0.0), n
 
     def gate_windows(self) -> list[Window]:
@@ -233,6 +240,7 @@ class Trainer:
             live, n = self.offline_acceptance(self.live, windows)
             self._live_score = (key, live)
             cand, _ = self.offline_acceptance(candidate, windows)
+        alpha = [round(a, 4) for a in self.last_alpha]  # the candidate's (evaluated last)
         c = self.cfg
         if n < c.gate_min_positions:
             res = GateResult(False, cand, live, n, f"held-out slice too small ({n} positions)")
@@ -240,7 +248,7 @@ class Trainer:
             res = GateResult(False, cand, live, n, f"candidate {cand:.3f} does not beat live "
                                                    f"{live:.3f} + margin {c.gate_margin}")
         else:
-            res = GateResult(True, cand, live, n)
+            res = GateResult(True, cand, live, n, alpha=alpha)
         self.stats.gates += 1
         self.stats.gate_rejections += 0 if res.passed else 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),

@@ -133,7 +133,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 pending = (cand.version, cand)
                 outbox.put(("candidate", cand.version, str(path),
                             {"candidate": res.candidate, "live": res.live,
-                             "positions": res.positions}))
+                             "positions": res.positions, "alpha": res.alpha}))
         if time.monotonic() - last_status > 0.5:
             send_status()
             last_status = time.monotonic()

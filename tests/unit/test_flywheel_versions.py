@@ -206,3 +206,25 @@ def test_replay_reservoir_keeps_old_domains():
     for _ in range(200):
         small.add(Window("r", "a", 0, [1] * 6, rows))
     assert len(small.reservoir) <= max(16, small.reservoir_cap) < 200
+
+
+def test_swap_resets_the_draft_length_policy(tmp_path):
+    model, _ = tiny_target("llama", seed=4)
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    runner = TargetRunner(model, CacheConfig(max_slots=2, capacity=256))
+    engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=4), calibrate=False))
+    pol = engine.policy
+    pol.alpha[:] = [0.0] * 4  # learnt on a useless day-0 head: drafting is off
+    pol.probe.interval = 256
+    store = CheckpointStore(tmp_path)
+    pub = Publisher(drafter, engine, model, store)
+    new = head_for(model, seed=1)
+    new.version = 1
+    pub.offer(str(store.save(new)), alpha=[0.9, 0.7])
+    engine.step()  # no requests: only the between-steps action runs
+    assert drafter.head.version == 1
+    assert pol.alpha == [0.9, 0.7, 0.7, 0.7] and pol.probe.interval == pol.cfg.probe_every
+    assert pol.best_length(4) > 0  # drafting is back on
+    pub.rollback("test")
+    engine.step()
+    assert drafter.head.version == 0 and pol.alpha == [0.0] * 4  # version 0's estimates return
