@@ -17,6 +17,7 @@ from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.models.transformer import DecoderModel, UnsupportedModelError, load_decoder
 
 log = logging.getLogger(__name__)
+RANDOM_HEAD_PRIOR = 0.05  # a day-0 head: probe first, draft once acceptance is measured
 
 
 @dataclass
@@ -70,7 +71,8 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
             target_vocab_size=spec.vocab_size, target_layers=spec.hidden_layers())
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
     return Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
-                         tree_width=cfg.tree_width)
+                         tree_width=cfg.tree_width,
+                         prior_acceptance=None if cfg.draft_weights else RANDOM_HEAD_PRIOR)
 
 
 def _check_head_fits(head: Any, model: DecoderModel) -> None:

@@ -62,9 +62,13 @@ class Eagle3Drafter:
     name = "eagle3"
 
     def __init__(self, head: Eagle3Head, embed: torch.Tensor, embed_scale: float = 1.0,
-                 tree_width: int = 1, chunk: int = 256) -> None:
+                 tree_width: int = 1, chunk: int = 256,
+                 prior_acceptance: float | None = None) -> None:
         if tree_width < 1:
             raise ValueError("tree_width must be >= 1")
+        # What the engine's draft-length policy assumes before it has measured anything: a
+        # random day-0 head is almost never right, so it should not start by drafting long.
+        self.prior_acceptance = prior_acceptance
         self.head = head
         self.embed = embed
         self.embed_scale = float(embed_scale)

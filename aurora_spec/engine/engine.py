@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -89,7 +89,9 @@ class Engine:
         self.cfg = cfg
         self.trace_sink = trace_sink
         self.costs = CostModel()
-        self.policy = DraftLengthPolicy(cfg.policy, self.costs)  # global acceptance estimates
+        prior = getattr(drafter, "prior_acceptance", None)
+        policy_cfg = cfg.policy if prior is None else replace(cfg.policy, prior_alpha=prior)
+        self.policy = DraftLengthPolicy(policy_cfg, self.costs)  # global acceptance estimates
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -210,7 +212,7 @@ class Engine:
         t0 = time.perf_counter()
         seq.generator = None if seq.params.greedy else make_generator(
             seq.params.seed, self.runner.device)
-        seq.policy = DraftLengthPolicy(self.cfg.policy, self.costs, parent=self.policy)
+        seq.policy = DraftLengthPolicy(self.policy.cfg, self.costs, parent=self.policy)
         out = self.runner.prefill(seq.slot, seq.prompt_ids)
         first = self._pick(out.logits[0, -1], seq)
         if self.drafter is not None:
