@@ -13,6 +13,8 @@ Windows of different requests are packed into one sequence; masks keep them apar
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field
 
 import torch
@@ -160,7 +162,13 @@ class Batch:
 
 def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
     hc, tc, pc, wc, fc, truth, prev = [], [], [], [], [], [], []
-    hb, tb, pb, wb, kb, fb, parents = [], [], [], [], [], [], []
+    hb: list[torch.Tensor] = []
+    tb: list[Any] = []
+    pb: list[Any] = []
+    wb: list[Any] = []
+    kb: list[Any] = []
+    fb: list[Any] = []
+    parents: list[Any] = []
     nc = 0
     for w_idx, win in enumerate(windows):
         rows, t = win.rows, win.pairs

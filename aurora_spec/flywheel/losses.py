@@ -54,8 +54,10 @@ class TargetHead:
         if self._d2t is None or self._d2t is not d2t:
             self._rows = self.weight[d2t.to(self.weight.device)].float()
             self._d2t = d2t
+        rows = self._rows
+        assert rows is not None  # set just above
         with torch.autocast(final.device.type, enabled=False):  # targets stay float32
-            out = final.float() @ self._rows.T
+            out = final.float() @ rows.T
         cap = self.softcap
         return torch.tanh(out / cap) * cap if cap else out
 
