@@ -76,3 +76,20 @@ def test_export_eagle3_layout(tmp_path):
     assert torch.equal(t["d2t"] + torch.arange(80), head.d2t)
     assert t["t2d"].dtype == torch.bool and int(t["t2d"].sum()) == 80 and bool(t["t2d"][90])
     assert torch.equal(t["midlayer.input_layernorm.weight"], head.embed_norm.weight)
+
+
+def test_init_from_target_copies_lm_head_rows():
+    from aurora_spec.flywheel.losses import Embedder, TargetHead
+    from aurora_spec.flywheel.trainer import Trainer
+
+    model, _ = tiny_target("llama", seed=0)
+    head = head_for(model, seed=1, draft_vocab=64)
+    tr = Trainer(head, TargetHead.from_model(model), Embedder.from_model(model),
+                 TrainerConfig(init_from_target=True, vocab_min_tokens=8))
+    assert torch.equal(tr.head.lm_head.weight, model.lm_head.weight[tr.head.d2t])
+    assert torch.equal(tr.head.norm.weight, model.norm.weight)
+    assert not torch.equal(head.lm_head.weight, tr.head.lm_head.weight)  # a copy was changed
+    tr.vocab.observe([90, 91, 92, 93, 94, 95] * 4)  # tokens outside the day-0 vocabulary
+    assert tr.maybe_rebuild_vocab()
+    row = int(tr.head.t2d[95])
+    assert torch.equal(tr.head.lm_head.weight[row], model.lm_head.weight[95])
