@@ -163,7 +163,8 @@ class GenerationStats:
             self.proposed_per_depth[d - 1] += 1
         for i in range(result.num_accepted):
             self.accepted_per_depth[i] += 1
-        self.draft_versions.add(proposal.draft_version)
+        if len(proposal):  # an empty proposal (no drafting) was served by no draft version
+            self.draft_versions.add(proposal.draft_version)
 
 
 @dataclass(frozen=True)
