@@ -62,13 +62,7 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
         head = Eagle3Head.load(Path(cfg.draft_weights), device=device, dtype=dtype)
         _check_head_fits(head, model)
     else:
-        spec = model.spec
-        head_cfg = Eagle3Config(
-            hidden_size=spec.hidden_size, num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-            intermediate_size=spec.intermediate_size, rms_norm_eps=spec.rms_norm_eps,
-            rope_theta=spec.rope_theta, draft_vocab_size=min(cfg.draft_vocab, spec.vocab_size),
-            target_vocab_size=spec.vocab_size, target_layers=spec.hidden_layers())
+        head_cfg = Eagle3Config.from_spec(model.spec, cfg.draft_vocab)
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
     return Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
                          tree_width=cfg.tree_width,

@@ -62,6 +62,17 @@ class Eagle3Config:
         object.__setattr__(self, "target_layers", tuple(int(i) for i in self.target_layers))
 
     @staticmethod
+    def from_spec(spec: Any, draft_vocab_size: int) -> Eagle3Config:
+        """Head shaped like one layer of a loaded target (its ``DecoderModel.spec``), fusing the
+        same three layers the target runner reports."""
+        return Eagle3Config(
+            hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            intermediate_size=spec.intermediate_size, rms_norm_eps=spec.rms_norm_eps,
+            rope_theta=spec.rope_theta, draft_vocab_size=min(draft_vocab_size, spec.vocab_size),
+            target_vocab_size=spec.vocab_size, target_layers=spec.hidden_layers())
+
+    @staticmethod
     def from_target(hf_config: Any, draft_vocab_size: int = 32768) -> Eagle3Config:
         """Head shaped like one target decoder layer. Accepts a transformers config (llama-like or
         gemma3, multimodal configs via get_text_config()) or the equivalent config.json dict."""

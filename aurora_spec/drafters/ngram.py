@@ -119,7 +119,7 @@ class NgramDrafter:
         if st is None or st.last_source is None:
             return
         self._c.accepted[st.last_source] += trace.result.num_accepted
-        if len(trace.proposal) == trace.proposal.depths()[-1]:  # a chain: learn its worth
+        if trace.proposal.is_chain:  # a chain: learn its worth
             self._learn((st.last_source, st.last_n), trace.result.num_accepted)
         st.last_source = None
 

@@ -65,13 +65,7 @@ def read_traffic(path: str | Path, domains: list[str] | None = None,
 
 
 def head_config_for(model: Any, draft_vocab: int) -> Eagle3Config:
-    s = model.spec
-    return Eagle3Config(hidden_size=s.hidden_size, num_heads=s.num_heads,
-                        num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                        intermediate_size=s.intermediate_size, rms_norm_eps=s.rms_norm_eps,
-                        rope_theta=s.rope_theta,
-                        draft_vocab_size=min(draft_vocab, s.vocab_size),
-                        target_vocab_size=s.vocab_size, target_layers=s.hidden_layers())
+    return Eagle3Config.from_spec(model.spec, draft_vocab)
 
 
 @dataclass

@@ -24,12 +24,7 @@ from tests.tiny_models import tiny_target
 
 
 def head_for(model, std: float = 0.3, seed: int = 0, draft_vocab: int = 80) -> Eagle3Head:
-    s = model.spec
-    cfg = Eagle3Config(hidden_size=s.hidden_size, num_heads=s.num_heads,
-                       num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                       intermediate_size=s.intermediate_size, rms_norm_eps=s.rms_norm_eps,
-                       rope_theta=s.rope_theta, draft_vocab_size=draft_vocab,
-                       target_vocab_size=s.vocab_size, target_layers=s.hidden_layers())
+    cfg = Eagle3Config.from_spec(model.spec, draft_vocab)
     return Eagle3Head.random(cfg, seed=seed, std=std).eval()
 
 
