@@ -10,6 +10,7 @@ from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
 from tests.scripted_drafter import ScriptedDrafter
+from aurora_spec.models.cpu_linear import packed_kernels_available
 from tests.tiny_models import tiny_target
 
 VOCAB = 96
@@ -35,9 +36,16 @@ def make_engine(model, drafter, fixed: int | None = 4) -> Engine:
     return Engine(runner, drafter, cfg)
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "gemma3", "llama-cpu-kernels"])
 def target(request):
-    return tiny_target(request.param, seed=3)
+    """``llama-cpu-kernels``: the oneDNN-packed linears that CPU serving uses (cpu_linear.py)."""
+    kind = request.param.removesuffix("-cpu-kernels")
+    model, hf = tiny_target(kind, seed=3)
+    if request.param.endswith("-cpu-kernels"):
+        if not packed_kernels_available():
+            pytest.skip("this PyTorch build has no oneDNN packed linear")
+        model.use_cpu_kernels()
+    return model, hf
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:

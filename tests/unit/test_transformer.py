@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aurora_spec.models.cpu_linear import packed_kernels_available
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import Proposal
 from tests.tiny_models import tiny_target
@@ -103,3 +104,26 @@ def test_batched_ragged_verify_equals_single(kind: str) -> None:
         for layer in range(model.spec.num_layers):
             torch.testing.assert_close(batched.cache.k[layer][rb, :, :n],
                                        single.cache.k[layer][rs, :, :n], atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_cpu_kernels_give_the_same_logits(kind: str) -> None:
+    """The model with oneDNN-packed linears computes the same function as with F.linear."""
+    if not packed_kernels_available():
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    plain, _ = tiny_target(kind)
+    fast, _ = tiny_target(kind)
+    fast.use_cpu_kernels()
+    ids = list(range(3, 23))
+    results = []
+    for model in (plain, fast):
+        runner = TargetRunner(model, CacheConfig(max_slots=1, capacity=64))
+        slot = runner.allocate()
+        results.append(runner.prefill(slot, ids).logits)
+        for draft in ([], [31], [31, 32, 33, 34, 35]):
+            out = runner.verify(slot, 30, Proposal.chain(draft))
+            results.extend((out.logits, out.fused_hidden))
+    half = len(results) // 2
+    for a, b in zip(results[:half], results[half:], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,38 @@
+"""The oneDNN-packed CPU linear (cpu_linear.py) against F.linear, and its batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available
+
+pytestmark = pytest.mark.skipif(not packed_kernels_available(),
+                                reason="this PyTorch build has no oneDNN packed linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(dtype: torch.dtype, bias: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype) if bias else None
+    fast = CpuLinear(w, b)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 1, 64), (1, 2, 64), (1, 3, 64), (2, 3, 64), (1, 9, 64), (40, 64)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        out = fast(x)
+        assert out.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(out.float(), F.linear(x, w, b).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576)])
+def test_a_rows_result_does_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
+    """What keeps verify logits equal to one-token decode logits (SmolLM2's layer shapes)."""
+    g = torch.Generator().manual_seed(1)
+    fast = CpuLinear(torch.randn(*shape, generator=g))
+    x = torch.randn(16, shape[1], generator=g)
+    full = fast(x)
+    for rows in (1, 2, 3, 4, 5, 8):
+        assert torch.equal(fast(x[:rows]), full[:rows]), rows
