@@ -18,19 +18,26 @@ from aurora_spec.drafters.eagle3_head import DraftCache, Eagle3Head
 from aurora_spec.types import Proposal, SamplingParams, StepTrace
 
 CATCH_UP_CHUNK = 512  # queries per catch-up forward: bounds the (T x S) attention scores
+# At most this many pending pairs are run through the head before a proposal; older ones are
+# skipped (the head's context then starts there). Why: a day-0 probe on a request with a long
+# prompt would otherwise run the whole prompt through the head (~70 ms for 600 tokens here), and
+# probes must stay cheap. A head that drafts every step never has more than a few pending.
+MAX_CATCH_UP = 128
 
 
 class _Request:
     """Committed pairs of one request: ``hid[j]``, ``toks[j]`` for j < n; the head's cache holds
-    the first ``cache.length`` of them, the rest are pending."""
+    pairs ``start .. start + cache.length - 1`` (slot i is pair start + i), the rest are
+    pending."""
 
-    __slots__ = ("cache", "gen", "hid", "last", "n", "toks")
+    __slots__ = ("cache", "gen", "hid", "last", "n", "start", "toks")
 
     def __init__(self, width: int, cache: DraftCache, dtype: torch.dtype) -> None:
         device = cache.k.device
         self.hid = torch.empty(0, width, device=device, dtype=dtype)
         self.toks = torch.empty(0, device=device, dtype=torch.long)
         self.n = 0
+        self.start = 0
         self.last = -1  # the last committed token (the next proposal's root), a Python int
         self.cache = cache
         self.gen: torch.Generator | None = None  # created on the first seeded sampling proposal
@@ -49,7 +56,13 @@ class _Request:
 
     def truncate(self, n: int) -> None:
         self.n = n
-        self.cache.length = min(self.cache.length, n)
+        self.start = min(self.start, n)
+        self.cache.length = min(self.cache.length, n - self.start)
+
+    @property
+    def cached(self) -> int:
+        """Pairs 0 .. cached - 1 are in the cache or were skipped; the rest are pending."""
+        return self.start + self.cache.length
 
 
 class Eagle3Drafter:
@@ -142,7 +155,7 @@ class Eagle3Drafter:
                     return self._tree(req, g, logits, k, version)
                 return self._chain(req, g, logits, k, params, version)
             finally:
-                req.cache.length = req.n  # drop this proposal's speculative entries
+                req.cache.length = req.n - req.start  # drop this proposal's speculative entries
 
     def _pos(self, start: int, end: int) -> torch.Tensor:
         """Positions start..end-1 as a (1, T) view of one cached arange (no per-step alloc)."""
@@ -159,16 +172,19 @@ class Eagle3Drafter:
     def _catch_up(self, req: _Request) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the pending pairs through the head (causal over the draft cache); return the last
         output hidden (1, 1, H) and its logits (1, V_draft)."""
-        if req.cache.length >= req.n:  # nothing pending (proposing twice): redo the last pair
-            req.cache.length = req.n - 1
+        if req.cached >= req.n:  # nothing pending (proposing twice): redo the last pair
+            req.start = min(req.start, req.n - 1)
+            req.cache.length = req.n - 1 - req.start
+        if req.n - req.cached > MAX_CATCH_UP:  # long backlog: restart the context nearer the end
+            req.start, req.cache.length = req.n - MAX_CATCH_UP, 0
         head, dtype = self.head, self.head.fc.weight.dtype
         g = logits = None
-        for s in range(req.cache.length, req.n, CATCH_UP_CHUNK):
+        for s in range(req.cached, req.n, CATCH_UP_CHUNK):
             e = min(s + CATCH_UP_CHUNK, req.n)
             hidden = head.fuse(req.hid[s:e].to(dtype))[None]
             g, logits = head(hidden, self._embed(req.toks[s:e])[None], self._pos(s, e),
                              req.cache, last_only=True)
-        assert g is not None and logits is not None  # cache.length < req.n: the loop ran
+        assert g is not None and logits is not None  # cached < req.n: the loop ran
         return g[:, -1:], logits[:, -1]
 
     def _chain(self, req: _Request, g: torch.Tensor, logits: torch.Tensor, k: int,
@@ -207,9 +223,9 @@ class Eagle3Drafter:
         for i in range(1, k):
             pos = req.n - 1 + i
             # Each branch sees the committed cache plus its own earlier speculative entries,
-            # which sit at cache index n + (step - 1) * w + branch.
+            # which sit at cache slot (n - start) + (step - 1) * w + branch.
             own = torch.eye(w, dtype=torch.bool, device=g.device).repeat(1, i)
-            mask = torch.cat((own.new_ones(w, req.n), own), dim=1)[None, None]
+            mask = torch.cat((own.new_ones(w, req.n - req.start), own), dim=1)[None, None]
             g, logits = head(g, self._embed(d2t[ids[-1]])[None],
                              self._pos(pos, pos + 1).expand(1, w), req.cache, mask=mask)
             ids.append(logits[0].argmax(-1))

@@ -249,6 +249,29 @@ def test_catch_up_in_one_go_equals_one_at_a_time():
                                rtol=1e-5)
 
 
+def test_long_backlog_restarts_the_context_at_the_last_pairs(monkeypatch):
+    """A proposal after many pending pairs runs only the last MAX_CATCH_UP through the head (at
+    their true positions), so a day-0 probe on a long prompt stays cheap."""
+    from aurora_spec.drafters import eagle3
+
+    monkeypatch.setattr(eagle3, "MAX_CATCH_UP", 5)
+    head, embed = make_head(std=0.1), embed_matrix()
+    seq = Seq(Eagle3Drafter(head, embed), prompt_len=12)
+    req = seq.d._requests[seq.rid]
+    prop = seq.d.propose(seq.rid, seq.tokens, 3, GREEDY)
+    assert (req.start, req.cache.length) == (req.n - 5, 5)
+    hid, toks = history(seq, 12)
+    with torch.no_grad():
+        pos = torch.arange(req.n - 5, req.n)[None]
+        g, logits = head(head.fuse(hid[-5:])[None], embed[torch.tensor(toks[-5:])][None], pos)
+    assert prop.tokens[0] == int(head.d2t[logits[0, -1].argmax()])
+    for step in range(4):  # later steps keep the window's start and stay consistent
+        seq.step(2, step % 2)
+        assert req.start == 12 - 5 and req.n - req.cached <= 3
+    tree = Seq(Eagle3Drafter(make_head(std=0.1), embed, tree_width=2), prompt_len=12)
+    assert len(tree.step(3, 1)) == 6
+
+
 def test_chain_matches_slow_reference_and_uses_d2t():
     head, embed = make_head(), embed_matrix()
     head.set_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(3))[:VD])
