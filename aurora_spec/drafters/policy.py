@@ -32,7 +32,7 @@ class CostModel:
 
     ema: float = 0.1
     times: dict[int, float] = field(default_factory=dict)  # batch of 1, by tokens
-    batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, width)
+    batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tokens)
     draft_token_s: float = 0.0
 
     def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
@@ -51,11 +51,12 @@ class CostModel:
             self.draft_token_s = per if old == 0 else old + self.ema * (per - old)
 
     def verify_time(self, tokens: int, batch: int = 1) -> float:
-        """t(T) for a batch of ``batch`` rows of ``tokens`` each: measured when seen, else the
-        single-row curve at the same total number of tokens (forwards are matmul-bound)."""
+        """t(T) for a forward over ``tokens`` tokens in total, from ``batch`` requests (a batch
+        forwards only its real tokens): measured when seen, else the single-request curve at the
+        same number of tokens (forwards are matmul-bound)."""
         if batch > 1:
             seen = self.batch_times.get((batch, tokens))
-            return seen if seen is not None else self.verify_time(batch * tokens)
+            return seen if seen is not None else self.verify_time(tokens)
         if tokens in self.times:
             return self.times[tokens]
         if not self.times:

@@ -151,8 +151,8 @@ class Engine:
                                          for seq, prop in zip(seqs, proposals, strict=True)])
         results = [self._verify(seq, prop, out) for seq, prop, out in zip(seqs, proposals, outs,
                                                                           strict=True)]
-        width = max(len(p) for p in proposals) + 1
-        self.costs.observe_verify(width, time.perf_counter() - t0, batch=len(seqs))
+        tokens = sum(len(p) + 1 for p in proposals)
+        self.costs.observe_verify(tokens, time.perf_counter() - t0, batch=len(seqs))
         for seq, prop, out, res in zip(seqs, proposals, outs, results, strict=True):
             self._after_verify(seq, prop, out, res)
             if seq.finished:
@@ -247,7 +247,7 @@ class Engine:
             ks = [min(w, cap) for w in wants]
             tokens = sum(_policy(seq).expected_tokens(k)
                          for seq, k in zip(seqs, ks, strict=True))
-            rate = tokens / (self.costs.verify_time(max(ks) + 1, batch) + c * sum(ks))
+            rate = tokens / (self.costs.verify_time(sum(ks) + batch, batch) + c * sum(ks))
             if rate > best_rate:
                 best_cap, best_rate = cap, rate
         return [min(w, best_cap) for w in wants]
@@ -317,7 +317,10 @@ class Engine:
         try:
             context = min(context, self.runner.capacity // 2)
             self.runner.prefill(slot, [0] * context)
-            sizes = range(1, self.cfg.policy.max_draft + 2)
+            # One request's drafts, then a few totals a batch of drafting requests reaches.
+            width = self.cfg.policy.max_draft + 1
+            batch_max = min(self.runner.max_slots * width, self.runner.capacity - context - 1)
+            sizes = [*range(1, width + 1), *range(2 * width, batch_max + 1, width)]
             timings: dict[int, list[float]] = {t: [] for t in sizes}
             for rep in range(reps + 1):  # round 0 warms up and is discarded
                 for t in sizes:

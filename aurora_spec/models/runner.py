@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aurora_spec.models.transformer import DecoderModel, ForwardOutput
+from aurora_spec.models.transformer import DecoderModel, ForwardOutput, PackedRows
 from aurora_spec.types import InvalidRequestError, Proposal
 
 
@@ -204,7 +204,9 @@ class TargetRunner:
 
     @torch.inference_mode()
     def _forward_batch(self, items: list[VerifyItem]) -> list[ForwardOutput]:
-        """Rows 0..B-1 in order. Padded query rows attend to key 0 only (never to nothing)."""
+        """Rows 0..B-1 in order, one forward over the real tokens only (PackedRows): requests
+        drafting nothing cost one token, not the longest draft's width. Padded query positions
+        of the attention grid attend to key 0 only (never to nothing)."""
         b = len(items)
         lens = [self.cache.lengths[r] for r in range(b)]
         sizes = [len(it.proposal) + 1 for it in items]
@@ -213,29 +215,42 @@ class TargetRunner:
             return [self.verify(it.handle, it.root, it.proposal) for it in items]
         kv_len = max(lens) + t
         dev = self.device
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        positions = torch.zeros(b, t, dtype=torch.long)
         mask = torch.zeros(b, 1, t, kv_len, dtype=torch.bool)
         mask[:, :, :, 0] = True
+        tokens: list[int] = []
+        positions: list[torch.Tensor] = []
+        rows: list[int] = []
+        batch: list[int] = []
         for r, it in enumerate(items):
             n, size = lens[r], sizes[r]
-            tokens[r, :size] = torch.tensor([it.root, *it.proposal.tokens])
-            positions[r] = n + torch.arange(t)
-            positions[r, :size] = n + torch.tensor([0, *it.proposal.depths()])
+            tokens += [it.root, *it.proposal.tokens]
+            positions.append(n + torch.tensor([0, *it.proposal.depths()]))
+            rows += range(r * t, r * t + size)
+            batch += [r] * size
             mask[r, 0, :size, :n] = True
             mask[r, 0, :size, n:n + size] = tree_ancestors(it.proposal.parents)
-        tokens, positions, mask = tokens.to(dev), positions.to(dev), mask.to(dev)
+        pos = torch.cat(positions).to(dev)
+        # Cache slots: request r writes its tokens at lens[r] .. lens[r] + size - 1.
+        slots = torch.cat([lens[r] + torch.arange(sizes[r]) for r in range(b)]).to(dev)
+        packed = PackedRows(b, t, torch.tensor(rows, device=dev), torch.tensor(batch, device=dev),
+                            slots)
+        mask = mask.to(dev)
         sliding = None
         if self.spec.sliding_window:
             key_pos = torch.arange(kv_len, device=dev).repeat(b, 1)
+            query_pos = torch.zeros(b * t, dtype=torch.long, device=dev)
+            query_pos[packed.rows] = pos
+            query_pos = query_pos.view(b, t)
             for r in range(b):
-                key_pos[r, lens[r]:lens[r] + t] = positions[r]
-            sliding = mask & self._near(key_pos, positions)
-        if len(set(lens)) == 1:
-            write: slice | torch.Tensor = slice(lens[0], lens[0] + t)
-        else:
-            write = torch.tensor(lens, device=dev)[:, None] + torch.arange(t, device=dev)
+                key_pos[r, lens[r]:lens[r] + t] = query_pos[r]
+            sliding = mask & self._near(key_pos, query_pos)
         views = [(k[:b], v[:b]) for k, v in zip(self.cache.k, self.cache.v, strict=True)]
-        out = self.model(tokens, positions, views, write, kv_len, mask, sliding)
-        return [ForwardOutput(out.logits[r:r + 1, :sizes[r]], out.fused_hidden[r:r + 1, :sizes[r]],
-                              out.final_hidden[r:r + 1, :sizes[r]]) for r in range(b)]
+        out = self.model(torch.tensor([tokens], device=dev), pos[None], views, packed, kv_len,
+                         mask, sliding)
+        result, start = [], 0
+        for size in sizes:
+            end = start + size
+            result.append(ForwardOutput(out.logits[:, start:end], out.fused_hidden[:, start:end],
+                                        out.final_hidden[:, start:end]))
+            start = end
+        return result

@@ -138,10 +138,11 @@ class Block(nn.Module):
                     CpuLinear(self.gate_up.weight), CpuLinear(self.down.weight))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | PackedRows,
                 kv_len: int) -> torch.Tensor:
         """``mask`` is additive (0 / -inf), (B, 1, T, kv_len). Written with functional calls and
-        q and k rotated together: at batch 1 the decode step is bound by per-op overhead."""
+        q and k rotated together: at batch 1 the decode step is bound by per-op overhead.
+        With ``write`` a PackedRows, ``x`` holds only the batch's real tokens, (1, N, H)."""
         b, t, _ = x.shape
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
         cpu = self.kernels or _NO_KERNELS
@@ -153,10 +154,14 @@ class Block(nn.Module):
             qk = qkv[:, :nq + nkv]
         qk = rotate(qk, cos, sin)
         q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
-        _write_kv(k_cache, v_cache, write, k, v)
-        attn = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask, scale=self.scale,
-            enable_gqa=nq != nkv)
+        if isinstance(write, PackedRows):
+            attn = write.attend(q, k, v, k_cache, v_cache, kv_len, mask, self.scale)
+        else:
+            k_cache[:, :, write] = k
+            v_cache[:, :, write] = v
+            attn = F.scaled_dot_product_attention(
+                q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
+                scale=self.scale, enable_gqa=nq != nkv)
         attn_out = linear(attn.transpose(1, 2).reshape(b, t, nq * d), self.o.weight, cpu[1])
         if self.gemma:
             x = x + self.post_attn_norm(attn_out)
@@ -173,17 +178,35 @@ class Block(nn.Module):
 _NO_KERNELS = (None, None, None, None)
 
 
-def _write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store new keys/values: ``write`` is a slice of cache positions (same for every row), or a
-    (B, T) tensor of per-row positions (ragged batches)."""
-    if isinstance(write, slice):
-        k_cache[:, :, write] = k
-        v_cache[:, :, write] = v
-    else:
-        idx = write[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        k_cache.scatter_(2, idx, k)
-        v_cache.scatter_(2, idx, v)
+@dataclass(frozen=True)
+class PackedRows:
+    """A ragged batch with its padding removed: B requests of up to T tokens each, of which only
+    the N real tokens flow through the linears (the bulk of a forward). Attention alone needs the
+    (B, T) layout: queries are scattered into it and the result gathered back.
+
+    ``rows``: (N,) flat indices of the real tokens in the B x T grid, request-major;
+    ``batch``, ``pos``: (N,) cache row and cache position each real token writes its key to."""
+
+    b: int
+    t: int
+    rows: torch.Tensor
+    batch: torch.Tensor
+    pos: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, kv_len: int, mask: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """q: (1, Hq, N, D), k/v: (1, Hkv, N, D) -> attention output (1, Hq, N, D)."""
+        k_cache[self.batch, :, self.pos] = k[0].transpose(0, 1)
+        v_cache[self.batch, :, self.pos] = v[0].transpose(0, 1)
+        hq, d = q.shape[1], q.shape[3]
+        grid = q.new_zeros(self.b * self.t, hq, d)
+        grid[self.rows] = q[0].transpose(0, 1)
+        grid_q = grid.view(self.b, self.t, hq, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            grid_q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask, scale=scale,
+            enable_gqa=hq != k_cache.shape[1])
+        return out.transpose(1, 2).reshape(self.b * self.t, hq, d)[self.rows].transpose(0, 1)[None]
 
 
 @dataclass(frozen=True)
@@ -251,11 +274,12 @@ class DecoderModel(nn.Module):
         return torch.tanh(out / cap) * cap if cap else out
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                caches: list[tuple[torch.Tensor, torch.Tensor]], write: slice | torch.Tensor,
+                caches: list[tuple[torch.Tensor, torch.Tensor]], write: slice | PackedRows,
                 kv_len: int, mask: torch.Tensor, sliding_mask: torch.Tensor | None = None,
                 logits_rows: slice | None = None) -> ForwardOutput:
-        """tokens/positions: (B, T); caches: per layer (k, v) of shape (B, n_kv, capacity, D);
-        mask/sliding_mask: bool (B, 1, T, kv_len). ``logits_rows`` limits the lm_head to some rows
+        """tokens/positions: (B, T), or (1, N) with ``write`` a PackedRows (a ragged batch's real
+        tokens); caches: per layer (k, v) of shape (B, n_kv, capacity, D); mask/sliding_mask:
+        bool (B, 1, T, kv_len). ``logits_rows`` limits the lm_head to some rows
         (prefill needs only the last one)."""
         x = self.embed_tokens(tokens)
         cos, sin = self._rope("global").lookup(positions)

@@ -56,9 +56,9 @@ def test_alpha_is_conditional_per_depth() -> None:
 
 def test_batch_cost_falls_back_to_total_tokens() -> None:
     c = costs(0.1)
-    assert c.verify_time(3, batch=2) == c.verify_time(6)
-    c.observe_verify(3, 0.5, batch=2)
-    assert c.verify_time(3, batch=2) == 0.5
+    assert c.verify_time(6, batch=2) == c.verify_time(6)
+    c.observe_verify(6, 0.5, batch=2)
+    assert c.verify_time(6, batch=2) == 0.5
 
 
 def test_failed_probes_back_off_for_every_request_and_success_resets() -> None:
