@@ -81,3 +81,16 @@ def test_failed_probes_back_off_for_every_request_and_success_resets() -> None:
         pass
     other.observe(1, 1)  # an accepted probe
     assert root.probe.interval == 4 and root.alpha[0] > 0.0
+
+
+def test_noisy_costs_never_make_more_tokens_cheaper() -> None:
+    """A 2-token verify measured cheaper than a 1-token one must not make a near-useless draft
+    (acceptance 5%) look worth proposing."""
+    c = CostModel()
+    c.observe_verify(1, 0.050)
+    c.observe_verify(2, 0.045)
+    c.observe_verify(3, 0.052)
+    c.draft_token_s = 0.004
+    assert c.verify_time(2) == 0.050 and c.verify_time(3) == 0.052
+    p = DraftLengthPolicy(PolicyConfig(max_draft=4, prior_alpha=0.05), c)
+    assert p.best_length(4) == 0
