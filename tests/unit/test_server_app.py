@@ -26,6 +26,7 @@ from aurora_spec.server.app import create_app
 from aurora_spec.server.settings import ServerSettings
 from aurora_spec.server.testing import ServerThread
 from aurora_spec.types import SamplingParams
+from tests.polling import wait_until
 from tests.tiny_models import tiny_target
 from tests.unit.test_server_text import ByteTokenizer
 
@@ -314,13 +315,6 @@ def hold_engine(engine) -> threading.Event:
     gate = threading.Event()
     engine.call_between_steps(lambda: gate.wait(30))
     return gate
-
-
-def wait_until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def test_full_queue_answers_429_with_retry_after() -> None:

@@ -17,6 +17,7 @@ from aurora_spec.server.cli import server_settings
 from aurora_spec.server.testing import ServerThread
 from aurora_spec.server.tracelog import TraceLog, file_name
 from aurora_spec.types import Proposal, StepTrace, VerifyResult
+from tests.polling import wait_until
 
 KEYS = {"time", "request_id", "domain", "context_len", "root_token", "proposal_tokens",
         "proposal_parents", "accepted_nodes", "next_token", "bonus", "draft_version"}
@@ -34,13 +35,6 @@ def lines(d: Path) -> list[dict]:
     for f in sorted(d.glob("traces-*.jsonl")):
         out += [json.loads(x) for x in f.read_text().splitlines()]
     return out
-
-
-def wait_for(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_lines_are_written_parse_and_hold_no_tensors(tmp_path: Path) -> None:
@@ -114,7 +108,7 @@ def test_writes_past_the_cap_trigger_a_sweep(tmp_path: Path) -> None:
     tl = TraceLog(tmp_path, max_bytes=1000, sweep_interval_s=3600).start()
     for i in range(10):
         tl.record(trace(f"r{i}"))
-    wait_for(lambda: tl.stats()["written"] == 10 and not old.exists())
+    wait_until(lambda: tl.stats()["written"] == 10 and not old.exists())
     tl.stop()
     assert tl.stats()["dir_bytes"] <= 1000
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 1000
@@ -166,7 +160,7 @@ def test_server_writes_traces_except_opted_out_and_reports_metrics(tmp_path: Pat
         kept = post(url, "/v1/completions", body).json()["id"]
         out = [post(url, "/v1/completions", {**body, "aurora": {"no_learn": True}}).json()["id"],
                post(url, "/v1/completions", body, headers={"X-Aurora-No-Learn": "1"}).json()["id"]]
-        wait_for(lambda: app.state.tracelog.stats()["written"] == len(learner.traces))
+        wait_until(lambda: app.state.tracelog.stats()["written"] == len(learner.traces))
         text = httpx.get(url + "/metrics").text
     ids = {r["request_id"] for r in lines(d)}
     assert ids == {kept} and not set(out) & set(learner.traces)
