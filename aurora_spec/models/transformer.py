@@ -155,13 +155,16 @@ class Block(nn.Module):
         qk = rotate(qk, cos, sin)
         q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         if isinstance(write, PackedRows):
-            attn = write.attend(q, k, v, k_cache, v_cache, kv_len, mask, self.scale)
+            write.store(k_cache, v_cache, k, v)
+            q = write.to_grid(q)
         else:
             k_cache[:, :, write] = k
             v_cache[:, :, write] = v
-            attn = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
-                scale=self.scale, enable_gqa=nq != nkv)
+        attn = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask, scale=self.scale,
+            enable_gqa=nq != nkv)
+        if isinstance(write, PackedRows):
+            attn = write.from_grid(attn)
         attn_out = linear(attn.transpose(1, 2).reshape(b, t, nq * d), self.o.weight, cpu[1])
         if self.gemma:
             x = x + self.post_attn_norm(attn_out)
@@ -182,7 +185,8 @@ _NO_KERNELS = (None, None, None, None)
 class PackedRows:
     """A ragged batch with its padding removed: B requests of up to T tokens each, of which only
     the N real tokens flow through the linears (the bulk of a forward). Attention alone needs the
-    (B, T) layout: queries are scattered into it and the result gathered back.
+    (B, T) layout: queries are scattered into it (``to_grid``) and the result gathered back
+    (``from_grid``); keys and values go straight to their cache slots (``store``).
 
     ``rows``: (N,) flat indices of the real tokens in the B x T grid, request-major;
     ``batch``, ``pos``: (N,) cache row and cache position each real token writes its key to."""
@@ -193,20 +197,23 @@ class PackedRows:
     batch: torch.Tensor
     pos: torch.Tensor
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, kv_len: int, mask: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """q: (1, Hq, N, D), k/v: (1, Hkv, N, D) -> attention output (1, Hq, N, D)."""
+    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """k/v: (1, Hkv, N, D) -> each token's cache row and position."""
         k_cache[self.batch, :, self.pos] = k[0].transpose(0, 1)
         v_cache[self.batch, :, self.pos] = v[0].transpose(0, 1)
-        hq, d = q.shape[1], q.shape[3]
-        grid = q.new_zeros(self.b * self.t, hq, d)
-        grid[self.rows] = q[0].transpose(0, 1)
-        grid_q = grid.view(self.b, self.t, hq, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            grid_q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask, scale=scale,
-            enable_gqa=hq != k_cache.shape[1])
-        return out.transpose(1, 2).reshape(self.b * self.t, hq, d)[self.rows].transpose(0, 1)[None]
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, H, N, D) packed -> (B, H, T, D), zeros at padded positions."""
+        h, d = x.shape[1], x.shape[3]
+        grid = x.new_zeros(self.b * self.t, h, d)
+        grid[self.rows] = x[0].transpose(0, 1)
+        return grid.view(self.b, self.t, h, d).transpose(1, 2)
+
+    def from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> (1, H, N, D), the real positions only."""
+        h, d = x.shape[1], x.shape[3]
+        return x.transpose(1, 2).reshape(self.b * self.t, h, d)[self.rows].transpose(0, 1)[None]
 
 
 @dataclass(frozen=True)
@@ -241,7 +248,7 @@ class DecoderModel(nn.Module):
 
     def use_cpu_kernels(self) -> None:
         """Run every linear through CPU-friendly weight layouts (cpu_linear.py says why and what
-        it measured). Costs one or two extra copies of the weights; they must not change after."""
+        it measured). Costs one extra copy of the weights; they must not change afterwards."""
         for block in self.blocks:
             cast(Block, block).use_cpu_kernels()
         self.cpu_lm_head = CpuLinear(self.lm_head.weight)
@@ -340,8 +347,8 @@ def load_decoder(model_dir: Path, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", cpu_kernels: bool | None = None
                  ) -> DecoderModel:
     """Build a DecoderModel from a Hugging Face directory (config.json + *.safetensors).
-    ``cpu_kernels`` (default: on when the device is a CPU and oneDNN is available) trades extra
-    weight copies for ~1.3-2x faster forwards (cpu_linear.py)."""
+    ``cpu_kernels`` (default: on when the device is a CPU and oneDNN is available) trades an extra
+    copy of the weights for ~1.3-2x faster forwards (cpu_linear.py)."""
     spec = ModelSpec.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
