@@ -94,3 +94,17 @@ def test_noisy_costs_never_make_more_tokens_cheaper() -> None:
     assert c.verify_time(2) == 0.050 and c.verify_time(3) == 0.052
     p = DraftLengthPolicy(PolicyConfig(max_draft=4, prior_alpha=0.05), c)
     assert p.best_length(4) == 0
+
+
+def test_noisy_batch_costs_never_make_more_tokens_cheaper() -> None:
+    """The guard holds per batch size: 3 requests with 5 tokens measured cheaper than with 3
+    must not look cheaper; another batch size's times do not leak in."""
+    c = CostModel()
+    c.observe_verify(1, 0.040)
+    c.observe_verify(8, 0.070)
+    c.observe_verify(3, 0.060, batch=3)
+    c.observe_verify(5, 0.055, batch=3)
+    c.observe_verify(8, 0.090, batch=4)
+    assert c.verify_time(5, batch=3) == 0.060
+    assert c.verify_time(9, batch=3) >= 0.060
+    assert c.verify_time(8, batch=3) < 0.090
