@@ -132,6 +132,20 @@ class StepTrace:
     domain: str | None = None
 
 
+@dataclass(frozen=True)
+class PrefillTrace:
+    """What a prompt's forward teaches the draft: the target hidden states of every prompt
+    position, computed anyway by prefill. Row j is the state after token ``prompt[j]``; the token
+    that follows the last row is ``first_token`` (the first output token)."""
+
+    request_id: str
+    prompt: tuple[int, ...]
+    first_token: int
+    fused_hidden: torch.Tensor  # (P, 3*H)
+    final_hidden: torch.Tensor  # (P, H)
+    domain: str | None = None
+
+
 @dataclass
 class GenerationStats:
     """Per-request speculation counters (tau = tokens per verify step, DESIGN.md section 1)."""

@@ -40,6 +40,9 @@ class OnlineArm(EngineArm):
             self.learner.pause()
             torch.set_num_threads(outer)
 
+    def status(self) -> dict[str, Any]:
+        return self.learner.status()
+
     def close(self) -> None:
         self.learner.stop(save=False)
 

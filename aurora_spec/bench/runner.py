@@ -496,6 +496,8 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         warm = [BenchRequest(p, encoded[p.prompt.prompt]) for p in plan.warmup]
         outcome = run_interleaved(arms, requests, warm, cfg.max_tokens, progress=cfg.progress,
                                   save_ids=cfg.save_token_ids)
+        # Arms with internal state (online learners: trainer steps, gates, swaps) report it.
+        arm_status = {a.name: a.status() for a in arms if hasattr(a, "status")}
     finally:
         for a in arms:
             a.close()
@@ -520,6 +522,8 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "python": platform.python_version(), "machine": platform.machine(),
     }
     results = report.build_results(config, arms, outcome.records)
+    if arm_status:
+        results["arm_status"] = arm_status
     for section in cfg.extra_sections:
         results.update(section(results))
     written = report.write_report(Path(cfg.out), results, plot=cfg.plot)

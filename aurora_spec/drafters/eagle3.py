@@ -89,6 +89,10 @@ class Eagle3Drafter:
         self.chunk = chunk
         self._requests: dict[str, _Request] = {}
         self._positions = torch.arange(0)
+        # Pairs the last proposal ran through the head before drafting (its catch-up). The
+        # engine's cost model skips proposals with a long backlog (a request's first proposal, a
+        # probe after k = 0 steps, the first after a swap): a one-off cost, not the per-token one.
+        self.last_catch_up = 0
 
     # ---- lifecycle ----
 
@@ -179,6 +183,7 @@ class Eagle3Drafter:
             req.start, req.cache.length = req.n - MAX_CATCH_UP, 0
         head, dtype = self.head, self.head.fc.weight.dtype
         g = logits = None
+        self.last_catch_up = req.n - req.cached
         for s in range(req.cached, req.n, CATCH_UP_CHUNK):
             e = min(s + CATCH_UP_CHUNK, req.n)
             hidden = head.fuse(req.hid[s:e].to(dtype))[None]

@@ -28,6 +28,7 @@ from aurora_spec.types import (
     GenerationResult,
     GenerationStats,
     InvalidRequestError,
+    PrefillTrace,
     Proposal,
     SamplingParams,
     StepTrace,
@@ -36,6 +37,7 @@ from aurora_spec.types import (
 
 EMPTY = Proposal()
 TraceSink = Callable[[StepTrace], None]
+PrefillSink = Callable[[PrefillTrace], None]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Engine:
         self.drafter = drafter
         self.cfg = cfg
         self.trace_sink = trace_sink
+        # Prompt positions as training data (the learner sets it); same opt-out as trace_sink.
+        self.prefill_sink: PrefillSink | None = None
         self.costs = CostModel()
         prior = getattr(drafter, "prior_acceptance", None)
         policy_cfg = cfg.policy if prior is None else replace(cfg.policy, prior_alpha=prior)
@@ -217,6 +221,9 @@ class Engine:
         first = self._pick(out.logits[0, -1], seq)
         if self.drafter is not None:
             self.drafter.start(seq.request_id, seq.prompt_ids, first, out.fused_hidden[0])
+        if self.prefill_sink is not None and seq.record_traces:
+            self.prefill_sink(PrefillTrace(seq.request_id, tuple(seq.prompt_ids), first,
+                                           out.fused_hidden[0], out.final_hidden[0], seq.domain))
         seq.started_at = time.perf_counter()
         seq.stats.prefill_s = seq.started_at - t0
         self._emit(seq, [first])
@@ -260,7 +267,10 @@ class Engine:
                 continue
             t0 = time.perf_counter()
             prop = self.drafter.propose(seq.request_id, seq.tokens, k, seq.params)  # type: ignore[union-attr]
-            self.costs.observe_draft(len(prop), time.perf_counter() - t0)
+            # A drafter that defers work (eagle3 catches up skipped steps) says how much it did;
+            # a long backlog is a one-off cost, not what each drafted token costs.
+            if getattr(self.drafter, "last_catch_up", 0) <= self.cfg.policy.max_draft + 1:
+                self.costs.observe_draft(len(prop), time.perf_counter() - t0)
             proposals.append(prop)
         return proposals
 

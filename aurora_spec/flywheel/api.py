@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from aurora_spec.types import StepTrace
+from aurora_spec.types import PrefillTrace, StepTrace
 
 
 class Learner(Protocol):
@@ -25,6 +25,9 @@ class Learner(Protocol):
 
     def trace_sink(self, trace: StepTrace) -> None:
         """Called on the engine thread after each verify step; must never block serving."""
+
+    def prefill_sink(self, trace: PrefillTrace) -> None:
+        """Called on the engine thread after each prompt's prefill; must never block serving."""
 
     def status(self) -> dict[str, Any]:
         """Numbers for /health, /metrics and the live page: live_version, trainer_step, loss,
@@ -53,6 +56,9 @@ class NullLearner:
         pass
 
     def trace_sink(self, trace: StepTrace) -> None:
+        pass
+
+    def prefill_sink(self, trace: PrefillTrace) -> None:
         pass
 
     def status(self) -> dict[str, Any]:

@@ -9,6 +9,10 @@ rejected node d at position q is (fused hidden of d's parent, d) at position q-1
 lm_head(final of d); it sees the window's pairs before its fork point and its branch ancestors.
 
 Windows of different requests are packed into one sequence; masks keep them apart.
+
+Prompt positions (prompt records, flywheel/traces.py) are trained on like any others, but only
+pairs where serving drafts are *scored* (acceptance, the gate): pair j with j >= P - 1 for a
+prompt of P tokens (serving's first draft point is the prompt's last position).
 """
 
 from __future__ import annotations
@@ -33,10 +37,20 @@ class Window:
     br_parent: list[int] = field(default_factory=list)  # >= 0: committed row; < 0: -(branch + 1)
     br_rows: torch.Tensor | None = None  # (B, 4H)
     versions: tuple[int, ...] = ()
+    prompt_rows: int = 0  # the first rows are prompt positions (a prefix)
 
     @property
     def pairs(self) -> int:
         return max(self.rows.shape[0] - 1, 0)
+
+    @property
+    def first_scored(self) -> int:
+        """Index of the first pair at a position where serving drafts."""
+        return max(self.prompt_rows - 1, 0)
+
+    @property
+    def scored_pairs(self) -> int:
+        return max(self.pairs - self.first_scored, 0)
 
     @property
     def nbytes(self) -> int:
@@ -47,8 +61,8 @@ class Window:
 
 
 class _Open:
-    __slots__ = ("branches", "domain", "last_seen", "n", "pos0", "rid", "rows", "tokens",
-                 "versions")
+    __slots__ = ("branches", "domain", "last_seen", "n", "pos0", "prompt_rows", "rid", "rows",
+                 "tokens", "versions")
 
     def __init__(self, rid: str, domain: str | None, pos0: int, root: int) -> None:
         self.rid, self.domain, self.pos0 = rid, domain, pos0
@@ -56,6 +70,7 @@ class _Open:
         self.rows: list[torch.Tensor] = []
         self.branches: list[tuple[int, int, torch.Tensor]] = []
         self.n = 0
+        self.prompt_rows = 0
         self.last_seen = 0
         self.versions: set[int] = set()
 
@@ -63,7 +78,8 @@ class _Open:
 class WindowAssembler:
     """Stitches one request's verify steps into windows of at most ``window`` pairs. A window
     closes when full (the next one starts at its last row, so no pair is lost), when its request
-    skips a position (a dropped record), or when the request has been silent for ``idle`` records."""
+    skips a position (a dropped record), or when the request has been silent for ``idle`` records.
+    A long prompt record is cut into pieces of ``window`` rows first."""
 
     def __init__(self, window: int = 128, idle: int = 64, max_open: int = 1024) -> None:
         self.window, self.idle, self.max_open = window, idle, max_open
@@ -71,6 +87,16 @@ class WindowAssembler:
         self._count = 0
 
     def add(self, rec: TraceRecord) -> list[Window]:
+        if rec.prompt and rec.rows.shape[0] > self.window:
+            out: list[Window] = []
+            for a in range(0, rec.rows.shape[0], self.window):
+                b = min(a + self.window, rec.rows.shape[0])
+                out += self._add(TraceRecord(rec.request_id, rec.domain, rec.version, rec.pos + a,
+                                             rec.tokens[a:b + 1], rec.rows[a:b], (), 0, True))
+            return out
+        return self._add(rec)
+
+    def _add(self, rec: TraceRecord) -> list[Window]:
         out: list[Window] = []
         self._count += 1
         o = self._open.get(rec.request_id)
@@ -88,9 +114,12 @@ class WindowAssembler:
             parent = base_row + prow if prow <= m else -(base_br + prow - m - 1) - 1
             o.branches.append((tok, parent, rec.rows[m + 1 + r]))
         o.n += m + 1
+        if rec.prompt:
+            o.prompt_rows = o.n
+        else:
+            o.versions.add(rec.version)
         o.last_seen = self._count
-        o.versions.add(rec.version)
-        if o.n > self.window:
+        if o.n > self.window or (rec.prompt and o.n >= self.window):
             out += self._close(o, carry=True)
         if self._count % 16 == 0 or len(self._open) > self.max_open:
             for stale in [x for x in self._open.values()
@@ -110,7 +139,7 @@ class WindowAssembler:
         out = []
         if rows is not None and (rows.shape[0] > 1 or o.branches):
             win = Window(o.rid, o.domain, o.pos0, list(o.tokens), rows,
-                         versions=tuple(sorted(o.versions)))
+                         versions=tuple(sorted(o.versions)), prompt_rows=o.prompt_rows)
             if o.branches:
                 win.br_tok = [b[0] for b in o.branches]
                 win.br_parent = [b[1] for b in o.branches]
@@ -121,6 +150,7 @@ class WindowAssembler:
             nxt.tokens.append(o.tokens[-1])
             nxt.rows = [rows[-1:].clone()]
             nxt.n, nxt.last_seen = 1, o.last_seen
+            nxt.prompt_rows = 1 if o.prompt_rows >= o.n else 0
             self._open[o.rid] = nxt
         return out
 
@@ -136,6 +166,7 @@ class Batch:
     final_c: torch.Tensor  # (Nc, H) final_{j+1}: the target for the head's output at j
     truth_c: torch.Tensor  # (Nc,) x_{j+2}: the token the target emitted
     prev_c: torch.Tensor  # (Nc,) index of pair j-1 in the same window, -1 at a window start
+    scored_c: torch.Tensor  # (Nc,) bool: serving drafts here (not inside a prompt)
     hidden_b: torch.Tensor  # (Nb, 3H)
     tok_b: torch.Tensor
     pos_b: torch.Tensor
@@ -161,7 +192,7 @@ class Batch:
 
 
 def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
-    hc, tc, pc, wc, fc, truth, prev = [], [], [], [], [], [], []
+    hc, tc, pc, wc, fc, truth, prev, scored = [], [], [], [], [], [], [], []
     hb: list[torch.Tensor] = []
     tb: list[Any] = []
     pb: list[Any] = []
@@ -183,6 +214,7 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
             pv = torch.arange(nc - 1, nc + t - 1)
             pv[0] = -1
             prev.append(pv)
+            scored.append(torch.arange(t) >= win.first_scored)
             nc += t
         if not with_branches or win.br_rows is None:
             continue
@@ -222,6 +254,7 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
         pos_c=torch.cat(pc) if pc else long0, win_c=torch.cat(wc) if wc else long0,
         final_c=torch.cat(fc) if fc else torch.empty(0, h, dtype=dtype),
         truth_c=torch.cat(truth) if truth else long0, prev_c=torch.cat(prev) if prev else long0,
+        scored_c=torch.cat(scored) if scored else torch.empty(0, dtype=torch.bool),
         hidden_b=torch.stack(hb) if hb else empty_rows, tok_b=torch.tensor(tb, dtype=torch.long),
         pos_b=torch.tensor(pb, dtype=torch.long), win_b=torch.tensor(wb, dtype=torch.long),
         fork_b=torch.tensor(kb, dtype=torch.long), anc_b=anc,

@@ -30,8 +30,8 @@ import torch
 from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_to_payload
 from aurora_spec.flywheel.config import LearnerConfig
 from aurora_spec.flywheel.publisher import Publisher
-from aurora_spec.flywheel.traces import TraceBuffer, pack, record_step
-from aurora_spec.types import StepTrace
+from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step
+from aurora_spec.types import PrefillTrace, StepTrace
 
 log = logging.getLogger(__name__)
 _ENV_LOCK = threading.Lock()
@@ -109,6 +109,8 @@ class OnlineLearner:
         self._bind_drafter(engine.drafter if engine.drafter is not None else self.drafter)
         if getattr(engine, "trace_sink", None) is None:
             engine.trace_sink = self.trace_sink
+        if getattr(engine, "prefill_sink", None) is None:
+            engine.prefill_sink = self.prefill_sink
 
     # ---- Learner protocol ---------------------------------------------------------------------
     def trace_sink(self, trace: StepTrace) -> None:
@@ -123,6 +125,19 @@ class OnlineLearner:
             self.sink_errors += 1
             if self.sink_errors == 1:
                 log.exception("trace recording failed (further failures are counted only)")
+
+    def prefill_sink(self, trace: PrefillTrace) -> None:
+        """A prompt's positions as training data (engine thread; never raises)."""
+        if self.cfg.mode != "online" or self.cfg.trace.prompt_rows <= 0:
+            return
+        try:
+            self.buffer.append(record_prefill(trace, self._dtype, self.cfg.trace.prompt_rows,
+                                              self.live_version))
+            self.recorded += 1
+        except Exception:  # recording must never break serving
+            self.sink_errors += 1
+            if self.sink_errors == 1:
+                log.exception("prompt trace recording failed (further failures are counted only)")
 
     def start(self) -> None:
         if self._started:

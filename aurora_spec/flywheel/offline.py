@@ -23,7 +23,7 @@ from aurora_spec.flywheel.batch import Window, WindowAssembler
 from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead
 from aurora_spec.flywheel.trainer import Trainer
-from aurora_spec.flywheel.traces import TraceRecord, record_step
+from aurora_spec.flywheel.traces import TraceRecord, record_prefill, record_step
 from aurora_spec.flywheel.vocab import VocabBuilder
 from aurora_spec.types import SamplingParams
 
@@ -78,10 +78,14 @@ class Collected:
 
 def collect(engine: Any, prompts: Iterator[tuple[list[int], str | None]], max_tokens: int,
             stop_ids: tuple[int, ...] = (), dtype: torch.dtype = torch.bfloat16,
-            progress: Callable[[int, int], None] | None = None) -> Collected:
-    """Generate target-only (greedy) and keep every verify step's record."""
+            progress: Callable[[int, int], None] | None = None,
+            prompt_rows: int = 512) -> Collected:
+    """Generate target-only (greedy) and keep every verify step's record, and the last
+    ``prompt_rows`` positions of each prompt (0: none)."""
     records: list[TraceRecord] = []
     engine.trace_sink = lambda t: records.append(record_step(t, dtype, max_rejected=0))
+    if prompt_rows > 0:
+        engine.prefill_sink = lambda t: records.append(record_prefill(t, dtype, prompt_rows))
     prompt_tokens: list[int] = []
     out_tokens, t0 = 0, time.perf_counter()
     for i, (ids, domain) in enumerate(prompts):
@@ -91,7 +95,7 @@ def collect(engine: Any, prompts: Iterator[tuple[list[int], str | None]], max_to
         out_tokens += len(res.token_ids)
         if progress is not None:
             progress(i + 1, out_tokens)
-    engine.trace_sink = None
+    engine.trace_sink = engine.prefill_sink = None
     return Collected(records, prompt_tokens, out_tokens, time.perf_counter() - t0)
 
 
@@ -104,11 +108,13 @@ def fit(model: Any, records: list[TraceRecord], prompt_tokens: list[int],
     vocab = VocabBuilder(model.spec.vocab_size, head.config.draft_vocab_size, window=1)
     vocab.observe(prompt_tokens)
     for r in records:
-        vocab.observe(r.tokens[1:])
+        if not r.prompt:  # prompt tokens are counted above
+            vocab.observe(r.tokens[1:])
     vocab.recent.clear()  # all-time counts only
     vocab.threshold = 0.0  # one vocabulary for the whole fit
     head.set_vocab(vocab.build())
-    emitted = torch.tensor([t for r in records for t in r.tokens[1:]], dtype=torch.long)
+    emitted = torch.tensor([t for r in records if not r.prompt for t in r.tokens[1:]],
+                           dtype=torch.long)
     coverage = float((head.t2d[emitted] >= 0).double().mean()) if len(emitted) else 1.0
     asm = WindowAssembler(cfg.window)
     windows: list[Window] = []

@@ -36,7 +36,7 @@ class WindowStore:
 
     def add(self, win: Window) -> None:
         self.count += 1
-        if (self.holdout_every > 0 and win.pairs > 0
+        if (self.holdout_every > 0 and win.scored_pairs > 0
                 and self.rng.random() * self.holdout_every < 1.0):
             self.holdout.append(win)
             self.holdout_added += 1

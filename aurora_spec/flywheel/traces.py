@@ -11,6 +11,10 @@ A ``TraceRecord`` keeps, per verify step, only what training needs (DESIGN.md se
   (a committed row or an earlier rejected row). Nodes nearest the root are kept first;
 - the outcome (``proposed``, accepted) and the draft version, for live acceptance by version.
 
+A *prompt record* (``prompt=True``, from ``record_prefill``) has the same layout for a prompt's
+positions: tokens = the prompt's tokens then the first output token, one row per prompt position,
+nothing proposed. The assembler stitches it to the request's verify steps like any step.
+
 The engine thread appends records; ``TraceBuffer`` is bounded in bytes, drops the oldest record
 when full (counted) and never blocks. ``pack``/``unpack`` turn a batch of records into plain
 bytes + small tuples for another process (no shared-memory handles that a killed trainer could
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aurora_spec.types import StepTrace
+from aurora_spec.types import PrefillTrace, StepTrace
 
 RECORD_OVERHEAD = 160  # bytes of Python objects per record, counted against the bound
 
@@ -41,6 +45,7 @@ class TraceRecord:
     rows: torch.Tensor
     rejected: tuple[tuple[int, int], ...]
     proposed: int
+    prompt: bool = False  # prompt positions (prefill), not a verify step
 
     @property
     def accepted(self) -> int:
@@ -93,6 +98,18 @@ def record_step(trace: StepTrace, dtype: torch.dtype = torch.bfloat16,
     return TraceRecord(trace.request_id, trace.domain, prop.draft_version, trace.context_len,
                        (trace.root_token, *res.accepted_tokens, res.next_token), cat,
                        tuple(rejected), len(prop))
+
+
+def record_prefill(trace: PrefillTrace, dtype: torch.dtype = torch.bfloat16,
+                   max_rows: int = 512, version: int = 0) -> TraceRecord:
+    """Copy the last ``max_rows`` prompt positions of a prefill (a long prompt's start adds
+    little that its end does not, and its rows would crowd the buffer)."""
+    n = len(trace.prompt)
+    start = max(0, n - max_rows)
+    cat = torch.cat((trace.fused_hidden[start:], trace.final_hidden[start:]), dim=-1)
+    cat = cat.to(device="cpu", dtype=dtype, copy=True)
+    return TraceRecord(trace.request_id, trace.domain, version, start,
+                       (*trace.prompt[start:], trace.first_token), cat, (), 0, prompt=True)
 
 
 class TraceBuffer:
@@ -163,7 +180,7 @@ def pack(records: list[TraceRecord]) -> dict:
     rows = torch.cat([r.rows for r in records])
     dtype = rows.dtype
     meta = [(r.request_id, r.domain, r.version, r.pos, r.tokens, r.rejected, r.proposed,
-             r.rows.shape[0]) for r in records]
+             r.rows.shape[0], r.prompt) for r in records]
     raw = rows.contiguous().view(_VIEW[dtype]).numpy().tobytes()
     return {"meta": meta, "rows": raw, "dtype": _NAMES[dtype], "width": rows.shape[1]}
 
@@ -176,8 +193,8 @@ def unpack(payload: dict) -> list[TraceRecord]:
                         else np.int32).copy()
     rows = torch.from_numpy(arr).view(dtype).view(-1, payload["width"])
     out, start = [], 0
-    for rid, domain, version, pos, tokens, rejected, proposed, n in payload["meta"]:
+    for rid, domain, version, pos, tokens, rejected, proposed, n, prompt in payload["meta"]:
         out.append(TraceRecord(rid, domain, version, pos, tuple(tokens), rows[start:start + n],
-                               tuple(tuple(x) for x in rejected), proposed))
+                               tuple(tuple(x) for x in rejected), proposed, prompt))
         start += n
     return out

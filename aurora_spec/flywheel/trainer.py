@@ -106,7 +106,7 @@ class Trainer:
     def ingest(self, records: list[TraceRecord]) -> None:
         for rec in records:
             self.records += 1
-            self.vocab.observe(rec.tokens[1:])
+            self.vocab.observe(rec.tokens[1:], emitted=not rec.prompt)
             for win in self.assembler.add(rec):
                 self.store.add(win)
 
@@ -202,8 +202,9 @@ class Trainer:
             if batch.n_committed:
                 with self._autocast():
                     lengths = acceptance_lengths(head, batch, self.embed, depth)
+                lengths = lengths[batch.scored_c]  # only where serving drafts
                 total += int(lengths.sum())
-                n += batch.n_committed
+                n += len(lengths)
                 for d in range(depth + 1):
                     reached[d] += int((lengths >= d).sum())
         size = 0
@@ -227,7 +228,7 @@ class Trainer:
             if n >= self.cfg.gate_positions:
                 break
             out.append(w)
-            n += w.pairs
+            n += w.scored_pairs
         return out
 
     def gate(self, candidate: Eagle3Head) -> GateResult:

@@ -27,11 +27,15 @@ class VocabBuilder:
         self.since_rebuild = 0
         self.rebuilds = 0
 
-    def observe(self, tokens: list[int] | tuple[int, ...]) -> None:
+    def observe(self, tokens: list[int] | tuple[int, ...], emitted: bool = True) -> None:
+        """Count tokens; ``emitted=False`` (prompt tokens) counts them for the vocabulary's
+        choice only, not for coverage (which is measured on emitted tokens)."""
         ids = [t for t in tokens if 0 <= t < self.target_vocab]
         if not ids:
             return
         self.counts.index_add_(0, torch.tensor(ids), torch.ones(len(ids), dtype=torch.float64))
+        if not emitted:
+            return
         self.recent.extend(ids)
         self.seen += len(ids)
         self.since_rebuild += len(ids)

@@ -129,6 +129,7 @@ def build_app(a: argparse.Namespace,
     runtime = build_runtime(mcfg, dcfg, EngineConfig(PolicyConfig(max_draft=a.max_draft)))
     learner = learner_factory(a, runtime)
     runtime.engine.trace_sink = learner.trace_sink  # before the engine thread starts
+    runtime.engine.prefill_sink = learner.prefill_sink
     settings = server_settings(a, learn=not isinstance(learner, NullLearner))
     return create_app(runtime, learner, settings)
 

@@ -272,6 +272,19 @@ def test_long_backlog_restarts_the_context_at_the_last_pairs(monkeypatch):
     assert len(tree.step(3, 1)) == 6
 
 
+def test_last_catch_up_counts_the_backlog_a_proposal_ran():
+    """The engine's cost model reads this to skip one-off catch-ups (drafters/eagle3.py)."""
+    seq = Seq(Eagle3Drafter(make_head(), embed_matrix()), prompt_len=9)
+    seq.step(3, 2)
+    assert seq.d.last_catch_up == 9  # the whole prompt (+ first token) at the first proposal
+    seq.step(3, 1)
+    assert seq.d.last_catch_up == 3  # steady drafting: the accepted tokens + the target's
+    seq.step(0, 0)
+    seq.step(0, 0)
+    seq.step(1, 0)
+    assert seq.d.last_catch_up == 2 + 1 + 1  # two skipped steps pile up
+
+
 def test_chain_matches_slow_reference_and_uses_d2t():
     head, embed = make_head(), embed_matrix()
     head.set_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(3))[:VD])

@@ -164,3 +164,28 @@ def test_real_drafters_are_lossless(target, drafter_kind: str) -> None:
     engine = make_engine(model, make_test_drafter(drafter_kind, model, []), fixed=4)
     got = [list(engine.generate(p, SamplingParams(max_tokens=30)).token_ids) for p in ps]
     assert got == want
+
+
+def test_draft_cost_skips_one_off_catch_ups() -> None:
+    """The first eagle3 proposal of a request runs the whole prompt through the head: that is not
+    what a drafted token costs, so the cost model must not learn it (it would stop drafting)."""
+    model, _ = tiny_target("llama", seed=3)
+    engine = make_engine(model, make_test_drafter("eagle3", model, []), fixed=2)
+    drafter, costs = engine.drafter, engine.costs
+    backlogs, observed = [], []
+    propose, observe = drafter.propose, costs.observe_draft
+
+    def logged_propose(*a, **k):
+        out = propose(*a, **k)
+        backlogs.append(drafter.last_catch_up)
+        return out
+
+    def logged_observe(*a, **k):
+        observed.append(backlogs[-1])
+        return observe(*a, **k)
+
+    drafter.propose, costs.observe_draft = logged_propose, logged_observe
+    engine.generate(list(range(3, 23)), SamplingParams(max_tokens=12))
+    assert backlogs[0] == 20 and len(backlogs) > 1
+    assert observed == backlogs[1:]  # all but the prompt's catch-up (max_draft + 1 = 7 < 20)
+    assert costs.draft_token_s > 0.0

@@ -17,7 +17,7 @@ from aurora_spec.flywheel.losses import (
     flywheel_loss,
     unrolled_forward,
 )
-from aurora_spec.flywheel.traces import TraceBuffer, pack, record_step, unpack
+from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step, unpack
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
 from tests.tiny_models import tiny_target
@@ -28,7 +28,7 @@ def head_for(model, std: float = 0.3, seed: int = 0, draft_vocab: int = 80) -> E
     return Eagle3Head.random(cfg, seed=seed, std=std).eval()
 
 
-def run_engine(model, head, prompt, max_tokens=40, k=4, tree=1):
+def run_engine(model, head, prompt, max_tokens=40, k=4, tree=1, prompt_rows=0):
     records, traces = [], []
 
     def sink(t):
@@ -39,6 +39,9 @@ def run_engine(model, head, prompt, max_tokens=40, k=4, tree=1):
     runner = TargetRunner(model, CacheConfig(max_slots=1, capacity=256))
     engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=k, fixed_draft=k),
                                                   calibrate=False), sink)
+    if prompt_rows:
+        engine.prefill_sink = lambda t: records.append(record_prefill(t, torch.float32,
+                                                                      prompt_rows))
     out = engine.generate(prompt, SamplingParams(max_tokens=max_tokens))
     return list(prompt) + list(out.token_ids), records, traces, runner
 
@@ -108,6 +111,39 @@ def test_records_assemble_into_windows_matching_a_full_forward():
     branch_seq = seq[:w.pos0 + par + 1] + [w.br_tok[0]]
     bf, bfin = full_rows(runner, branch_seq)
     torch.testing.assert_close(w.br_rows[0, fused.shape[1]:], bfin[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_positions_join_the_request_windows():
+    """A prefill record (the last prompt_rows prompt positions) is stitched to the verify steps:
+    windows cover every pair from the first kept prompt position, long prompts are cut at the
+    window size, and only pairs where serving drafts are scored."""
+    model, _ = tiny_target("llama", seed=2)
+    head = head_for(model, seed=3)
+    prompt = [int(x) for x in torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(0))]
+    seq, records, _, runner = run_engine(model, head, prompt, max_tokens=30, prompt_rows=36)
+    assert records[0].prompt and records[0].pos == 4 and len(records[0].rows) == 36
+    fused, final = full_rows(runner, seq[:-1])
+    asm = WindowAssembler(window=16)
+    wins = []
+    for r in unpack(pack(records)):
+        wins += asm.add(r)
+    wins += asm.flush()
+    covered, scored = 0, 0
+    for w in wins:
+        n = w.rows.shape[0]
+        assert n <= 16 + 9  # prompt pieces close at the window size, steps add <= k + 1 rows
+        assert w.tokens == seq[w.pos0:w.pos0 + n + 1]
+        torch.testing.assert_close(w.rows, torch.cat((fused, final), -1)[w.pos0:w.pos0 + n],
+                                   atol=1e-4, rtol=1e-4)
+        assert w.prompt_rows == max(0, min(n, len(prompt) - w.pos0))
+        covered += w.pairs
+        scored += w.scored_pairs
+    assert covered == len(seq) - 1 - 4 - 1  # every pair from position 4 on
+    assert scored == len(seq) - 1 - (len(prompt) - 1) - 1  # from the prompt's last position on
+    batch = pack_windows(wins)
+    assert int(batch.scored_c.sum()) == scored
+    assert bool((batch.pos_c[batch.scored_c] >= len(prompt) - 1).all())
+    assert bool((batch.pos_c[~batch.scored_c] < len(prompt) - 1).all())
 
 
 def test_loss_decreases_and_discard_term_is_optional():

@@ -49,7 +49,9 @@ def test_offline_fit_raises_heldout_acceptance():
     prompts = [(torch.randint(3, 96, (6,), generator=g).tolist(), "d") for _ in range(6)] * 4
     got = collect(engine, iter(prompts), 40)
     assert got.output_tokens == 40 * len(prompts) and engine.trace_sink is None
-    assert all(len(r.rows) == 1 for r in got.records)  # target-only: one row per step
+    steps = [r for r in got.records if not r.prompt]
+    assert all(len(r.rows) == 1 for r in steps)  # target-only: one row per step
+    assert sum(r.prompt for r in got.records) == len(prompts)  # and each prompt's positions
     cfg = TrainerConfig(batch_tokens=128, window=32, holdout_every=5, lambda_discard=0.0)
     head, metrics = fit(model, got.records, got.prompt_tokens, cfg, epochs=6, draft_vocab=64)
     hist = metrics["history"]
