@@ -143,10 +143,10 @@ class Publisher:
         for p in [policy, *running]:
             if p is not None and hasattr(p, "alpha"):
                 p.alpha[:] = new
-        probe = getattr(policy, "probe", None)
-        if probe is not None:  # shared by every request's policy
-            probe.interval = policy.cfg.probe_every
-            probe.steps_since = probe.interval - 1  # probe at the next drafting decision
+            probe = getattr(p, "probe", None)
+            if probe is not None:  # a new head: probe at the next drafting decision
+                probe.interval = policy.cfg.probe_every
+                probe.steps_since = probe.interval - 1
         return old
 
     def _run_between_steps(self, fn: Callable[[], None]) -> None:

@@ -40,6 +40,10 @@ def test_vocab_builder_tracks_coverage_and_rebuilds():
     t2d2 = torch.full((100,), -1)
     t2d2[d2t] = torch.arange(10)
     assert vb.coverage(t2d2) == 1.0 and vb.maybe_rebuild(t2d2) is None
+    # Prompt tokens weigh in the choice but not in coverage (measured on emitted tokens).
+    vb.observe([90, 91] * 400, emitted=False)
+    assert vb.coverage(t2d2) == 1.0 and vb.maybe_rebuild(t2d2) is None
+    assert {90, 91} <= set(vb.build().tolist())
 
 
 def test_offline_fit_raises_heldout_acceptance():
