@@ -53,6 +53,15 @@ def full_rows(runner, tokens):
     return out.fused_hidden[0], out.final_hidden[0]
 
 
+def assemble(records, window: int) -> list[Window]:
+    """Records through the inter-process transport, then into closed windows."""
+    asm = WindowAssembler(window=window)
+    wins = []
+    for r in unpack(pack(records)):
+        wins += asm.add(r)
+    return wins + asm.flush()
+
+
 def test_unrolled_forward_reproduces_serving_chains():
     model, _ = tiny_target("llama", seed=1)
     head = head_for(model)
@@ -86,11 +95,7 @@ def test_records_assemble_into_windows_matching_a_full_forward():
     prompt = [7, 8, 9, 10]
     seq, records, traces, runner = run_engine(model, head, prompt, max_tokens=50)
     fused, final = full_rows(runner, seq[:-1])
-    asm = WindowAssembler(window=16)
-    wins = []
-    for r in unpack(pack(records)):
-        wins += asm.add(r)
-    wins += asm.flush()
+    wins = assemble(records, window=16)
     assert len(wins) >= 3
     covered = 0
     for w in wins:
@@ -123,11 +128,7 @@ def test_prompt_positions_join_the_request_windows():
     seq, records, _, runner = run_engine(model, head, prompt, max_tokens=30, prompt_rows=36)
     assert records[0].prompt and records[0].pos == 4 and len(records[0].rows) == 36
     fused, final = full_rows(runner, seq[:-1])
-    asm = WindowAssembler(window=16)
-    wins = []
-    for r in unpack(pack(records)):
-        wins += asm.add(r)
-    wins += asm.flush()
+    wins = assemble(records, window=16)
     covered, scored = 0, 0
     for w in wins:
         n = w.rows.shape[0]
