@@ -29,7 +29,8 @@ def add_drafter_flags(p: argparse.ArgumentParser, default: str = "ngram") -> Non
     p.add_argument("--drafter", default=default, choices=DRAFTERS)
     p.add_argument("--draft-weights", default=None, help="eagle3 head directory (safetensors)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="eagle3 day-0 draft vocabulary")
-    p.add_argument("--tree-width", type=int, default=1, help="> 1 drafts trees")
+    p.add_argument("--tree-width", type=int, default=None,
+                   help="> 1 drafts trees of that many branches (default: eagle3 3, ngram 1)")
     p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
 
 
@@ -42,7 +43,7 @@ def model_config(a: argparse.Namespace, max_slots: int = 1) -> ModelConfig:
 
 
 def drafter_config(a: argparse.Namespace) -> DrafterConfig:
-    if a.tree_width < 1 or a.max_draft < 0 or a.draft_vocab < 1:
+    if (a.tree_width is not None and a.tree_width < 1) or a.max_draft < 0 or a.draft_vocab < 1:
         raise UsageError("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
     return DrafterConfig(a.drafter, a.draft_weights, a.draft_vocab, a.tree_width)
 

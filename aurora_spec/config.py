@@ -33,5 +33,5 @@ class DrafterConfig:
     name: str = "ngram"  # none | ngram | eagle3
     draft_weights: str | None = None  # eagle3: directory with head.safetensors + head.json
     draft_vocab: int = 8192  # eagle3 day-0 draft vocabulary size
-    tree_width: int = 1  # > 1 proposes trees
+    tree_width: int | None = None  # > 1 proposes trees; None: the drafter's default
     seed: int = 0  # eagle3 random initialisation

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and DIR/bench.png. Arms: " + ", ".join(ARM_BUILDERS) + " (eagle3:DIR and static:DIR "
         "load a trained head).")
     p.add_argument("--arms", default="none,ngram,eagle3,hf",
-                   help="comma-separated arms (default: none,ngram,eagle3,hf)")
+                   help="comma-separated arms (default: none,ngram,eagle3,hf); a suffix @wN "
+                   "makes one arm draft top-N trees (e.g. online@w3), overriding --tree-width")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="apply the chat template (default: on when the model has one)")
     p.add_argument("--draft-weights", default=None, help="eagle3 head directory (safetensors)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="eagle3 day-0 draft vocabulary")
-    p.add_argument("--tree-width", type=int, default=1, help="> 1 drafts trees")
+    p.add_argument("--tree-width", type=int, default=None,
+                   help="> 1 drafts trees of that many branches (default: eagle3 3, ngram 1)")
     p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
     p.add_argument("--warmup", type=int, default=2,
                    help="warm-up requests run on every arm first, excluded (default 2)")
@@ -65,7 +67,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise BenchError("--requests must be positive")
     if a.max_tokens <= 0:
         raise BenchError("--max-tokens must be positive")
-    if a.tree_width < 1 or a.max_draft < 0 or a.draft_vocab < 1:
+    if (a.tree_width is not None and a.tree_width < 1) or a.max_draft < 0 or a.draft_vocab < 1:
         raise BenchError("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
     cfg = BenchConfig(
         arms=a.arms, domains=parse_domains(a.domains) if a.domains else None,

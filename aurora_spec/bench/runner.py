@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -187,7 +188,7 @@ class ArmOptions:
     max_draft: int = 8
     draft_weights: str | None = None
     draft_vocab: int = 8192
-    tree_width: int = 1
+    tree_width: int | None = None  # None: the drafter's default
     seed: int = 0
     calibrate: bool = True
     max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
@@ -272,19 +273,28 @@ class ArmSpec:
     name: str  # as written on the command line, the key in results.json
     kind: str
     arg: str | None
+    tree_width: int | None = None  # ``@wN`` suffix: this arm drafts top-N trees
+
+
+_TREE_SUFFIX = re.compile(r"@w(\d+)$")
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
+    """``kind[:ARG][@wN]`` separated by commas, e.g. ``none,online,online@w3,static:DIR``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
-        kind, sep, arg = part.partition(":")
+        tree = _TREE_SUFFIX.search(part)
+        width = int(tree.group(1)) if tree else None
+        if width is not None and width < 1:
+            raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
+        kind, sep, arg = part[:tree.start()].partition(":") if tree else part.partition(":")
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
-        out.append(ArmSpec(part, kind, arg if sep else None))
+        out.append(ArmSpec(part, kind, arg if sep else None, width))
     if not out:
         raise BenchError("--arms is empty")
     names = [a.name for a in out]
@@ -294,6 +304,8 @@ def parse_arms(spec: str) -> list[ArmSpec]:
 
 
 def build_arm(target: BenchTarget, spec: ArmSpec, opts: ArmOptions) -> Arm:
+    if spec.tree_width is not None:
+        opts = dataclasses.replace(opts, tree_width=spec.tree_width)
     return ARM_BUILDERS[spec.kind](target, spec.name, spec.arg, opts)
 
 

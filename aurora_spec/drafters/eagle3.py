@@ -76,12 +76,15 @@ class Eagle3Drafter:
 
     def __init__(self, head: Eagle3Head, embed: torch.Tensor, embed_scale: float = 1.0,
                  tree_width: int = 1, chunk: int = 256,
-                 prior_acceptance: float | None = None) -> None:
+                 prior_acceptance: float | None = None, cpu_kernels: bool = True) -> None:
         if tree_width < 1:
             raise ValueError("tree_width must be >= 1")
         # What the engine's draft-length policy assumes before it has measured anything: a
         # random day-0 head is almost never right, so it should not start by drafting long.
         self.prior_acceptance = prior_acceptance
+        self.cpu_kernels = cpu_kernels  # packed weight copies on CPU (Eagle3Head.use_cpu_kernels)
+        if cpu_kernels:
+            head.use_cpu_kernels()
         self.head = head
         self.embed = embed
         self.embed_scale = float(embed_scale)
@@ -129,7 +132,10 @@ class Eagle3Drafter:
 
     def swap_head(self, head: Eagle3Head) -> None:
         """Use new weights from the next proposal on. Every request's draft cache was built by the
-        old head, so it is emptied: the next catch-up re-runs all stored pairs in one forward."""
+        old head, so it is emptied: the next catch-up re-runs all stored pairs in one forward.
+        Heads arriving through the publisher are packed already (off the engine thread)."""
+        if self.cpu_kernels:
+            head.use_cpu_kernels()
         self.head = head
         c, w = head.config, head.fc.weight
         for req in self._requests.values():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available
 from aurora_spec.models.layers import (
     RMSNorm,
     apply_rope,
@@ -184,6 +185,44 @@ class Eagle3Head(nn.Module):
         # A plain attribute, not a buffer: module.to(bfloat16) would round the frequencies and
         # make a bf16 serving head disagree with its fp32 training twin at long positions.
         self._inv_freq = rope_inv_freq(d, c.rope_theta)
+        # Serving heads on CPU: packed copies of the linears (use_cpu_kernels), keyed by layer.
+        self._packed: dict[str, tuple[torch.Tensor, tuple[int, int], CpuLinear]] = {}
+
+    _LINEARS = ("fc", "qkv", "o_proj", "gate_up", "down", "lm_head")
+
+    def use_cpu_kernels(self) -> bool:
+        """Serving on CPU: run the linears through oneDNN-packed weight copies (cpu_linear.py;
+        ``python scripts/linear_kernels.py`` measures both). The copies are used only without
+        autograd (serving runs under no_grad; training keeps plain linears so gradients flow),
+        and a copy is dropped as soon as its weight changes (an optimizer step, set_vocab), so a
+        stale copy is never used. A no-op off CPU or without the kernels; returns whether the
+        head is packed."""
+        if self.fc.weight.device.type != "cpu" or not packed_kernels_available():
+            return False
+        for name in self._LINEARS:
+            weight = getattr(self, name).weight
+            if name not in self._packed or not self._fresh(name, weight):
+                self._packed[name] = (weight, (weight._version, weight.data_ptr()),
+                                      CpuLinear(weight))
+        return True
+
+    def _fresh(self, name: str, weight: torch.Tensor) -> bool:
+        w, stamp, _ = self._packed[name]
+        return w is weight and (weight._version, weight.data_ptr()) == stamp
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, name)
+        if name in self._packed:
+            if not self._fresh(name, layer.weight):
+                del self._packed[name]  # the weight changed: the copy is stale for good
+            elif not torch.is_grad_enabled():
+                return self._packed[name][2](x)
+        return layer(x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_packed"] = {}  # packed copies are a cache: never pickled or deep-copied
+        return state
 
     @staticmethod
     def random(config: Eagle3Config, seed: int = 0, std: float = 0.02) -> Eagle3Head:
@@ -203,7 +242,7 @@ class Eagle3Head(nn.Module):
 
     def fuse(self, fused_hidden: torch.Tensor) -> torch.Tensor:
         """(..., 3H) concatenated low/mid/high target layers -> (..., H) draft hidden input."""
-        return self.fc(fused_hidden)
+        return self._linear("fc", fused_hidden)
 
     def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
                 cache: DraftCache | None = None, mask: torch.Tensor | None = None,
@@ -218,7 +257,8 @@ class Eagle3Head(nn.Module):
         b, t, _ = hidden.shape
         c, d = self.config, self.config.head_dim
         x = torch.cat((self.embed_norm(token_embeds), self.hidden_norm(hidden)), dim=-1)
-        q, k, v = self.qkv(x).split((c.num_heads * d, c.num_kv_heads * d, c.num_kv_heads * d), -1)
+        kv = c.num_kv_heads * d
+        q, k, v = self._linear("qkv", x).split((c.num_heads * d, kv, kv), -1)
         q = q.view(b, t, c.num_heads, d).transpose(1, 2)
         k = k.view(b, t, c.num_kv_heads, d).transpose(1, 2)
         v = v.view(b, t, c.num_kv_heads, d).transpose(1, 2)
@@ -233,10 +273,10 @@ class Eagle3Head(nn.Module):
         if mask is None and t > 1:  # a single query may see every key: no mask needed
             mask = causal_mask(start, t, hidden.device)
         attn = attend(q, k, v, mask)
-        h = hidden + self.o_proj(attn.transpose(1, 2).reshape(b, t, c.num_heads * d))
-        gate, up = self.gate_up(self.post_attn_norm(h)).chunk(2, dim=-1)
-        h = h + self.down(F.silu(gate) * up)
-        logits = self.lm_head(self.norm(h[:, -1:] if last_only else h))
+        h = hidden + self._linear("o_proj", attn.transpose(1, 2).reshape(b, t, c.num_heads * d))
+        gate, up = self._linear("gate_up", self.post_attn_norm(h)).chunk(2, dim=-1)
+        h = h + self._linear("down", F.silu(gate) * up)
+        logits = self._linear("lm_head", self.norm(h[:, -1:] if last_only else h))
         return h, logits
 
     def set_vocab(self, d2t: torch.Tensor) -> None:

@@ -2,8 +2,9 @@
 
 The policy keeps running estimates of
 - alpha_i, the probability that the draft token at depth i is accepted given depth i-1 was,
-- t(T), the wall time of a target forward over T tokens (T = k + 1 for a chain of k),
-- c, the wall time of drafting one token,
+- t(T), the wall time of a target forward over T tokens (T = k + 1 for a chain of k, w*k + 1 for
+  a tree of w branches),
+- c, the wall time of drafting one depth (one token of a chain, w sibling tokens of a tree),
 and picks k maximising expected tokens per second, E_k / (t(k+1) + k c), with
 E_k = 1 + sum_{i<=k} prod_{j<=i} alpha_j (Leviathan et al. 2023, with measured costs). When k = 0
 wins, the policy still probes with a short draft every ``probe_every`` steps so that a drafter that
@@ -29,6 +30,9 @@ class PolicyConfig:
     probe_every: int = 16  # first probe interval (steps) once drafting stopped paying
     probe_max_every: int = 256  # failed probes double the interval up to this
     probe_length: int = 1
+    # Nodes the drafter proposes per depth (top-w trees): a depth-k draft is verified as w*k + 1
+    # tokens, while drafting it costs k head steps (the w branches of a depth share one step).
+    tree_width: int = 1
 
 
 @dataclass
@@ -127,8 +131,9 @@ class DraftLengthPolicy:
         """The k in [0, limit] with the highest expected tokens per second."""
         c = self.costs.draft_token_s
         best_k, best_rate = 0, 1.0 / self.costs.verify_time(1)
+        w = self.cfg.tree_width
         for k in range(1, min(limit, self.cfg.max_draft) + 1):
-            rate = self.expected_tokens(k) / (self.costs.verify_time(k + 1) + k * c)
+            rate = self.expected_tokens(k) / (self.costs.verify_time(w * k + 1) + k * c)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k

@@ -95,6 +95,9 @@ class Engine:
         self.costs = CostModel()
         prior = getattr(drafter, "prior_acceptance", None)
         policy_cfg = cfg.policy if prior is None else replace(cfg.policy, prior_alpha=prior)
+        width = int(getattr(drafter, "tree_width", 1) or 1)
+        if width != policy_cfg.tree_width:  # the policy prices a draft by the nodes it verifies
+            policy_cfg = replace(policy_cfg, tree_width=width)
         self.policy = DraftLengthPolicy(policy_cfg, self.costs)  # global acceptance estimates
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -237,7 +240,8 @@ class Engine:
     def _draft_limit(self, seq: Sequence) -> int:
         remaining = seq.params.max_tokens - len(seq.output)
         room = self.runner.capacity - self.runner.length(seq.slot) - 1
-        return min(remaining - 1, room - 1, self.cfg.policy.max_draft)
+        return min(remaining - 1, (room - 1) // self.policy.cfg.tree_width,
+                   self.cfg.policy.max_draft)
 
     def _plan(self, seqs: list[Sequence]) -> list[int]:
         """Draft length per request: each request's own best length, then (for a batch) a common
@@ -254,7 +258,8 @@ class Engine:
             ks = [min(w, cap) for w in wants]
             tokens = sum(_policy(seq).expected_tokens(k)
                          for seq, k in zip(seqs, ks, strict=True))
-            rate = tokens / (self.costs.verify_time(sum(ks) + batch, batch) + c * sum(ks))
+            nodes = self.policy.cfg.tree_width * sum(ks)
+            rate = tokens / (self.costs.verify_time(nodes + batch, batch) + c * sum(ks))
             if rate > best_rate:
                 best_cap, best_rate = cap, rate
         return [min(w, best_cap) for w in wants]
@@ -270,7 +275,8 @@ class Engine:
             # A drafter that defers work (eagle3 catches up skipped steps) says how much it did;
             # a long backlog is a one-off cost, not what each drafted token costs.
             if getattr(self.drafter, "last_catch_up", 0) <= self.cfg.policy.max_draft + 1:
-                self.costs.observe_draft(len(prop), time.perf_counter() - t0)
+                depth = max(prop.depths(), default=0)  # a tree's siblings share one head step
+                self.costs.observe_draft(depth, time.perf_counter() - t0)
             proposals.append(prop)
         return proposals
 

@@ -97,6 +97,7 @@ class Publisher:
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
+        head.use_cpu_kernels()  # here, not in the between-steps swap: keeps that pause short
         self.swap(head, watch=True, alpha=alpha)
         return head
 

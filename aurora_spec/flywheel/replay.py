@@ -4,14 +4,18 @@ held-out slice for the gate.
 - ``recent``: the last N training windows (what traffic looks like now);
 - ``reservoir``: a uniform sample over every training window ever seen (reservoir sampling,
   Vitter's algorithm R), the forgetting guard: a burst of one domain cannot push the others out;
-- ``holdout``: a random 1 in ``holdout_every`` of the windows, never trained on; the newest of them are the
-  gate's held-out slice.
+- ``holdout``: the windows of a random 1 in ``holdout_every`` *requests*, never trained on; the
+  newest of them are the gate's held-out slice. Whole requests, not single windows: windows of
+  one request share its prompt and wording, so a window whose neighbours were trained on scores
+  far better than truly unseen traffic (measured: gate acceptance 0.75-0.82 against 0.6 on held-out
+  requests), and the gate would pass candidates that only memorised.
 A batch mixes ``recent_ratio`` of newest windows with replay.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from collections import deque
 
 from aurora_spec.flywheel.batch import Window
@@ -33,13 +37,21 @@ class WindowStore:
         self.count = 0
         self.positions = 0  # training pairs ingested
         self.holdout_added = 0
+        self.seed = seed
+
+    def held_out(self, request_id: str) -> bool:
+        """Whether a request belongs to the gate's slice: a hash of its id, so every window of
+        the request lands on the same side without remembering ids."""
+        if self.holdout_every <= 0:
+            return False
+        return zlib.crc32(f"{self.seed}:{request_id}".encode()) % self.holdout_every == 0
 
     def add(self, win: Window) -> None:
         self.count += 1
-        if (self.holdout_every > 0 and win.scored_pairs > 0
-                and self.rng.random() * self.holdout_every < 1.0):
-            self.holdout.append(win)
-            self.holdout_added += 1
+        if self.held_out(win.request_id):
+            if win.scored_pairs > 0:  # prompt-only windows score nothing: not kept at all
+                self.holdout.append(win)
+                self.holdout_added += 1
             return
         self.recent.append(win)
         self.positions += win.pairs

@@ -148,6 +148,12 @@ def test_parse_arms() -> None:
         parse_arms("none,medusa")
     with pytest.raises(BenchError, match="twice"):
         parse_arms("none,none")
+    trees = parse_arms("eagle3,eagle3@w3,static:/tmp/h@w2")
+    assert [(s.name, s.kind, s.arg, s.tree_width) for s in trees] == [
+        ("eagle3", "eagle3", None, None), ("eagle3@w3", "eagle3", None, 3),
+        ("static:/tmp/h@w2", "static", "/tmp/h", 2)]
+    with pytest.raises(BenchError, match="tree width"):
+        parse_arms("eagle3@w0")
 
 
 class FakeArm:

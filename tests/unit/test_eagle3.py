@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from aurora_spec.drafters.base import Drafter
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
 from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
+from aurora_spec.models.cpu_linear import packed_kernels_available
 from aurora_spec.types import Proposal, SamplingParams, StepTrace, VerifyResult
 
 H, V, VD = 32, 50, 40
@@ -219,8 +221,9 @@ def test_set_vocab_keeps_shared_rows():
 def test_drafter_protocol_and_k0_does_not_run_head():
     head = make_head()
     calls = []
-    for m in (head, head.fc):
-        m.register_forward_pre_hook(lambda *_: calls.append(1))
+    head.register_forward_pre_hook(lambda *_: calls.append(1))
+    fuse = head.fuse
+    head.fuse = lambda x: (calls.append(1), fuse(x))[1]  # type: ignore[method-assign]
     d = Eagle3Drafter(head, embed_matrix())
     assert isinstance(d, Drafter) and d.name == "eagle3"
     seq = Seq(d)
@@ -270,6 +273,37 @@ def test_long_backlog_restarts_the_context_at_the_last_pairs(monkeypatch):
         assert req.start == 12 - 5 and req.n - req.cached <= 3
     tree = Seq(Eagle3Drafter(make_head(std=0.1), embed, tree_width=2), prompt_len=12)
     assert len(tree.step(3, 1)) == 6
+
+
+@pytest.mark.skipif(not packed_kernels_available(), reason="no oneDNN packed linear")
+def test_packed_serving_head_matches_plain_and_never_uses_stale_copies():
+    """Serving heads run their linears from packed copies (Eagle3Head.use_cpu_kernels); the
+    copies must give the plain head's logits, stay out of autograd, and die with their weight."""
+    head = make_head()
+    plain = copy.deepcopy(head)
+    Eagle3Drafter(head, embed_matrix())  # the drafter packs the head it serves
+    assert set(head._packed) == set(Eagle3Head._LINEARS) and not plain._packed
+    assert not copy.deepcopy(head)._packed  # copies never carry the packed cache
+    assert not Eagle3Drafter(plain, embed_matrix(), cpu_kernels=False).head._packed
+    e, pos = torch.randn(1, 5, H, generator=torch.Generator().manual_seed(1)), torch.arange(5)[None]
+
+    def logits(h: Eagle3Head) -> torch.Tensor:
+        return h(h.fuse(rows(5, 1))[None], e, pos)[1]
+
+    with torch.no_grad():
+        torch.testing.assert_close(logits(head), logits(plain), atol=1e-5, rtol=1e-5)
+    logits(head).sum().backward()  # with autograd: plain linears, gradients reach the weights
+    assert head.qkv.weight.grad is not None and head.qkv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for h in (head, plain):
+            h.qkv.weight.mul_(-1.0)  # an in-place update (what an optimizer step does)
+        torch.testing.assert_close(logits(head), logits(plain), atol=1e-5, rtol=1e-5)
+    assert "qkv" not in head._packed and "lm_head" in head._packed
+    head.set_vocab(torch.arange(V - VD, V))  # a new lm_head: its old copy must not be used
+    plain.set_vocab(torch.arange(V - VD, V))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(head), logits(plain), atol=1e-5, rtol=1e-5)
+    assert "lm_head" not in head._packed
 
 
 def test_last_catch_up_counts_the_backlog_a_proposal_ran():

@@ -208,6 +208,27 @@ def test_replay_reservoir_keeps_old_domains():
     assert len(small.reservoir) <= max(16, small.reservoir_cap) < 200
 
 
+def test_gate_holds_out_whole_requests():
+    """Every window of a held-out request goes to the gate's slice, none to training: windows
+    of one request share its prompt, so splitting a request would flatter the gate."""
+    from aurora_spec.flywheel.batch import Window
+    from aurora_spec.flywheel.replay import WindowStore
+
+    store = WindowStore(recent_windows=10_000, reservoir_windows=10_000, holdout_every=4,
+                        holdout_windows=10_000, seed=3)
+    rows = torch.zeros(5, 8)
+    for i in range(400):
+        for _ in range(3):  # three answer windows per request
+            store.add(Window(f"req-{i}", "a", 0, [1] * 6, rows))
+        store.add(Window(f"req-{i}", "a", 0, [1] * 6, rows, prompt_rows=5))  # prompt only
+    held = {w.request_id for w in store.holdout}
+    trained = {w.request_id for w in store.reservoir}
+    assert not held & trained and len(held | trained) == 400
+    assert 0.17 < len(held) / 400 < 0.33  # about 1 in 4
+    assert all(sum(w.request_id == r for w in store.holdout) == 3 for r in held)
+    assert store.positions == 4 * 4 * len(trained)  # prompt windows of trained requests train
+
+
 def test_swap_resets_the_draft_length_policy(tmp_path):
     model, _ = tiny_target("llama", seed=4)
     drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)

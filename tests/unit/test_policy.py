@@ -48,6 +48,20 @@ def test_draft_cost_counts() -> None:
     assert slow.choose(8) < free.choose(8)
 
 
+def test_trees_are_priced_by_the_nodes_they_verify() -> None:
+    """A top-3 tree of depth k verifies 3k + 1 tokens: with 1-4 tokens costing the same (the CPU
+    kernels) and more costing more, a tree stays shallow where a chain would go deep."""
+    c = CostModel()
+    for t in range(1, 30):
+        c.times[t] = 0.030 if t <= 4 else 0.030 * (1 + 0.1 * (t - 4))
+    chain = DraftLengthPolicy(PolicyConfig(max_draft=8), c)
+    tree = DraftLengthPolicy(PolicyConfig(max_draft=8, tree_width=3), c)
+    for p in (chain, tree):
+        p.alpha = [0.6] * 8
+    assert chain.choose(8) == 3  # 4 tokens verified: as cheap as 1
+    assert tree.choose(8) == 1  # 4 tokens verified; depth 2 would be 7
+
+
 def test_alpha_is_conditional_per_depth() -> None:
     p = DraftLengthPolicy(PolicyConfig(max_draft=4, ema=0.5), costs(0.1))
     p.observe(max_depth=4, accepted=1)  # depth 1 accepted, depth 2 rejected, 3-4 unobserved
