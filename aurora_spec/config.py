@@ -35,3 +35,7 @@ class DrafterConfig:
     draft_vocab: int = 8192  # eagle3 day-0 draft vocabulary size
     tree_width: int | None = None  # > 1 proposes trees; None: the drafter's default
     seed: int = 0  # eagle3 random initialisation
+    # eagle3 head precision. auto: bfloat16 on a CPU with bf16 kernels (a draft token then costs
+    # 0.75x its float32 cost, scripts/draft_cost.py), else the target's dtype. Drafts only
+    # propose, so their precision never changes the output.
+    draft_dtype: str = "auto"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from aurora_spec.config import DRAFTERS, DrafterConfig, ModelConfig
+from aurora_spec.config import DRAFTERS, DTYPES, DrafterConfig, ModelConfig
 from aurora_spec.drafters.base import Drafter
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.models.loader import ModelInfo, ModelLoadError, load_tokenizer, model_info, resolve_model
@@ -51,6 +51,19 @@ def load_target(cfg: ModelConfig) -> tuple[ModelInfo, Any, DecoderModel]:
     return info, tokenizer, model
 
 
+def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> torch.dtype:
+    """The eagle3 head's dtype: ``name`` from DTYPES, or auto: bfloat16 on a CPU whose oneDNN has
+    bf16 kernels, else the target's."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown draft dtype {name!r} (auto, {', '.join(DTYPES)})")
+        return DTYPES[name]
+    bf16_kernels = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if device.type == "cpu" and bf16_kernels is not None and bf16_kernels():
+        return torch.bfloat16
+    return target
+
+
 def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     if cfg.name not in DRAFTERS:
         raise ValueError(f"unknown drafter {cfg.name!r} (choose from {', '.join(DRAFTERS)})")
@@ -63,7 +76,8 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     from aurora_spec.drafters.eagle3 import Eagle3Drafter
     from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
 
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    device = model.embed.weight.device
+    dtype = draft_dtype(cfg.draft_dtype, model.embed.weight.dtype, device)
     if cfg.draft_weights:
         head = Eagle3Head.load(Path(cfg.draft_weights), device=device, dtype=dtype)
         _check_head_fits(head, model)

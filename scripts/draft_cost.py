@@ -1,6 +1,7 @@
-"""What one draft token costs serving: ``Eagle3Drafter.propose`` on the bundled model's head,
-plain ``F.linear`` weights vs the oneDNN-packed copies serving uses on CPU, interleaved, next to
-one target decode step. Usage: python scripts/draft_cost.py [--threads N] [--dtype D]."""
+"""What one draft token costs serving: ``Eagle3Drafter.propose`` on the bundled model's head with
+plain ``F.linear`` weights, with the oneDNN-packed copies serving uses on CPU, and packed in
+bfloat16 (``--draft-dtype auto`` on CPUs with bf16 kernels), interleaved.
+Usage: python scripts/draft_cost.py [--threads N] [--dtype TARGET_DTYPE]."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def main() -> None:
     ids = torch.randint(0, model.spec.vocab_size, (args.context + 1,), generator=g).tolist()
     hidden = torch.randn(args.context, 3 * model.spec.hidden_size, generator=g).to(dtype)
     drafters = {}
-    for name, packed in (("F.linear", False), ("packed", True)):
-        head = Eagle3Head.random(cfg).to(dtype=dtype)
+    for name, packed, head_dtype in (("F.linear", False, dtype), ("packed", True, dtype),
+                                     ("packed bf16", True, torch.bfloat16)):
+        head = Eagle3Head.random(cfg).to(dtype=head_dtype)
         d = Eagle3Drafter(head, model.embed.weight, model.spec.embed_scale, cpu_kernels=packed)
         d.start("r", ids[:-1], ids[-1], hidden)
         drafters[name] = d
@@ -50,11 +52,11 @@ def main() -> None:
                 start = time.perf_counter()
                 d.propose("r", ids, args.k, params)  # re-runs the last pair, then k - 1 steps
                 times[name].append((time.perf_counter() - start) / args.k)
-    print(f"{args.model} {args.dtype}, {args.threads} thread(s), draft vocab {args.draft_vocab}, "
+    print(f"{args.model} {args.dtype} target, {args.threads} thread(s), draft vocab {args.draft_vocab}, "
           f"context {args.context}: ms per draft token (median of {args.repeats} proposals of "
           f"{args.k})")
     for name, ts in times.items():
-        print(f"  {name:10s} {1000 * statistics.median(ts):6.2f}")
+        print(f"  {name:12s} {1000 * statistics.median(ts):6.2f}")
 
 
 if __name__ == "__main__":

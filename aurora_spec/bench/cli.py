@@ -7,7 +7,8 @@ import shlex
 import sys
 
 import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
-from aurora_spec.bench.runner import ARM_BUILDERS
+from aurora_spec.bench.arms import ARM_BUILDERS
+from aurora_spec.config import DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tree-width", type=int, default=None,
                    help="> 1 drafts trees of that many branches (default: eagle3 3, ngram 1)")
     p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
+    p.add_argument("--draft-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="eagle3 head precision (auto: bfloat16 on CPUs with bf16 kernels)")
     p.add_argument("--warmup", type=int, default=2,
                    help="warm-up requests run on every arm first, excluded (default 2)")
     p.add_argument("--seed", type=int, default=0, help="prompt selection and eagle3 init seed")
@@ -56,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from aurora_spec.bench.runner import ArmOptions, BenchConfig, BenchError, run_bench
     from aurora_spec.bench.report import check_lines
+    from aurora_spec.bench.arms import ArmOptions, BenchError
+    from aurora_spec.bench.runner import BenchConfig, run_bench
     from aurora_spec.bench.traffic import parse_domains
     from aurora_spec.cli import model_config
 
@@ -74,7 +78,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         requests=a.requests if a.requests is not None else 8, stream=a.stream,
         max_tokens=a.max_tokens, warmup=a.warmup, seed=a.seed, traffic=a.traffic, chat=a.chat,
         model=model_config(a, max_slots=1),
-        arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed),
+        arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed,
+                               draft_dtype=a.draft_dtype),
         out=a.out, progress=not a.no_progress, plot=not a.no_plot,
         save_token_ids=a.save_token_ids, concurrency=_levels(a.concurrency),
         command=shlex.join(["aurora", *sys.argv[1:]]) if _invoked_as_cli() else
@@ -96,7 +101,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _levels(spec: str | None) -> list[int] | None:
-    from aurora_spec.bench.runner import BenchError
+    from aurora_spec.bench.arms import BenchError
 
     if not spec:
         return None

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from aurora_spec.bench.runner import (
+from aurora_spec.bench.arms import (
     ArmOptions,
     ArmOutput,
     BenchTarget,
@@ -72,7 +72,7 @@ def _build_online(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> 
 
 def _build_online_from(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> OnlineArm:
     if not arg:
-        from aurora_spec.bench.runner import BenchError
+        from aurora_spec.bench.arms import BenchError
 
         raise BenchError("arm 'online-from' needs a head directory: online-from:DIR")
     return _build(t, name, arg, o)

@@ -14,9 +14,8 @@
 
 Extension points (for streams with online learning, concurrency sweeps):
 
-* ``register_arm(kind, builder)`` adds an arm kind; ``--arms kind:ARG`` passes ``ARG`` to it.
-  An arm is anything with ``name``, ``kind``, ``run(prompt_ids, max_tokens, domain, request_id)
-  -> ArmOutput`` and ``close()``. Engine-backed arms expose ``.engine`` (for batched runs).
+* ``register_arm(kind, builder)`` (arms.py) adds an arm kind; ``--arms kind:ARG`` passes ``ARG``
+  to it.
 * ``run_interleaved`` takes ``on_record`` (called after every measured request) for live plots or
   trainers that must see the stream, and ``BenchConfig.extra_sections`` callbacks may add
   top-level sections to results.json (e.g. ``"concurrency"``).
@@ -25,288 +24,31 @@ Extension points (for streams with online learning, concurrency sweeps):
 from __future__ import annotations
 
 import dataclasses
-
 import gc
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from aurora_spec.bench.arms import (
+    Arm,
+    ArmOptions,
+    ArmOutput,
+    ArmSpec,
+    BenchError,
+    BenchTarget,
+    build_arm,
+    first_divergence,
+    parse_arms,
+)
 from aurora_spec.bench.traffic import Plan, PlannedRequest
 
 log = logging.getLogger(__name__)
-
-
-class BenchError(ValueError):
-    """Bad benchmark configuration: printed as one line, exit code 2."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Arms
-
-
-@dataclass(frozen=True)
-class ArmOutput:
-    """One request on one arm. ``token_ids`` never include stop tokens (normalised)."""
-
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    prompt_tokens: int
-    decode_tokens: int  # tokens produced by decode/verify forwards (the prefill token excluded)
-    decode_s: float
-    prefill_s: float
-    tau: float | None = None  # None: the arm does not speculate (hf)
-    draft_version: int | None = None
-    proposed: int | None = None
-    accepted: int | None = None
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        """Decode tokens/s, prefill excluded (same definition as GenerationResult)."""
-        if self.decode_tokens <= 0 or self.decode_s <= 0:
-            return None
-        return self.decode_tokens / self.decode_s
-
-
-class Arm(Protocol):
-    name: str
-    kind: str
-
-    def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
-            request_id: str) -> ArmOutput: ...
-
-    def close(self) -> None: ...
-
-
-class EngineArm:
-    """Our engine with one drafter (or none: target-only)."""
-
-    def __init__(self, name: str, kind: str, engine: Any, stop_ids: tuple[int, ...]) -> None:
-        self.name, self.kind, self.engine, self.stop_ids = name, kind, engine, stop_ids
-
-    def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
-            request_id: str) -> ArmOutput:
-        from aurora_spec.types import SamplingParams
-
-        params = SamplingParams(max_tokens=max_tokens, stop_token_ids=self.stop_ids)
-        res = self.engine.generate(list(prompt_ids), params, request_id=request_id,
-                                   domain=domain)
-        s = res.stats
-        speculates = self.engine.drafter is not None
-        return ArmOutput(tuple(res.token_ids), res.finish_reason, res.prompt_tokens,
-                         s.emitted, s.decode_s, s.prefill_s, s.tau,
-                         max(s.draft_versions, default=0),
-                         s.proposed if speculates else None, s.accepted if speculates else None)
-
-    def close(self) -> None:
-        pass
-
-
-class _Clock:
-    """A generate() streamer that only timestamps: put() #0 is the prompt, #1 the first new
-    token (end of prefill), then one per decode forward."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: Any) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-class HfArm:
-    """transformers' own ``generate()``: greedy, batch 1, KV cache, same stop tokens."""
-
-    def __init__(self, name: str, model: Any, stop_ids: tuple[int, ...],
-                 pad_id: int | None = None) -> None:
-        self.name, self.kind, self.model, self.stop_ids = name, "hf", model, stop_ids
-        self.pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)
-        self.device = next(model.parameters()).device
-
-    def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
-            request_id: str) -> ArmOutput:
-        from transformers import GenerationConfig
-        from transformers.generation.streamers import BaseStreamer
-
-        class Clock(_Clock, BaseStreamer):
-            pass
-
-        gen_cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, num_beams=1,
-                                   eos_token_id=list(self.stop_ids) or None,
-                                   pad_token_id=self.pad_id, use_cache=True)
-        ids = torch.tensor([list(prompt_ids)], device=self.device)
-        clock = Clock()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                      generation_config=gen_cfg, streamer=clock)
-        t_end = time.perf_counter()
-        new = [int(t) for t in out[0, len(prompt_ids):].tolist()]
-        tokens, finish = normalise_output(new, self.stop_ids, max_tokens)
-        first = clock.times[1] if len(clock.times) > 1 else t_end
-        return ArmOutput(tokens, finish, len(prompt_ids), max(len(new) - 1, 0), t_end - first,
-                         first - t0)
-
-    def close(self) -> None:
-        pass
-
-
-def normalise_output(ids: Sequence[int], stop_ids: Sequence[int],
-                     max_tokens: int) -> tuple[tuple[int, ...], str]:
-    """Cut at the first stop token (dropped, as our engine drops it) and report why it ended.
-    transformers' generate() keeps the EOS token in its output; our engine does not."""
-    stops = set(stop_ids)
-    for i, t in enumerate(ids):
-        if t in stops:
-            return tuple(ids[:i]), "stop"
-    return tuple(ids), "length" if len(ids) >= max_tokens else "stop"
-
-
-def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Index of the first differing token, or None when the sequences are equal. A sequence that
-    is a strict prefix of the other diverges where it ends."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-# ---------------------------------------------------------------------------------------------
-# Building arms
-
-
-@dataclass(frozen=True)
-class ArmOptions:
-    max_draft: int = 8
-    draft_weights: str | None = None
-    draft_vocab: int = 8192
-    tree_width: int | None = None  # None: the drafter's default
-    seed: int = 0
-    calibrate: bool = True
-    max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
-
-
-@dataclass
-class BenchTarget:
-    """The shared target: loaded once, used by every arm."""
-
-    info: Any
-    tokenizer: Any
-    model: Any  # DecoderModel
-    max_context: int
-    stop_ids: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
-    _hf: Any = None
-
-    def hf_model(self) -> Any:
-        if self._hf is None:
-            from aurora_spec.models.loader import load_hf_model
-
-            device = str(self.model.embed.weight.device)
-            self._hf = load_hf_model(self.info.dir, self.dtype, device)
-        return self._hf
-
-
-ArmBuilder = Callable[[BenchTarget, str, str | None, ArmOptions], Arm]
-ARM_BUILDERS: dict[str, ArmBuilder] = {}
-
-
-def register_arm(kind: str, builder: ArmBuilder) -> None:
-    """Add an arm kind: ``builder(target, name, arg, options) -> Arm``."""
-    ARM_BUILDERS[kind] = builder
-
-
-def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
-               weights: str | None, opts: ArmOptions) -> EngineArm:
-    from aurora_spec.config import DrafterConfig
-    from aurora_spec.drafters.policy import PolicyConfig
-    from aurora_spec.engine.engine import Engine, EngineConfig
-    from aurora_spec.models.runner import CacheConfig, TargetRunner
-    from aurora_spec.runtime import make_drafter
-
-    drafter = make_drafter(DrafterConfig(drafter_name, weights, opts.draft_vocab, opts.tree_width,
-                                         opts.seed), target.model)
-    runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context))
-    engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=opts.max_draft),
-                                                  calibrate=opts.calibrate))
-    return EngineArm(name, kind, engine, target.stop_ids)
-
-
-def _build_none(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> Arm:
-    return engine_arm(t, name, "none", "none", None, o)
-
-
-def _build_ngram(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> Arm:
-    return engine_arm(t, name, "ngram", "ngram", None, o)
-
-
-def _build_eagle3(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> Arm:
-    return engine_arm(t, name, "eagle3", "eagle3", arg or o.draft_weights, o)
-
-
-def _build_static(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> Arm:
-    if not arg:
-        raise BenchError("arm 'static' needs a head directory: static:DIR")
-    return engine_arm(t, name, "static", "eagle3", arg, o)
-
-
-def _build_hf(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> Arm:
-    pad = getattr(t.tokenizer, "pad_token_id", None)
-    return HfArm(name, t.hf_model(), t.stop_ids, pad)
-
-
-for _kind, _builder in (("none", _build_none), ("ngram", _build_ngram), ("eagle3", _build_eagle3),
-                        ("static", _build_static), ("hf", _build_hf)):
-    register_arm(_kind, _builder)
-
-
-@dataclass(frozen=True)
-class ArmSpec:
-    name: str  # as written on the command line, the key in results.json
-    kind: str
-    arg: str | None
-    tree_width: int | None = None  # ``@wN`` suffix: this arm drafts top-N trees
-
-
-_TREE_SUFFIX = re.compile(r"@w(\d+)$")
-
-
-def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN]`` separated by commas, e.g. ``none,online,online@w3,static:DIR``."""
-    out: list[ArmSpec] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        tree = _TREE_SUFFIX.search(part)
-        width = int(tree.group(1)) if tree else None
-        if width is not None and width < 1:
-            raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
-        kind, sep, arg = part[:tree.start()].partition(":") if tree else part.partition(":")
-        if kind not in ARM_BUILDERS:
-            raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
-                             f"some take an argument: kind:ARG)")
-        out.append(ArmSpec(part, kind, arg if sep else None, width))
-    if not out:
-        raise BenchError("--arms is empty")
-    names = [a.name for a in out]
-    if len(set(names)) != len(names):
-        raise BenchError(f"--arms lists an arm twice: {spec}")
-    return out
-
-
-def build_arm(target: BenchTarget, spec: ArmSpec, opts: ArmOptions) -> Arm:
-    if spec.tree_width is not None:
-        opts = dataclasses.replace(opts, tree_width=spec.tree_width)
-    return ARM_BUILDERS[spec.kind](target, spec.name, spec.arg, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +269,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "chat": chat, "traffic": str(prepare_traffic_dir(cfg)), "greedy": True, "batch_size": 1,
         "max_draft": cfg.arm_options.max_draft, "draft_weights": cfg.arm_options.draft_weights,
         "draft_vocab": cfg.arm_options.draft_vocab, "tree_width": cfg.arm_options.tree_width,
+        "draft_dtype": cfg.arm_options.draft_dtype,
         "reference_arm": reference,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,

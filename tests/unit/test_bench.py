@@ -10,16 +10,18 @@ import pytest
 import torch
 
 from aurora_spec.bench import report
-from aurora_spec.bench.runner import (
+from aurora_spec.bench.arms import (
     ArmOutput,
     BenchError,
-    BenchRequest,
     EngineArm,
     HfArm,
     first_divergence,
-    mark_divergence,
     normalise_output,
     parse_arms,
+)
+from aurora_spec.bench.runner import (
+    BenchRequest,
+    mark_divergence,
     pick_reference,
     run_interleaved,
 )

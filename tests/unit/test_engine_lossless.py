@@ -150,10 +150,28 @@ def make_test_drafter(kind: str, model, reference: list[int]):
     from aurora_spec.config import DrafterConfig
     from aurora_spec.runtime import make_drafter
 
-    return make_drafter(DrafterConfig("eagle3", draft_vocab=64), model)
+    if kind == "eagle3-chain-fp32":
+        return make_drafter(DrafterConfig("eagle3", draft_vocab=64, tree_width=1,
+                                          draft_dtype="float32"), model)
+    return make_drafter(DrafterConfig("eagle3", draft_vocab=64), model)  # defaults: tree, auto
 
 
-@pytest.mark.parametrize("drafter_kind", ["ngram", "eagle3"])
+def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
+    from aurora_spec.config import DrafterConfig
+    from aurora_spec.runtime import make_drafter
+
+    model, _ = target
+    d = make_test_drafter("eagle3", model, [])
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    assert d.tree_width == 3
+    assert d.head.fc.weight.dtype == (torch.bfloat16 if bf16 else model.embed.weight.dtype)
+    chain = make_test_drafter("eagle3-chain-fp32", model, [])
+    assert chain.tree_width == 1 and chain.head.fc.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="draft dtype"):
+        make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="fp8"), model)
+
+
+@pytest.mark.parametrize("drafter_kind", ["ngram", "eagle3", "eagle3-chain-fp32"])
 def test_real_drafters_are_lossless(target, drafter_kind: str) -> None:
     model, _ = target
     base = make_engine(model, None)
