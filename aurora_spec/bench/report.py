@@ -297,7 +297,9 @@ def plot_requests(results: dict[str, Any], path: Path) -> None:
                 w = 10
                 roll = [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
                 ax.plot(xs, roll, color=color, lw=2, label=name)
-        versions = [(r["index"], r.get("draft_version")) for r in mine]
+        # Only requests that drafted say which head was live: one that never drafted reports
+        # version 0, which would mark two false swaps around it.
+        versions = [(r["index"], r.get("draft_version")) for r in mine if r.get("proposed", 1)]
         for (_, v0), (i1, v1) in zip(versions, versions[1:]):
             if v0 is not None and v1 is not None and v1 != v0:
                 for ax in (ax_tau, ax_tps):
