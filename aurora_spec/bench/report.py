@@ -270,6 +270,14 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def swap_indices(recs: list[dict[str, Any]]) -> list[int]:
+    """Request indices where an arm's draft version changed. Only requests that drafted say which
+    head was live: one that never drafted reports version 0 and would mark two false swaps."""
+    versions = [(r["index"], r.get("draft_version")) for r in recs if r.get("proposed", 1)]
+    return [i1 for (_, v0), (i1, v1) in zip(versions, versions[1:])
+            if v0 is not None and v1 is not None and v1 != v0]
+
+
 def plot_requests(results: dict[str, Any], path: Path) -> None:
     """tau and tokens/s against request index, one line per arm; stream segment boundaries and
     draft version changes (swaps) marked."""
@@ -297,13 +305,9 @@ def plot_requests(results: dict[str, Any], path: Path) -> None:
                 w = 10
                 roll = [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
                 ax.plot(xs, roll, color=color, lw=2, label=name)
-        # Only requests that drafted say which head was live: one that never drafted reports
-        # version 0, which would mark two false swaps around it.
-        versions = [(r["index"], r.get("draft_version")) for r in mine if r.get("proposed", 1)]
-        for (_, v0), (i1, v1) in zip(versions, versions[1:]):
-            if v0 is not None and v1 is not None and v1 != v0:
-                for ax in (ax_tau, ax_tps):
-                    ax.axvline(i1, color="grey", ls=":", lw=0.8)
+        for i in swap_indices(mine):
+            for ax in (ax_tau, ax_tps):
+                ax.axvline(i, color="grey", ls=":", lw=0.8)
     if results["config"].get("mode") == "stream":
         by_index = {r["index"]: r for r in recs}
         prev = None

@@ -327,3 +327,9 @@ def _planned(i: int):
     from aurora_spec.bench.traffic import PlannedRequest
 
     return PlannedRequest(Prompt(f"p{i}", "chat", "test", f"prompt {i}"), 0)
+
+
+def test_swap_markers_ignore_requests_that_did_not_draft() -> None:
+    recs = [{"index": i, "draft_version": v, "proposed": p}
+            for i, (v, p) in enumerate([(1, 3), (1, 2), (0, 0), (1, 4), (2, 3), (0, 0), (2, 1)])]
+    assert report.swap_indices(recs) == [4]
