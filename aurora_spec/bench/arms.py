@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+
 class BenchError(ValueError):
     """Bad benchmark configuration: printed as one line, exit code 2."""
 
@@ -267,7 +268,7 @@ def parse_arms(spec: str) -> list[ArmSpec]:
         width = int(tree.group(1)) if tree else None
         if width is not None and width < 1:
             raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
-        kind, sep, arg = part[:tree.start()].partition(":") if tree else part.partition(":")
+        kind, sep, arg = (part[:tree.start()] if tree else part).partition(":")
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")

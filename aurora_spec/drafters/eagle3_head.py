@@ -220,7 +220,7 @@ class Eagle3Head(nn.Module):
         return layer(x)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state = self.__dict__.copy()
         state["_packed"] = {}  # packed copies are a cache: never pickled or deep-copied
         return state
 
