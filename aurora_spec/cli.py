@@ -34,6 +34,9 @@ def add_drafter_flags(p: argparse.ArgumentParser, default: str = "ngram") -> Non
     p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
     p.add_argument("--draft-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="eagle3 head precision (auto: bfloat16 on CPUs with bf16 kernels)")
+    p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
+                   help="eagle3: also verify an n-gram lookup chain with the head's tree "
+                   "(default: on)")
 
 
 def model_config(a: argparse.Namespace, max_slots: int = 1) -> ModelConfig:
@@ -48,7 +51,7 @@ def drafter_config(a: argparse.Namespace) -> DrafterConfig:
     if (a.tree_width is not None and a.tree_width < 1) or a.max_draft < 0 or a.draft_vocab < 1:
         raise UsageError("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
     return DrafterConfig(a.drafter, a.draft_weights, a.draft_vocab, a.tree_width,
-                         draft_dtype=a.draft_dtype)
+                         draft_dtype=a.draft_dtype, lookup=a.lookup)
 
 
 def sampling_from_args(a: argparse.Namespace, stop_ids: tuple[int, ...] = ()) -> SamplingParams:

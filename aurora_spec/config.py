@@ -39,3 +39,7 @@ class DrafterConfig:
     # 2.05 ms against 3.07 ms in float32 on one thread, scripts/draft_cost.py), else the target's
     # dtype. Drafts only propose, so their precision never changes the output.
     draft_dtype: str = "auto"
+    # eagle3: also verify an n-gram lookup chain (prompt lookup + the n-gram memory of past
+    # traffic) merged into the head's tree (drafters/hybrid.py). It pays from the first request,
+    # when a day-0 head is still useless, and later where the head is wrong on repeated spans.
+    lookup: bool = True

@@ -84,9 +84,15 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     else:
         head_cfg = Eagle3Config.from_spec(model.spec, cfg.draft_vocab)
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
-    return Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
-                         tree_width=cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"],
-                         prior_acceptance=None if cfg.draft_weights else RANDOM_HEAD_PRIOR)
+    learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
+                            tree_width=cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"],
+                            prior_acceptance=None if cfg.draft_weights else RANDOM_HEAD_PRIOR)
+    if not cfg.lookup:
+        return learned
+    from aurora_spec.drafters.hybrid import LookupHybrid
+    from aurora_spec.drafters.ngram import NgramDrafter
+
+    return LookupHybrid(learned, NgramDrafter(tree_width=1))
 
 
 def _check_head_fits(head: Any, model: DecoderModel) -> None:

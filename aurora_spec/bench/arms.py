@@ -42,6 +42,10 @@ class ArmOutput:
     draft_version: int | None = None
     proposed: int | None = None
     accepted: int | None = None
+    # A drafter with several sources (eagle3 + lookup): tau had only that source drafted, judged
+    # on the same verify steps (drafters/hybrid.py); None otherwise.
+    tau_head: float | None = None
+    tau_lookup: float | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -75,11 +79,23 @@ class EngineArm:
         res = self.engine.generate(list(prompt_ids), params, request_id=request_id,
                                    domain=domain)
         s = res.stats
-        speculates = self.engine.drafter is not None
+        drafter = self.engine.drafter
+        speculates = drafter is not None
+        tau_head = tau_lookup = None
+        counts = drafter.request_counts(request_id) if hasattr(drafter, "request_counts") else None
+        if counts is not None and s.verify_steps:
+            tau_head = 1 + counts[1] / s.verify_steps
+            tau_lookup = 1 + counts[2] / s.verify_steps
         return ArmOutput(tuple(res.token_ids), res.finish_reason, res.prompt_tokens,
                          s.emitted, s.decode_s, s.prefill_s, s.tau,
                          max(s.draft_versions, default=0),
-                         s.proposed if speculates else None, s.accepted if speculates else None)
+                         s.proposed if speculates else None, s.accepted if speculates else None,
+                         tau_head, tau_lookup)
+
+    def status(self) -> dict[str, Any]:
+        """The drafter's own counters, when it keeps any (ngram, eagle3 + lookup)."""
+        stats = getattr(self.engine.drafter, "stats", None)
+        return {"drafter": stats()} if callable(stats) else {}
 
     def close(self) -> None:
         pass
@@ -170,6 +186,7 @@ class ArmOptions:
     calibrate: bool = True
     max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
     draft_dtype: str = "auto"
+    lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
 
 
 @dataclass
@@ -211,7 +228,7 @@ def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
     from aurora_spec.runtime import make_drafter
 
     drafter = make_drafter(DrafterConfig(drafter_name, weights, opts.draft_vocab, opts.tree_width,
-                                         opts.seed, opts.draft_dtype), target.model)
+                                         opts.seed, opts.draft_dtype, opts.lookup), target.model)
     runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context))
     engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=opts.max_draft),
                                                   calibrate=opts.calibrate))
@@ -252,27 +269,43 @@ class ArmSpec:
     kind: str
     arg: str | None
     tree_width: int | None = None  # ``@wN`` suffix: this arm drafts top-N trees
+    lookup: bool | None = None  # ``@lookup`` / ``@nolookup``: this arm's eagle3 lookup chain
 
 
-_TREE_SUFFIX = re.compile(r"@w(\d+)$")
+_SUFFIX = re.compile(r"@(w\d+|lookup|nolookup)$")
+
+
+def _suffixes(part: str) -> tuple[str, int | None, bool | None]:
+    """Strip ``@wN`` / ``@lookup`` / ``@nolookup`` suffixes (any order) off one arm."""
+    width: int | None = None
+    lookup: bool | None = None
+    body = part
+    while (m := _SUFFIX.search(body)) is not None:
+        tag = m.group(1)
+        if tag.startswith("w"):
+            width = int(tag[1:])
+            if width < 1:
+                raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
+        else:
+            lookup = tag == "lookup"
+        body = body[:m.start()]
+    return body, width, lookup
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN]`` separated by commas, e.g. ``none,online,online@w3,static:DIR``."""
+    """``kind[:ARG][@wN][@lookup|@nolookup]`` separated by commas, e.g.
+    ``none,online,online@w3,online@nolookup,static:DIR``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
-        tree = _TREE_SUFFIX.search(part)
-        width = int(tree.group(1)) if tree else None
-        if width is not None and width < 1:
-            raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
-        kind, sep, arg = (part[:tree.start()] if tree else part).partition(":")
+        body, width, lookup = _suffixes(part)
+        kind, sep, arg = body.partition(":")
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
-        out.append(ArmSpec(part, kind, arg if sep else None, width))
+        out.append(ArmSpec(part, kind, arg if sep else None, width, lookup))
     if not out:
         raise BenchError("--arms is empty")
     names = [a.name for a in out]
@@ -284,4 +317,6 @@ def parse_arms(spec: str) -> list[ArmSpec]:
 def build_arm(target: BenchTarget, spec: ArmSpec, opts: ArmOptions) -> Arm:
     if spec.tree_width is not None:
         opts = dataclasses.replace(opts, tree_width=spec.tree_width)
+    if spec.lookup is not None:
+        opts = dataclasses.replace(opts, lookup=spec.lookup)
     return ARM_BUILDERS[spec.kind](target, spec.name, spec.arg, opts)

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
     p.add_argument("--draft-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="eagle3 head precision (auto: bfloat16 on CPUs with bf16 kernels)")
+    p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
+                   help="eagle3 arms also verify an n-gram lookup chain (default: on; an arm "
+                   "suffix @lookup / @nolookup overrides it for that arm)")
     p.add_argument("--warmup", type=int, default=2,
                    help="warm-up requests run on every arm first, excluded (default 2)")
     p.add_argument("--seed", type=int, default=0, help="prompt selection and eagle3 init seed")
@@ -79,7 +82,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         max_tokens=a.max_tokens, warmup=a.warmup, seed=a.seed, traffic=a.traffic, chat=a.chat,
         model=model_config(a, max_slots=1),
         arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed,
-                               draft_dtype=a.draft_dtype),
+                               draft_dtype=a.draft_dtype, lookup=a.lookup),
         out=a.out, progress=not a.no_progress, plot=not a.no_plot,
         save_token_ids=a.save_token_ids, concurrency=_levels(a.concurrency),
         command=shlex.join(["aurora", *sys.argv[1:]]) if _invoked_as_cli() else

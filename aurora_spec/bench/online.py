@@ -41,7 +41,7 @@ class OnlineArm(EngineArm):
             torch.set_num_threads(outer)
 
     def status(self) -> dict[str, Any]:
-        return self.learner.status()
+        return {**self.learner.status(), **super().status()}
 
     def close(self) -> None:
         self.learner.stop(save=False)

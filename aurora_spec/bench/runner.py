@@ -91,6 +91,9 @@ def make_record(arm: Arm, index: int, req: BenchRequest, out: ArmOutput, order: 
         "finish_reason": out.finish_reason, "order": order,
         "token_ids_sha1": token_hash(out.token_ids), "diverged_at": None,
     }
+    if out.tau_head is not None:  # a drafter with a lookup chain: each source's share
+        rec["tau_head"] = round(out.tau_head, 4)
+        rec["tau_lookup"] = None if out.tau_lookup is None else round(out.tau_lookup, 4)
     if save_ids:
         rec["token_ids"] = list(out.token_ids)
     return rec
@@ -251,7 +254,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         outcome = run_interleaved(arms, requests, warm, cfg.max_tokens, progress=cfg.progress,
                                   save_ids=cfg.save_token_ids)
         # Arms with internal state (online learners: trainer steps, gates, swaps) report it.
-        arm_status = {a.name: a.status() for a in arms if hasattr(a, "status")}
+        arm_status = {a.name: st for a in arms if hasattr(a, "status") and (st := a.status())}
     finally:
         for a in arms:
             a.close()
@@ -269,7 +272,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "chat": chat, "traffic": str(prepare_traffic_dir(cfg)), "greedy": True, "batch_size": 1,
         "max_draft": cfg.arm_options.max_draft, "draft_weights": cfg.arm_options.draft_weights,
         "draft_vocab": cfg.arm_options.draft_vocab, "tree_width": cfg.arm_options.tree_width,
-        "draft_dtype": cfg.arm_options.draft_dtype,
+        "draft_dtype": cfg.arm_options.draft_dtype, "lookup": cfg.arm_options.lookup,
         "reference_arm": reference,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -266,19 +267,34 @@ class Engine:
 
     def _draft(self, seqs: list[Sequence]) -> list[Proposal]:
         proposals = []
+        # A drafter with free nodes (drafters/hybrid.py: a lookup chain beside the head) is
+        # asked every step, up to the request's limit; the policy's k sizes only its costly part.
+        free = bool(getattr(self.drafter, "free_depth", False))
         for seq, k in zip(seqs, self._plan(seqs), strict=True):
-            if not k:
+            limit = self._draft_limit(seq) if free else 0
+            if not k and limit <= 0:
                 proposals.append(EMPTY)
                 continue
             t0 = time.perf_counter()
-            prop = self.drafter.propose(seq.request_id, seq.tokens, k, seq.params)  # type: ignore[union-attr]
+            d: Any = self.drafter
+            prop = (d.propose(seq.request_id, seq.tokens, k, seq.params, limit=limit) if free
+                    else d.propose(seq.request_id, seq.tokens, k, seq.params))
             # A drafter that defers work (eagle3 catches up skipped steps) says how much it did;
             # a long backlog is a one-off cost, not what each drafted token costs.
-            if getattr(self.drafter, "last_catch_up", 0) <= self.cfg.policy.max_draft + 1:
-                depth = max(prop.depths(), default=0)  # a tree's siblings share one head step
+            if getattr(d, "last_catch_up", 0) <= self.cfg.policy.max_draft + 1:
+                depth, _ = self._policy_part(seq, prop, None)  # siblings share one head step
                 self.costs.observe_draft(depth, time.perf_counter() - t0)
             proposals.append(prop)
         return proposals
+
+    def _policy_part(self, seq: Sequence, prop: Proposal,
+                     result: VerifyResult | None) -> tuple[int, int]:
+        """(depth, accepted) of the part of ``prop`` the policy sized: all of it, unless the
+        drafter adds free nodes and reports its costly part itself (``policy_part``)."""
+        part = getattr(self.drafter, "policy_part", None)
+        if part is not None:
+            return part(seq.request_id, result)
+        return max(prop.depths(), default=0), result.num_accepted if result else 0
 
     def _verify(self, seq: Sequence, proposal: Proposal, out: ForwardOutput) -> VerifyResult:
         logits = out.logits[0]
@@ -293,8 +309,8 @@ class Engine:
     def _after_verify(self, seq: Sequence, proposal: Proposal, out: ForwardOutput,
                       result: VerifyResult) -> None:
         if len(proposal):
-            depth = max(proposal.depths())
-            _policy(seq).observe(depth, result.num_accepted)  # updates the global policy too
+            depth, accepted = self._policy_part(seq, proposal, result)
+            _policy(seq).observe(depth, accepted)  # updates the global policy too
         trace = StepTrace(seq.request_id, self.runner.length(seq.slot) - 1 - result.num_accepted,
                           seq.output[-1], proposal, result, out.fused_hidden[0],
                           out.final_hidden[0], seq.domain)

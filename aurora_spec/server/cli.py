@@ -1,9 +1,11 @@
 """``aurora serve``: the OpenAI-compatible server, learning online by default.
 
-Default drafter: eagle3. Without --draft-weights it starts from a random head (day 0) and the
-online learner trains it from live traffic; that is the point of the server. With --no-learn and
-no weights, a random head would never improve and only costs draft time, so the default becomes
-ngram (prompt lookup + n-gram memory: useful from the first request, needs no training).
+Default drafter: eagle3, with an n-gram lookup chain verified alongside the head's tree
+(--no-lookup turns it off; drafters/hybrid.py). Without --draft-weights it starts from a random
+head (day 0) and the online learner trains it from live traffic; that is the point of the server.
+With --no-learn and no weights, a random head would never improve and only costs draft time, so
+the default becomes ngram (prompt lookup + n-gram memory: useful from the first request, needs no
+training).
 """
 
 from __future__ import annotations

@@ -156,6 +156,12 @@ def test_parse_arms() -> None:
         ("static:/tmp/h@w2", "static", "/tmp/h", 2)]
     with pytest.raises(BenchError, match="tree width"):
         parse_arms("eagle3@w0")
+    lookups = parse_arms("eagle3@nolookup,eagle3@w2@lookup,static:/tmp/h@nolookup@w1,eagle3")
+    assert [(s.kind, s.arg, s.tree_width, s.lookup) for s in lookups] == [
+        ("eagle3", None, None, False), ("eagle3", None, 2, True), ("static", "/tmp/h", 1, False),
+        ("eagle3", None, None, None)]
+    with pytest.raises(BenchError, match="unknown arm"):
+        parse_arms("eagle3@lookups")
 
 
 class FakeArm:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aurora_spec.drafters.hybrid import LookupHybrid
 from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.models.runner import CacheConfig, TargetRunner
@@ -152,8 +153,11 @@ def make_test_drafter(kind: str, model, reference: list[int]):
 
     if kind == "eagle3-chain-fp32":
         return make_drafter(DrafterConfig("eagle3", draft_vocab=64, tree_width=1,
-                                          draft_dtype="float32"), model)
-    return make_drafter(DrafterConfig("eagle3", draft_vocab=64), model)  # defaults: tree, auto
+                                          draft_dtype="float32", lookup=False), model)
+    if kind == "eagle3-nolookup":
+        return make_drafter(DrafterConfig("eagle3", draft_vocab=64, lookup=False), model)
+    # defaults: a tree, the auto dtype, a lookup chain merged in
+    return make_drafter(DrafterConfig("eagle3", draft_vocab=64), model)
 
 
 def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
@@ -163,15 +167,18 @@ def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
     model, _ = target
     d = make_test_drafter("eagle3", model, [])
     bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
-    assert d.tree_width == 3
+    assert isinstance(d, LookupHybrid) and d.learned.tree_width == 3
+    assert d.tree_width == 4  # the policy prices the lookup chain as one more branch
     assert d.head.fc.weight.dtype == (torch.bfloat16 if bf16 else model.embed.weight.dtype)
     chain = make_test_drafter("eagle3-chain-fp32", model, [])
     assert chain.tree_width == 1 and chain.head.fc.weight.dtype == torch.float32
+    assert not isinstance(make_test_drafter("eagle3-nolookup", model, []), LookupHybrid)
     with pytest.raises(ValueError, match="draft dtype"):
         make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="fp8"), model)
 
 
-@pytest.mark.parametrize("drafter_kind", ["ngram", "eagle3", "eagle3-chain-fp32"])
+@pytest.mark.parametrize("drafter_kind", ["ngram", "eagle3", "eagle3-nolookup",
+                                          "eagle3-chain-fp32"])
 def test_real_drafters_are_lossless(target, drafter_kind: str) -> None:
     model, _ = target
     base = make_engine(model, None)

@@ -1,0 +1,209 @@
+"""LookupHybrid: the learned head's draft and an n-gram lookup chain, verified as one tree.
+
+Why: a day-0 head proposes nothing useful, and even after hundreds of requests a head learned on
+one core is right about as often as copying what followed the same words earlier (prompt
+lookup). The two are right at different places -- lookup on repeated spans (code identifiers,
+quoted text, loops), the head on fresh text -- so a verify step that checks both keeps the
+longest accepted path of either.
+
+Who sizes what: the engine's draft-length policy sizes the head's tree (k, priced by measured
+costs and the head's own acceptance, reported through ``policy_part``); the lookup chain costs no
+draft compute, so the lookup drafter sizes it from its own per-match acceptance, up to the
+request's limit, and the engine asks for it on every step (``free_depth``), also when the head is
+not worth drafting (a day-0 head). The policy prices the head's tree one branch wider than it is,
+for the lookup chain's verified tokens.
+
+Merging: the lookup chain is inserted into the head's tree as a trie, so a lookup token equal to
+a head node at the same place reuses that node. Only deterministic drafts merge: a sampled head
+chain (temperature > 0, ``draft_probs`` set) is returned alone, because the verifier's rule for
+stochastic siblings needs every sibling drawn from the same q.
+
+Attribution (``stats()``): per verify step, the accepted path's longest prefix of head nodes is
+what the head alone would have had accepted, and likewise for lookup nodes (exact for greedy
+decoding: the same target logits, the same path). The engine and the trainer see one drafter;
+the learned head still trains on every emitted token and every rejected node.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aurora_spec.types import Proposal, SamplingParams, StepTrace
+
+
+@dataclass
+class _Step:
+    """The sources of the proposal a request is waiting to have verified."""
+
+    head_nodes: frozenset[int]
+    head_depth: int
+    lookup_nodes: tuple[int, ...]  # the lookup chain, node ids in the merged tree (root first)
+    lookup: Proposal  # the lookup drafter's own proposal, as it made it
+
+
+@dataclass
+class SourceCounters:
+    steps: int = 0  # verify steps that drafted
+    accepted: int = 0  # draft tokens accepted, merged tree
+    accepted_head: int = 0  # ... that the head's tree alone would have had accepted
+    accepted_lookup: int = 0  # ... that the lookup chain alone would have had accepted
+    lookup_steps: int = 0  # steps with a lookup chain in the tree
+    lookup_nodes: int = 0  # nodes the lookup chain added (not shared with the head)
+    # request id -> [steps, head-alone accepted, lookup-alone accepted]: running requests, then
+    # the last FINISHED_KEPT finished ones (read by benchmarks after a request ends).
+    per_request: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+
+
+FINISHED_KEPT = 256
+
+
+def merge_chain(tree: Proposal, chain: tuple[int, ...]) -> tuple[Proposal, tuple[int, ...]]:
+    """``tree`` with ``chain`` (tokens below the root) inserted as a trie path; returns the merged
+    proposal and the chain's node ids in it. ``tree``'s node ids are unchanged."""
+    tokens, parents = list(tree.tokens), list(tree.parents)
+    child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens))}
+    path: list[int] = []
+    parent = -1
+    for tok in chain:
+        node = child.get((parent, tok))
+        if node is None:
+            node = len(tokens)
+            tokens.append(tok)
+            parents.append(parent)
+            child[(parent, tok)] = node
+        path.append(node)
+        parent = node
+    merged = Proposal(tuple(tokens), tuple(parents), tree.draft_probs, tree.draft_version)
+    return merged, tuple(path)
+
+
+def _prefix_in(accepted: tuple[int, ...], nodes: frozenset[int] | set[int]) -> int:
+    n = 0
+    for node in accepted:
+        if node not in nodes:
+            break
+        n += 1
+    return n
+
+
+class LookupHybrid:
+    """Drafter (``drafters.base.Drafter``) over a learned drafter (``Eagle3Drafter``: ``head``,
+    ``swap_head``, trees) and a lookup drafter (``NgramDrafter`` with ``tree_width=1``)."""
+
+    name = "eagle3+lookup"
+    free_depth = True  # the engine asks every step, with the request's draft limit
+
+    def __init__(self, learned: Any, lookup: Any) -> None:
+        if getattr(lookup, "tree_width", 1) != 1:
+            raise ValueError("the lookup drafter must propose chains (tree_width=1)")
+        self.learned = learned
+        self.lookup = lookup
+        # The policy prices a depth-k draft as (w + 1) * k + 1 verified tokens: the head's w
+        # branches and a possible lookup chain.
+        self.tree_width = int(getattr(learned, "tree_width", 1)) + 1
+        # The policy models the head alone (policy_part), so it starts from the head's prior.
+        self.prior_acceptance = getattr(learned, "prior_acceptance", None)
+        self.counters = SourceCounters()
+        self._pending: dict[str, _Step] = {}
+
+    # ---- what the flywheel and the engine read from the learned drafter ----
+
+    @property
+    def head(self) -> Any:
+        return self.learned.head
+
+    def swap_head(self, head: Any) -> None:
+        self.learned.swap_head(head)
+
+    @property
+    def last_catch_up(self) -> int:
+        return int(getattr(self.learned, "last_catch_up", 0))
+
+    # ---- Drafter protocol ----
+
+    def start(self, request_id: str, prompt_ids: list[int], first_token: int,
+              prompt_hidden: Any) -> None:
+        self.learned.start(request_id, prompt_ids, first_token, prompt_hidden)
+        self.lookup.start(request_id, prompt_ids, first_token, prompt_hidden)
+        per = self.counters.per_request
+        per[request_id] = [0, 0, 0]
+        per.move_to_end(request_id)
+        while len(per) > FINISHED_KEPT + len(self._pending) + 1:
+            per.popitem(last=False)  # the oldest entries: finished requests
+
+    def propose(self, request_id: str, tokens: list[int], k: int, params: SamplingParams,
+                limit: int | None = None) -> Proposal:
+        """The head's draft of depth ``k`` (0: none) merged with a lookup chain of at most
+        ``limit`` tokens (default ``k``; the engine passes the request's limit)."""
+        head = self.learned.propose(request_id, tokens, k, params)
+        depth = max(head.depths(), default=0)
+        limit = k if limit is None else limit
+        if limit <= 0 or head.draft_probs is not None:
+            self._pending[request_id] = _Step(frozenset(range(len(head))), depth, (), Proposal())
+            return head
+        chain = self.lookup.propose(request_id, tokens, limit, params)
+        merged, path = merge_chain(head, chain.tokens)
+        self._pending[request_id] = _Step(frozenset(range(len(head))), depth, path, chain)
+        return merged
+
+    def policy_part(self, request_id: str, result: Any = None) -> tuple[int, int]:
+        """(depth, accepted) of the head's part of the pending proposal: what the engine's
+        draft-length policy sized and learns from (``result`` None: the depth only)."""
+        step = self._pending.get(request_id)
+        if step is None:
+            return 0, 0
+        if result is None:
+            return step.head_depth, 0
+        return step.head_depth, _prefix_in(result.accepted_nodes, step.head_nodes)
+
+    def observe(self, trace: StepTrace) -> None:
+        self.learned.observe(trace)
+        step = self._pending.pop(trace.request_id, None)
+        if step is None or not len(trace.proposal):
+            return
+        accepted = trace.result.accepted_nodes
+        n_lookup = _prefix_in(accepted, set(step.lookup_nodes))
+        res = trace.result
+        self.lookup.observe(replace(trace, proposal=step.lookup, result=replace(
+            res, accepted_nodes=tuple(range(n_lookup)), accepted_tokens=res.accepted_tokens[:n_lookup],
+            proposed=len(step.lookup))))
+        self._count(trace.request_id, len(accepted), _prefix_in(accepted, step.head_nodes),
+                    n_lookup, step)
+
+    def _count(self, rid: str, accepted: int, by_head: int, by_lookup: int, step: _Step) -> None:
+        c = self.counters
+        c.steps += 1
+        c.accepted += accepted
+        c.accepted_head += by_head
+        c.accepted_lookup += by_lookup
+        if step.lookup_nodes:
+            c.lookup_steps += 1
+            c.lookup_nodes += sum(1 for n in step.lookup_nodes if n not in step.head_nodes)
+        per = c.per_request.get(rid)
+        if per is not None:
+            per[0] += 1
+            per[1] += by_head
+            per[2] += by_lookup
+
+    def finish(self, request_id: str, tokens: list[int]) -> None:
+        self.learned.finish(request_id, tokens)
+        self.lookup.finish(request_id, tokens)
+        self._pending.pop(request_id, None)
+
+    def request_counts(self, request_id: str) -> tuple[int, int, int] | None:
+        """(drafting steps, head-alone accepted, lookup-alone accepted) of a running request or
+        one of the last ``FINISHED_KEPT`` finished ones."""
+        per = self.counters.per_request.get(request_id)
+        return None if per is None else (per[0], per[1], per[2])
+
+    def stats(self) -> dict[str, int | float]:
+        c = self.counters
+        steps = max(c.steps, 1)
+        return {"steps": c.steps, "accepted": c.accepted, "accepted_head": c.accepted_head,
+                "accepted_lookup": c.accepted_lookup, "lookup_steps": c.lookup_steps,
+                "lookup_nodes": c.lookup_nodes,
+                "tau": round(1 + c.accepted / steps, 4),
+                "tau_head_alone": round(1 + c.accepted_head / steps, 4),
+                "tau_lookup_alone": round(1 + c.accepted_lookup / steps, 4)}

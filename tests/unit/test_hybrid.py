@@ -1,0 +1,128 @@
+"""The eagle3 + lookup hybrid: trie merge of the lookup chain into the head's tree, lossless
+greedy decoding through the engine, per-source attribution, swaps through the hybrid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aurora_spec.config import DrafterConfig
+from aurora_spec.drafters.hybrid import LookupHybrid, merge_chain
+from aurora_spec.drafters.ngram import NgramDrafter
+from aurora_spec.drafters.policy import PolicyConfig
+from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.flywheel.publisher import Publisher
+from aurora_spec.models.runner import CacheConfig, TargetRunner
+from aurora_spec.runtime import make_drafter
+from aurora_spec.types import Proposal, SamplingParams
+from tests.tiny_models import tiny_target
+from tests.unit.test_flywheel_losses import head_for
+
+
+def test_merge_chain_shares_prefixes_and_keeps_head_ids() -> None:
+    # head tree: top-2 at depth 1 (10, 20), each extended once (11 under 10, 21 under 20)
+    tree = Proposal((10, 20, 11, 21), (-1, -1, 0, 1), None, 7)
+    merged, path = merge_chain(tree, (20, 21, 22))  # shares 20 -> 21, then adds 22
+    assert merged.tokens[:4] == tree.tokens and merged.parents[:4] == tree.parents
+    assert path == (1, 3, 4) and merged.tokens[4] == 22 and merged.parents[4] == 3
+    assert merged.draft_version == 7
+    merged, path = merge_chain(tree, (30, 11))  # a new first token: a new branch at the root
+    assert path == (4, 5) and merged.parents[4:] == (-1, 4)
+    merged, path = merge_chain(tree, ())
+    assert merged == tree and path == ()
+    merged, path = merge_chain(Proposal(), (5, 6))
+    assert merged.is_chain and merged.tokens == (5, 6) and path == (0, 1)
+
+
+def _engine(model, drafter, fixed: int | None = 3) -> Engine:
+    runner = TargetRunner(model, CacheConfig(max_slots=2, capacity=256))
+    return Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=5, fixed_draft=fixed),
+                                                calibrate=False))
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(4):
+        p = torch.randint(3, 96, (int(torch.randint(4, 16, (1,), generator=g)),), generator=g)
+        out.append(p.tolist() * 2)  # repeated spans: the lookup chain has matches
+    return out
+
+
+@pytest.mark.parametrize("fixed", [3, None])  # a fixed draft length, and the adaptive policy
+def test_hybrid_is_lossless_and_attributes_each_source(fixed: int | None) -> None:
+    model, _ = tiny_target("llama", seed=5)
+    base = _engine(model, None)
+    prompts = _prompts(1)
+    params = SamplingParams(max_tokens=40)
+    want = [list(base.generate(p, params).token_ids) for p in prompts]
+    drafter = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32"), model)
+    assert isinstance(drafter, LookupHybrid)
+    engine = _engine(model, drafter, fixed)
+    before = dict(vars(drafter.counters))
+    steps = []
+    observe = drafter._count
+
+    def checked(rid, accepted, by_head, by_lookup, step):
+        # The accepted path runs through shared nodes, then one source's own nodes only.
+        assert accepted == max(by_head, by_lookup)
+        steps.append((accepted, by_head, by_lookup, len(step.lookup_nodes)))
+        observe(rid, accepted, by_head, by_lookup, step)
+
+    drafter._count = checked  # type: ignore[method-assign]
+    got = []
+    for i, p in enumerate(prompts):
+        got.append(list(engine.generate(p, params, request_id=f"r{i}").token_ids))
+        steps_i, head_i, lookup_i = drafter.request_counts(f"r{i}")
+        assert steps_i >= 1 and head_i <= steps_i * 5 and lookup_i <= steps_i * 5
+    assert got == want
+    st = drafter.stats()
+    assert before["steps"] == 0 and st["steps"] == len(steps) > 0
+    assert st["lookup_steps"] > 0 and st["accepted_lookup"] > 0  # repeated prompts: matches
+    assert st["accepted"] == sum(s[0] for s in steps)
+    assert st["tau"] >= max(st["tau_head_alone"], st["tau_lookup_alone"])
+
+
+def test_sampled_head_chain_is_not_merged() -> None:
+    """A sampled chain carries draft_probs; a point-mass sibling would break the verifier's rule
+    for stochastic siblings, so the hybrid returns the head's chain alone."""
+    model, _ = tiny_target("llama", seed=5)
+    drafter = make_drafter(DrafterConfig("eagle3", draft_vocab=64, tree_width=1,
+                                         draft_dtype="float32"), model)
+    engine = _engine(model, drafter, fixed=3)
+    prompt = [5, 6, 7, 8] * 4
+    engine.generate(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=0))
+    assert drafter.counters.lookup_steps == 0 and drafter.counters.steps > 0
+    engine.generate(prompt, SamplingParams(max_tokens=20))  # greedy: merged again
+    assert drafter.counters.lookup_steps > 0
+
+
+def test_swaps_through_the_hybrid_are_lossless() -> None:
+    model, _ = tiny_target("llama", seed=4)
+    base = _engine(model, None)
+    from aurora_spec.drafters.eagle3 import Eagle3Drafter
+
+    learned = Eagle3Drafter(head_for(model, std=0.3, seed=0), model.embed.weight, tree_width=2)
+    drafter = LookupHybrid(learned, NgramDrafter(tree_width=1))
+    engine = _engine(model, drafter)
+    pub = Publisher(drafter, engine, model, None)
+    prompts = _prompts(2)[:2]
+    params = SamplingParams(max_tokens=40)
+    want = [list(base.generate(p, params).token_ids) for p in prompts]
+    seqs = [engine.add_request(p, params) for p in prompts]
+    steps, version = 0, 1
+    while not all(s.finished for s in seqs):
+        engine.step()
+        steps += 1
+        if steps % 3 == 0:
+            head = head_for(model, std=0.3, seed=version)
+            head.version = version
+            pub.swap(head, watch=False, reason="test")
+            version += 1
+    assert [list(s.output) for s in seqs] == want
+    assert drafter.head.version == version - 1 and learned.head is drafter.head
+
+
+def test_lookup_must_be_a_chain() -> None:
+    with pytest.raises(ValueError, match="chains"):
+        LookupHybrid(object(), NgramDrafter(tree_width=2))
