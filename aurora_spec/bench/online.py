@@ -4,7 +4,8 @@
 Fairness: every arm gets the same machine. The trainer process runs only while its own arm
 serves (paused otherwise, so it never steals cores from the other arms' requests), and during
 those requests serving and training split the thread budget (serving gets ``threads - 1``,
-at least 1; the trainer 1 thread).
+at least 1; the trainer 1 thread). While the trainer rests (nothing left to learn, see
+TrainerConfig.rest_*), serving gets every thread.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class OnlineArm(EngineArm):
     def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
             request_id: str) -> ArmOutput:
         outer = torch.get_num_threads()
-        torch.set_num_threads(self.serve_threads)
+        torch.set_num_threads(outer if self.learner.trainer_resting else self.serve_threads)
         self.learner.resume()
         try:
             return super().run(prompt_ids, max_tokens, domain, request_id)

@@ -51,6 +51,15 @@ class TrainerConfig:
     gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
+    # Rest: after this many gates in a row where a candidate did not beat the live head (on a
+    # held-out slice big enough to judge), training has nothing more to gain from the traffic
+    # seen; the trainer stops stepping and its core goes back to serving (0: never rest). It
+    # wakes when the live head's held-out acceptance on the newest requests falls rest_wake_drop
+    # below its level at rest (traffic shifted), when vocabulary coverage falls below
+    # vocab_rebuild_coverage, or after rest_max_windows new training windows (new data).
+    rest_after_rejections: int = 4
+    rest_wake_drop: float = 0.1
+    rest_max_windows: int = 256
     vocab_min_tokens: int = 256  # emitted tokens seen before the first (and each) rebuild
     vocab_coverage_window: int = 4096  # recent emitted tokens the coverage is measured on
     autocast: str = "auto"  # bf16 mixed precision: auto (when the device does bf16) | bf16 | off

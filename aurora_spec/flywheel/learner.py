@@ -116,8 +116,11 @@ class OnlineLearner:
     def trace_sink(self, trace: StepTrace) -> None:
         try:
             if self.publisher is not None:
-                self.publisher.observe(trace.proposal.draft_version, len(trace.proposal),
-                                       trace.result.num_accepted)
+                # A drafter with free extra nodes (eagle3 + lookup) reports the head's own part.
+                own = getattr(self.drafter, "learned_outcome", None)
+                proposed, accepted = (own(trace.request_id) if own is not None else
+                                      (len(trace.proposal), trace.result.num_accepted))
+                self.publisher.observe(trace.proposal.draft_version, proposed, accepted)
             if self.cfg.mode == "online":
                 self.buffer.append(record_step(trace, self._dtype, self._max_rejected))
                 self.recorded += 1
@@ -246,6 +249,12 @@ class OnlineLearner:
     @property
     def trainer_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def trainer_resting(self) -> bool:
+        """The trainer found nothing more to learn and stopped stepping (TrainerConfig.rest_*):
+        its core is free for serving until new evidence wakes it."""
+        return bool(self._trainer_status.get("resting"))
 
     @property
     def live_version(self) -> int:

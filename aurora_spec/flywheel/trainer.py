@@ -60,6 +60,10 @@ class TrainerStats:
     step_ms: float = 0.0
     gates: int = 0
     gate_rejections: int = 0
+    rejections_in_row: int = 0  # judged gates (slice big enough) failed since the last pass
+    rests: int = 0
+    wakes: int = 0
+    last_wake: str = ""
     last_gate: dict | None = None
     candidates: int = 0
 
@@ -84,6 +88,10 @@ class Trainer:
         self.records = 0
         self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float] | None = None
+        self.resting = False
+        self._rest_level = 0.0  # the live head's held-out acceptance when the trainer rested
+        self._rest_windows = 0  # store.windows_seen when it rested
+        self._rest_holdout = 0  # store.holdout_added at the last wake check
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
                                                    and bf16_autocast_ok(self.device))
@@ -252,6 +260,10 @@ class Trainer:
             res = GateResult(True, cand, live, n, alpha=alpha)
         self.stats.gates += 1
         self.stats.gate_rejections += 0 if res.passed else 1
+        if res.passed:
+            self.stats.rejections_in_row = 0
+        elif n >= c.gate_min_positions:
+            self.stats.rejections_in_row += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
                                 "live": round(live, 4), "positions": n, "reason": res.reason}
         return res
@@ -270,6 +282,46 @@ class Trainer:
         self.stats.candidates += 1
         return cand, res
 
+    # ---- rest ------------------------------------------------------------------------------
+    def maybe_rest(self) -> bool:
+        """Stop training (``resting``) after ``rest_after_rejections`` judged gates in a row
+        without a better candidate; returns True when it just started resting."""
+        c, s = self.cfg, self.stats
+        if self.resting or not c.rest_after_rejections or s.rejections_in_row < c.rest_after_rejections:
+            return False
+        self.resting = True
+        self._rest_level = float((s.last_gate or {}).get("live", 0.0))
+        self._rest_windows = self.store.windows_seen
+        self._rest_holdout = self.store.holdout_added
+        s.rests += 1
+        log.info("trainer resting: %d candidates in a row did not beat the live head (held-out "
+                 "acceptance %.3f)", s.rejections_in_row, self._rest_level)
+        return True
+
+    def maybe_wake(self) -> bool:
+        """While resting: wake on new evidence (see TrainerConfig.rest_*); True when it woke."""
+        if not self.resting:
+            return False
+        c = self.cfg
+        reason = ""
+        if self.store.windows_seen - self._rest_windows >= c.rest_max_windows:
+            reason = f"{c.rest_max_windows} new training windows"
+        elif self.coverage < c.vocab_rebuild_coverage:
+            reason = f"vocabulary coverage {self.coverage:.3f}"
+        elif self.store.holdout_added != self._rest_holdout:  # newly held-out requests
+            self._rest_holdout = self.store.holdout_added
+            live, n = self.offline_acceptance(self.live, self.gate_windows())
+            if n >= c.gate_min_positions and live < self._rest_level - c.rest_wake_drop:
+                reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
+        if not reason:
+            return False
+        self.resting = False
+        self.stats.rejections_in_row = 0
+        self.stats.wakes += 1
+        self.stats.last_wake = reason
+        log.info("trainer awake: %s", reason)
+        return True
+
     def set_live(self, head: Eagle3Head) -> None:
         """The gate's baseline becomes ``head`` (after a swap or a rollback)."""
         self.live = copy.deepcopy(head).to(self.device, torch.float32).eval()
@@ -287,6 +339,8 @@ class Trainer:
                                               dtype=torch.bool), norm=True)
         self._make_optimizer()
         self.set_live(head)
+        self.resting = False  # the live head changed under it: judge afresh
+        self.stats.rejections_in_row = 0
 
     def status(self) -> dict:
         s = self.stats
@@ -303,4 +357,5 @@ class Trainer:
                 "vocab_coverage": round(self.coverage, 4), "vocab_rebuilds": self.vocab.rebuilds,
                 "gates": s.gates, "gate_rejections": s.gate_rejections,
                 "last_gate": s.last_gate, "candidates": s.candidates,
-                "data_bytes": self.store.nbytes}
+                "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
+                "last_wake": s.last_wake, "data_bytes": self.store.nbytes}

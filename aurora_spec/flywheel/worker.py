@@ -75,7 +75,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
         if not want_out:
             outbox.put(("want", spec["send_bytes"]))
             want_out = True
-        busy = not paused and trainer.can_train()
+        busy = not paused and not trainer.resting and trainer.can_train()
         try:
             msg = inbox.get(timeout=0.0 if busy else 0.2)
         except queue.Empty:
@@ -91,6 +91,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 if records:
                     trainer.ingest(records)
                     last_traces = time.monotonic()
+                    if trainer.maybe_wake():
+                        send_status()  # serving hands the core back to training now
             elif kind == "live":
                 if pending is not None and pending[0] == msg[1]:
                     trainer.set_live(pending[1])
@@ -127,6 +129,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 and (busy or force_publish)):
             since_publish, force_publish = 0, False
             got = trainer.propose_candidate()
+            if got is None and trainer.maybe_rest():
+                send_status()  # serving may take the trainer's core now
             if got is not None:
                 cand, res = got
                 path = store.save(cand)

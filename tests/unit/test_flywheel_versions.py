@@ -4,6 +4,7 @@ valid checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -122,6 +123,43 @@ def test_gate_refuses_a_worse_candidate():
     assert trainer.stats.last_gate["passed"] is False
     assert trainer.stats.last_gate["candidate"] < trainer.stats.last_gate["live"]
     assert trainer.next_version == 2  # refused candidates consume no version
+
+
+def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
+    """After rest_after_rejections judged gates in a row without a better candidate the trainer
+    stops stepping (its core goes to serving); a drop of the live head's held-out acceptance or
+    enough new windows wake it."""
+    torch.manual_seed(0)
+    model, _ = tiny_target("llama", seed=0)
+    head = head_for(model, std=0.02, draft_vocab=64)
+    cfg = TrainerConfig(batch_tokens=256, window=32, holdout_every=3, gate_min_positions=16,
+                        vocab_min_tokens=32, rest_after_rejections=2, rest_max_windows=10_000,
+                        vocab_rebuild_coverage=0.0)
+    trainer = Trainer(head, TargetHead(model.lm_head.weight), Embedder(model.embed.weight), cfg)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)] * 4
+    collect_windows(model, trainer, prompts, head)
+    for _ in range(60):
+        trainer.train_step()
+    got = trainer.propose_candidate()
+    assert got is not None
+    trainer.set_live(got[0])
+    trainer.head = head_for(model, std=0.3, seed=9, draft_vocab=64)  # never beats live
+    assert trainer.propose_candidate() is None and not trainer.maybe_rest()  # 1 in a row
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()  # 2: rests
+    st = trainer.status()
+    assert st["resting"] and st["rests"] == 1 and not trainer.maybe_wake()  # nothing new yet
+    # The live head's held-out acceptance falls (new traffic it is bad at): it wakes.
+    trainer._rest_level = st["last_gate"]["live"] + 1.0
+    collect_windows(model, trainer, [[7, 8, 9, 10]] * 6, head)  # some requests are held out
+    assert trainer.maybe_wake() and not trainer.resting
+    assert trainer.status()["wakes"] == 1 and "held-out" in trainer.status()["last_wake"]
+    # Rest again; enough new training windows wake it whatever the held-out slice says.
+    assert trainer.propose_candidate() is None and trainer.propose_candidate() is None
+    assert trainer.maybe_rest() and trainer.resting
+    trainer.cfg = dataclasses.replace(cfg, rest_max_windows=6)
+    collect_windows(model, trainer, [[11, 12, 13, 14, 15]] * 9, head)
+    assert trainer.maybe_wake() and "new training windows" in trainer.status()["last_wake"]
 
 
 class FakeEngine:
