@@ -46,6 +46,7 @@ class ArmOutput:
     # on the same verify steps (drafters/hybrid.py); None otherwise.
     tau_head: float | None = None
     tau_lookup: float | None = None
+    threads: int | None = None  # serving threads, when the arm changes them (online arms)
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -10,6 +10,7 @@ TrainerConfig.rest_*), serving gets every thread.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -33,10 +34,12 @@ class OnlineArm(EngineArm):
     def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
             request_id: str) -> ArmOutput:
         outer = torch.get_num_threads()
-        torch.set_num_threads(outer if self.learner.trainer_resting else self.serve_threads)
+        threads = outer if self.learner.trainer_resting else self.serve_threads
+        torch.set_num_threads(threads)
         self.learner.resume()
         try:
-            return super().run(prompt_ids, max_tokens, domain, request_id)
+            out = super().run(prompt_ids, max_tokens, domain, request_id)
+            return dataclasses.replace(out, threads=threads)
         finally:
             self.learner.pause()
             torch.set_num_threads(outer)
@@ -50,8 +53,6 @@ class OnlineArm(EngineArm):
 
 def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
            lambda_discard: float | None = None) -> OnlineArm:
-    import dataclasses
-
     from aurora_spec.flywheel.config import LearnerConfig, TrainerConfig
     from aurora_spec.flywheel.learner import OnlineLearner
 

@@ -278,6 +278,11 @@ def swap_indices(recs: list[dict[str, Any]]) -> list[int]:
             if v0 is not None and v1 is not None and v1 != v0]
 
 
+def _rolling(ys: Sequence[float], w: int = 10) -> list[float]:
+    """Mean of the last ``w`` values at each point (the plots' smoothed line)."""
+    return [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+
+
 def plot_requests(results: dict[str, Any], path: Path) -> None:
     """tau and tokens/s against request index, one line per arm; stream segment boundaries and
     draft version changes (swaps) marked."""
@@ -301,10 +306,14 @@ def plot_requests(results: dict[str, Any], path: Path) -> None:
             many = len(xs) >= 20
             ax.plot(xs, ys, color=color, alpha=0.3 if many else 0.9, lw=1,
                     marker=None if many else "o", ms=3, label=None if many else name)
-            if many:  # rolling mean over 10 requests
-                w = 10
-                roll = [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-                ax.plot(xs, roll, color=color, lw=2, label=name)
+            if many:
+                ax.plot(xs, _rolling(ys), color=color, lw=2, label=name)
+        head = [(r["index"], r["tau_head"]) for r in mine if r.get("tau_head") is not None]
+        if len(head) >= 20:  # eagle3 + lookup: what the learned head alone would have reached
+            xs, ys = zip(*head)
+            ax_tau.plot(xs, _rolling(ys), color=color, lw=1.5, ls="--",
+                        label=f"{name}: head alone")
+            ax_tau.legend(loc="upper left", fontsize=8)
         for i in swap_indices(mine):
             for ax in (ax_tau, ax_tps):
                 ax.axvline(i, color="grey", ls=":", lw=0.8)

@@ -91,6 +91,8 @@ def make_record(arm: Arm, index: int, req: BenchRequest, out: ArmOutput, order: 
         "finish_reason": out.finish_reason, "order": order,
         "token_ids_sha1": token_hash(out.token_ids), "diverged_at": None,
     }
+    if out.threads is not None:  # online arms: 1 while the trainer trains, all while it rests
+        rec["threads"] = out.threads
     if out.tau_head is not None:  # a drafter with a lookup chain: each source's share
         rec["tau_head"] = round(out.tau_head, 4)
         rec["tau_lookup"] = None if out.tau_lookup is None else round(out.tau_lookup, 4)

@@ -55,8 +55,9 @@ class TrainerConfig:
     # held-out slice big enough to judge), training has nothing more to gain from the traffic
     # seen; the trainer stops stepping and its core goes back to serving (0: never rest). It
     # wakes when the live head's held-out acceptance on the newest requests falls rest_wake_drop
-    # below its level at rest (traffic shifted), when vocabulary coverage falls below
-    # vocab_rebuild_coverage, or after rest_max_windows new training windows (new data).
+    # below its level at rest (traffic shifted), when the draft vocabulary is rebuilt (coverage
+    # fell below vocab_rebuild_coverage and a rebuild clearly helps), or after rest_max_windows
+    # new training windows (new data).
     rest_after_rejections: int = 4
     rest_wake_drop: float = 0.1
     rest_max_windows: int = 256

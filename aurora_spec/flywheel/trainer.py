@@ -306,8 +306,8 @@ class Trainer:
         reason = ""
         if self.store.windows_seen - self._rest_windows >= c.rest_max_windows:
             reason = f"{c.rest_max_windows} new training windows"
-        elif self.coverage < c.vocab_rebuild_coverage:
-            reason = f"vocabulary coverage {self.coverage:.3f}"
+        elif self.maybe_rebuild_vocab():  # new tokens in the traffic: the head must learn them
+            reason = f"draft vocabulary rebuilt (coverage {self.coverage:.3f})"
         elif self.store.holdout_added != self._rest_holdout:  # newly held-out requests
             self._rest_holdout = self.store.holdout_added
             live, n = self.offline_acceptance(self.live, self.gate_windows())
