@@ -102,18 +102,24 @@ def collect_windows(model, trainer, prompts, head):
     trainer.flush()
 
 
-def test_gate_refuses_a_worse_candidate():
+def trained_trainer(**cfg_changes):
+    """A trainer that fitted 60 steps on a repetitive stream (tiny target): (model, head, it)."""
     torch.manual_seed(0)
     model, _ = tiny_target("llama", seed=0)
     head = head_for(model, std=0.02, draft_vocab=64)
     cfg = TrainerConfig(batch_tokens=256, window=32, holdout_every=3, gate_min_positions=16,
-                        vocab_min_tokens=32)
+                        vocab_min_tokens=32, **cfg_changes)
     trainer = Trainer(head, TargetHead(model.lm_head.weight), Embedder(model.embed.weight), cfg)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)] * 4
     collect_windows(model, trainer, prompts, head)
     for _ in range(60):
         trainer.train_step()
+    return model, head, trainer
+
+
+def test_gate_refuses_a_worse_candidate():
+    model, _, trainer = trained_trainer()
     got = trainer.propose_candidate()  # better than the day-0 head: published
     assert got is not None and got[0].version == 1 and got[1].candidate > got[1].live
     trainer.set_live(got[0])
@@ -129,18 +135,9 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     """After rest_after_rejections judged gates in a row without a better candidate the trainer
     stops stepping (its core goes to serving); a drop of the live head's held-out acceptance or
     enough new windows wake it."""
-    torch.manual_seed(0)
-    model, _ = tiny_target("llama", seed=0)
-    head = head_for(model, std=0.02, draft_vocab=64)
-    cfg = TrainerConfig(batch_tokens=256, window=32, holdout_every=3, gate_min_positions=16,
-                        vocab_min_tokens=32, rest_after_rejections=2, rest_max_windows=10_000,
-                        vocab_rebuild_coverage=0.0)
-    trainer = Trainer(head, TargetHead(model.lm_head.weight), Embedder(model.embed.weight), cfg)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)] * 4
-    collect_windows(model, trainer, prompts, head)
-    for _ in range(60):
-        trainer.train_step()
+    model, head, trainer = trained_trainer(rest_after_rejections=2, rest_max_windows=10_000,
+                                           vocab_rebuild_coverage=0.0)
+    cfg = trainer.cfg
     got = trainer.propose_candidate()
     assert got is not None
     trainer.set_live(got[0])
