@@ -134,6 +134,7 @@ class _LiveCollector:
             alpha.add_metric([str(i + 1)], float(a))
         yield alpha
         yield from learner_families(safe_status(self.learner))
+        yield from drafter_families(self.engine.drafter)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -146,6 +147,24 @@ def safe_status(learner: Any) -> dict[str, Any]:
     except Exception:  # a broken learner must not break /metrics or /health
         log.exception("learner.status() failed")
         return {}
+
+
+def drafter_families(drafter: Any):
+    """The drafter's own counters as ``aurora_drafter_<key>`` gauges (ngram: hits and accepted
+    tokens by source; eagle3 + lookup: accepted tokens of the merged tree, of the head alone and
+    of the lookup chain alone). Read from the engine thread's live ints: slightly stale at most."""
+    stats = getattr(drafter, "stats", None)
+    if not callable(stats):
+        return
+    try:
+        values = dict(stats())
+    except Exception:  # a broken drafter must not break /metrics
+        log.exception("drafter.stats() failed")
+        return
+    for key, value in values.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            name = "aurora_drafter_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            yield GaugeMetricFamily(name, f"drafter {key}", value=float(value))
 
 
 def learner_families(status: dict[str, Any]):

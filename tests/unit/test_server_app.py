@@ -205,7 +205,8 @@ def test_metrics_exposes_speculation_queue_and_learner(server) -> None:
                  "aurora_dropped_traces_total 1.0", "aurora_draft_swaps_total 2.0",
                  "aurora_draft_rollbacks_total", "aurora_vocab_coverage 0.9",
                  "aurora_draft_version 3.0", "aurora_drafted_tokens_total",
-                 "aurora_draft_position_proposed_total"):
+                 "aurora_draft_position_proposed_total", "aurora_drafter_hits_local",
+                 "aurora_drafter_accepted_global"):
         assert name in text, name
     assert "aurora_trainer_loss" not in text  # NaN loss: not exported
 
