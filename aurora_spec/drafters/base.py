@@ -16,6 +16,12 @@ class Drafter(Protocol):
     Lifecycle per request: ``start`` once with the prompt and the first generated token, then
     alternating ``propose`` / ``observe`` (one per verify step), then ``finish``. A drafter may
     keep per-request state keyed by ``request_id``; it must free it in ``finish``.
+
+    Optional, for drafters that add nodes costing no draft compute (drafters/hybrid.py): with
+    ``free_depth = True`` the engine calls ``propose(..., k, params, limit=L)`` on every step,
+    also when k = 0, where L is the most draft depth the request's budget and context allow;
+    ``policy_part(request_id, result)`` then returns (depth, accepted) of the part the engine's
+    draft-length policy sized (``result`` None: the depth only), and the policy learns from that.
     """
 
     name: str
