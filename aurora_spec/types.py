@@ -130,6 +130,11 @@ class StepTrace:
     fused_hidden: torch.Tensor  # (n+1, 3*H): concatenated low/mid/high target layer outputs
     final_hidden: torch.Tensor  # (n+1, H): final-norm output, lm_head input (for p_target)
     domain: str | None = None
+    # (depth, accepted) of the part of the proposal the engine's draft-length policy sized: the
+    # whole proposal, or for a drafter that adds free nodes (drafters/hybrid.py: a lookup chain
+    # beside the head) what its costly part alone would have had accepted. The flywheel judges a
+    # head version by it. None: not computed (traces built outside the engine).
+    policy_part: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,6 @@ class LookupHybrid:
         self.prior_acceptance = getattr(learned, "prior_acceptance", None)
         self.counters = SourceCounters()
         self._pending: dict[str, _Step] = {}
-        self._last: dict[str, tuple[int, int]] = {}  # request -> the head's (nodes, accepted)
 
     # ---- what the flywheel and the engine read from the learned drafter ----
 
@@ -163,11 +162,9 @@ class LookupHybrid:
         self.learned.observe(trace)
         step = self._pending.pop(trace.request_id, None)
         if step is None or not len(trace.proposal):
-            self._last.pop(trace.request_id, None)
             return
         accepted = trace.result.accepted_nodes
         by_head = _prefix_in(accepted, step.head_nodes)
-        self._last[trace.request_id] = (len(step.head_nodes), by_head)
         n_lookup = _prefix_in(accepted, set(step.lookup_nodes))
         res = trace.result
         self.lookup.observe(replace(trace, proposal=step.lookup, result=replace(
@@ -190,17 +187,10 @@ class LookupHybrid:
             per[1] += by_head
             per[2] += by_lookup
 
-    def learned_outcome(self, request_id: str) -> tuple[int, int]:
-        """The head's part of the request's last observed step: (nodes it proposed, tokens it
-        alone would have had accepted). The publisher judges a head version by these, so a
-        version is not rolled back because lookup found less to copy in the next requests."""
-        return self._last.get(request_id, (0, 0))
-
     def finish(self, request_id: str, tokens: list[int]) -> None:
         self.learned.finish(request_id, tokens)
         self.lookup.finish(request_id, tokens)
         self._pending.pop(request_id, None)
-        self._last.pop(request_id, None)
 
     def request_counts(self, request_id: str) -> tuple[int, int, int] | None:
         """(drafting steps, head-alone accepted, lookup-alone accepted) of a running request or

@@ -308,12 +308,12 @@ class Engine:
 
     def _after_verify(self, seq: Sequence, proposal: Proposal, out: ForwardOutput,
                       result: VerifyResult) -> None:
+        part = self._policy_part(seq, proposal, result) if len(proposal) else (0, 0)
         if len(proposal):
-            depth, accepted = self._policy_part(seq, proposal, result)
-            _policy(seq).observe(depth, accepted)  # updates the global policy too
+            _policy(seq).observe(*part)  # updates the global policy too
         trace = StepTrace(seq.request_id, self.runner.length(seq.slot) - 1 - result.num_accepted,
                           seq.output[-1], proposal, result, out.fused_hidden[0],
-                          out.final_hidden[0], seq.domain)
+                          out.final_hidden[0], seq.domain, part)
         if self.drafter is not None:
             self.drafter.observe(trace)
         if self.trace_sink is not None and seq.record_traces:

@@ -116,11 +116,10 @@ class OnlineLearner:
     def trace_sink(self, trace: StepTrace) -> None:
         try:
             if self.publisher is not None:
-                # A drafter with free extra nodes (eagle3 + lookup) reports the head's own part.
-                own = getattr(self.drafter, "learned_outcome", None)
-                proposed, accepted = (own(trace.request_id) if own is not None else
-                                      (len(trace.proposal), trace.result.num_accepted))
-                self.publisher.observe(trace.proposal.draft_version, proposed, accepted)
+                # The head's own part (eagle3 + lookup: not what the lookup chain copied).
+                drafted, accepted = trace.policy_part or (len(trace.proposal),
+                                                          trace.result.num_accepted)
+                self.publisher.observe(trace.proposal.draft_version, drafted, accepted)
             if self.cfg.mode == "online":
                 self.buffer.append(record_step(trace, self._dtype, self._max_rejected))
                 self.recorded += 1

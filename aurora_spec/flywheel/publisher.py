@@ -174,9 +174,10 @@ class Publisher:
         self.swap(prev, watch=False, reason=f"rollback: {reason}")
         return True
 
-    def observe(self, version: int, proposed: int, accepted: int) -> None:
-        """One verify step's outcome (engine thread). Cheap: a few integer updates."""
-        if proposed <= 0:
+    def observe(self, version: int, drafted: int, accepted: int) -> None:
+        """One verify step's outcome (engine thread): ``drafted`` > 0 when the head drafted (steps
+        without a head draft say nothing about a version). Cheap: a few integer updates."""
+        if drafted <= 0:
             return
         stats = self.by_version.get(version)
         if stats is None:

@@ -131,13 +131,13 @@ def test_lookup_must_be_a_chain() -> None:
 def test_head_is_judged_on_its_own_part() -> None:
     """With the head drafting nothing (k = 0) the lookup chain still drafts every step, and what
     it gets accepted is not credited to the head version (the publisher's rollback judges heads
-    by ``learned_outcome``, the policy sizes the head by ``policy_part``)."""
+    by the trace's ``policy_part``, the policy sizes the head by it)."""
     model, _ = tiny_target("llama", seed=5)
     drafter = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32"), model)
     outcomes = []
     engine = _engine(model, drafter, fixed=0)
     engine.trace_sink = lambda t: outcomes.append(
-        (drafter.learned_outcome(t.request_id), t.result.num_accepted, len(t.proposal)))
+        (t.policy_part, t.result.num_accepted, len(t.proposal)))
     for p in _prompts(3):
         engine.generate(p, SamplingParams(max_tokens=40))
     assert outcomes and all(own == (0, 0) for own, _, _ in outcomes)
