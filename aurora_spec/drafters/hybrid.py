@@ -51,9 +51,10 @@ class SourceCounters:
     accepted_lookup: int = 0  # ... that the lookup chain alone would have had accepted
     lookup_steps: int = 0  # steps with a lookup chain in the tree
     lookup_nodes: int = 0  # nodes the lookup chain added (not shared with the head)
-    # request id -> [steps, head-alone accepted, lookup-alone accepted]: running requests, then
-    # the last FINISHED_KEPT finished ones (read by benchmarks after a request ends).
-    per_request: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
+    # request id -> [steps, head-alone accepted, lookup-alone accepted] of running requests, and
+    # of the last FINISHED_KEPT finished ones (read by benchmarks after a request ends).
+    running: dict[str, list[int]] = field(default_factory=dict)
+    finished: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)
 
 
 FINISHED_KEPT = 256
@@ -127,11 +128,7 @@ class LookupHybrid:
               prompt_hidden: Any) -> None:
         self.learned.start(request_id, prompt_ids, first_token, prompt_hidden)
         self.lookup.start(request_id, prompt_ids, first_token, prompt_hidden)
-        per = self.counters.per_request
-        per[request_id] = [0, 0, 0]
-        per.move_to_end(request_id)
-        while len(per) > FINISHED_KEPT + len(self._pending) + 1:
-            per.popitem(last=False)  # the oldest entries: finished requests
+        self.counters.running[request_id] = [0, 0, 0]
 
     def propose(self, request_id: str, tokens: list[int], k: int, params: SamplingParams,
                 limit: int | None = None) -> Proposal:
@@ -181,7 +178,7 @@ class LookupHybrid:
         if step.lookup_nodes:
             c.lookup_steps += 1
             c.lookup_nodes += sum(1 for n in step.lookup_nodes if n not in step.head_nodes)
-        per = c.per_request.get(rid)
+        per = c.running.get(rid)
         if per is not None:
             per[0] += 1
             per[1] += by_head
@@ -191,11 +188,19 @@ class LookupHybrid:
         self.learned.finish(request_id, tokens)
         self.lookup.finish(request_id, tokens)
         self._pending.pop(request_id, None)
+        c = self.counters
+        per = c.running.pop(request_id, None)
+        if per is not None:
+            c.finished[request_id] = per
+            c.finished.move_to_end(request_id)
+            if len(c.finished) > FINISHED_KEPT:
+                c.finished.popitem(last=False)
 
     def request_counts(self, request_id: str) -> tuple[int, int, int] | None:
         """(drafting steps, head-alone accepted, lookup-alone accepted) of a running request or
         one of the last ``FINISHED_KEPT`` finished ones."""
-        per = self.counters.per_request.get(request_id)
+        c = self.counters
+        per = c.running.get(request_id) or c.finished.get(request_id)
         return None if per is None else (per[0], per[1], per[2])
 
     def stats(self) -> dict[str, int | float]:
