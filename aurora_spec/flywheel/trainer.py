@@ -87,7 +87,7 @@ class Trainer:
         self.stats = TrainerStats()
         self.records = 0
         self.last_alpha: list[float] = []
-        self._live_score: tuple[tuple, float] | None = None
+        self._live_score: tuple[tuple, float, int] | None = None
         self.resting = False
         self._rest_level = 0.0  # the live head's held-out acceptance when the trainer rested
         self._rest_windows = 0  # store.windows_seen when it rested
@@ -239,16 +239,18 @@ class Trainer:
             n += w.scored_pairs
         return out
 
+    def live_acceptance(self, windows: list[Window]) -> tuple[float, int]:
+        """The live head's offline acceptance on ``windows`` (the gate's slice), cached until the
+        live head or the held-out slice changes: the gate and the rest check share it."""
+        key = (self.live.version, id(self.live), self.store.holdout_added, len(windows))
+        if self._live_score is None or self._live_score[0] != key:
+            self._live_score = (key, *self.offline_acceptance(self.live, windows))
+        return self._live_score[1], self._live_score[2]
+
     def gate(self, candidate: Eagle3Head) -> GateResult:
         windows = self.gate_windows()
-        key = (self.live.version, id(self.live), self.store.holdout_added, len(windows))
-        if self._live_score is not None and self._live_score[0] == key:
-            live = self._live_score[1]
-            cand, n = self.offline_acceptance(candidate, windows)
-        else:
-            live, n = self.offline_acceptance(self.live, windows)
-            self._live_score = (key, live)
-            cand, _ = self.offline_acceptance(candidate, windows)
+        live, n = self.live_acceptance(windows)
+        cand, _ = self.offline_acceptance(candidate, windows)
         alpha = [round(a, 4) for a in self.last_alpha]  # the candidate's (evaluated last)
         c = self.cfg
         if n < c.gate_min_positions:
@@ -310,7 +312,7 @@ class Trainer:
             reason = f"draft vocabulary rebuilt (coverage {self.coverage:.3f})"
         elif self.store.holdout_added != self._rest_holdout:  # newly held-out requests
             self._rest_holdout = self.store.holdout_added
-            live, n = self.offline_acceptance(self.live, self.gate_windows())
+            live, n = self.live_acceptance(self.gate_windows())
             if n >= c.gate_min_positions and live < self._rest_level - c.rest_wake_drop:
                 reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
         if not reason:
