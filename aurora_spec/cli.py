@@ -27,6 +27,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_drafter_flags(p: argparse.ArgumentParser, default: str = "ngram") -> None:
     p.add_argument("--drafter", default=default, choices=DRAFTERS)
+    add_draft_flags(p)
+
+
+def add_draft_flags(p: argparse.ArgumentParser) -> None:
+    """How drafts are made, whichever drafter (also for ``aurora bench``, where arms pick it)."""
     p.add_argument("--draft-weights", default=None, help="eagle3 head directory (safetensors)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="eagle3 day-0 draft vocabulary")
     p.add_argument("--tree-width", type=int, default=None,
@@ -47,9 +52,13 @@ def model_config(a: argparse.Namespace, max_slots: int = 1) -> ModelConfig:
     return ModelConfig(a.model, a.dtype, a.device, a.threads, a.max_context, max_slots)
 
 
-def drafter_config(a: argparse.Namespace) -> DrafterConfig:
+def check_draft_flags(a: argparse.Namespace, error: type[Exception] = UsageError) -> None:
     if (a.tree_width is not None and a.tree_width < 1) or a.max_draft < 0 or a.draft_vocab < 1:
-        raise UsageError("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
+        raise error("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
+
+
+def drafter_config(a: argparse.Namespace) -> DrafterConfig:
+    check_draft_flags(a)
     return DrafterConfig(a.drafter, a.draft_weights, a.draft_vocab, a.tree_width,
                          draft_dtype=a.draft_dtype, lookup=a.lookup)
 

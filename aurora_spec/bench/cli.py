@@ -8,11 +8,10 @@ import sys
 
 import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
 from aurora_spec.bench.arms import ARM_BUILDERS
-from aurora_spec.config import DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aurora_spec.cli import add_model_flags
+    from aurora_spec.cli import add_draft_flags, add_model_flags
 
     p = sub.add_parser(
         "bench", help="benchmark arms side by side on traffic prompts",
@@ -22,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "load a trained head).")
     p.add_argument("--arms", default="none,ngram,eagle3,hf",
                    help="comma-separated arms (default: none,ngram,eagle3,hf); a suffix @wN "
-                   "makes one arm draft top-N trees (e.g. online@w3), overriding --tree-width")
+                   "makes one arm draft top-N trees (e.g. online@w3), overriding --tree-width, "
+                   "and @lookup / @nolookup overrides --lookup for one arm")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,
@@ -37,16 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "next to the repository)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the chat template (default: on when the model has one)")
-    p.add_argument("--draft-weights", default=None, help="eagle3 head directory (safetensors)")
-    p.add_argument("--draft-vocab", type=int, default=8192, help="eagle3 day-0 draft vocabulary")
-    p.add_argument("--tree-width", type=int, default=None,
-                   help="> 1 drafts trees of that many branches (default: eagle3 3, ngram 1)")
-    p.add_argument("--max-draft", type=int, default=8, help="upper bound of the draft length")
-    p.add_argument("--draft-dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                   help="eagle3 head precision (auto: bfloat16 on CPUs with bf16 kernels)")
-    p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
-                   help="eagle3 arms also verify an n-gram lookup chain (default: on; an arm "
-                   "suffix @lookup / @nolookup overrides it for that arm)")
+    add_draft_flags(p)
     p.add_argument("--warmup", type=int, default=2,
                    help="warm-up requests run on every arm first, excluded (default 2)")
     p.add_argument("--seed", type=int, default=0, help="prompt selection and eagle3 init seed")
@@ -66,7 +57,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from aurora_spec.bench.arms import ArmOptions, BenchError
     from aurora_spec.bench.runner import BenchConfig, run_bench
     from aurora_spec.bench.traffic import parse_domains
-    from aurora_spec.cli import model_config
+    from aurora_spec.cli import check_draft_flags, model_config
 
     if a.stream and (a.domains or a.requests is not None):
         raise BenchError("--stream replaces --domains and --requests: give one or the other")
@@ -74,8 +65,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise BenchError("--requests must be positive")
     if a.max_tokens <= 0:
         raise BenchError("--max-tokens must be positive")
-    if (a.tree_width is not None and a.tree_width < 1) or a.max_draft < 0 or a.draft_vocab < 1:
-        raise BenchError("--tree-width and --draft-vocab must be >= 1, --max-draft >= 0")
+    check_draft_flags(a, BenchError)
     cfg = BenchConfig(
         arms=a.arms, domains=parse_domains(a.domains) if a.domains else None,
         requests=a.requests if a.requests is not None else 8, stream=a.stream,
