@@ -161,19 +161,24 @@ def drafter_families(drafter: Any):
     except Exception:  # a broken drafter must not break /metrics
         log.exception("drafter.stats() failed")
         return
-    for key, value in values.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            name = "aurora_drafter_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-            yield GaugeMetricFamily(name, f"drafter {key}", value=float(value))
+    yield from status_families(values, "drafter")
 
 
 def learner_families(status: dict[str, Any]):
+    yield from status_families(status, "learner", LEARNER_METRICS)
+
+
+def status_families(status: dict[str, Any], source: str,
+                    known: dict[str, tuple[str, str, bool]] | None = None):
+    """One metric per numeric entry of a status dict (booleans as 0/1, NaN skipped): the name,
+    help and kind from ``known``, else the gauge ``aurora_<source>_<key>``."""
     for key, value in status.items():
         if isinstance(value, bool):
             value = int(value)
         if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
             continue
-        name, doc, counter = LEARNER_METRICS.get(
-            key, ("aurora_learner_" + re.sub(r"[^a-zA-Z0-9_]", "_", key), f"learner {key}", False))
+        name, doc, counter = (known or {}).get(
+            key, (f"aurora_{source}_" + re.sub(r"[^a-zA-Z0-9_]", "_", key), f"{source} {key}",
+                  False))
         family = CounterMetricFamily if counter else GaugeMetricFamily
         yield family(name, doc, value=float(value))
