@@ -3,9 +3,9 @@
 
 Fairness: every arm gets the same machine. The trainer process runs only while its own arm
 serves (paused otherwise, so it never steals cores from the other arms' requests), and during
-those requests serving and training split the thread budget (serving gets ``threads - 1``,
-at least 1; the trainer 1 thread). While the trainer rests (nothing left to learn, see
-TrainerConfig.rest_*), serving gets every thread.
+those requests serving and training split the thread budget as in ``aurora serve``
+(``OnlineLearner.serving_threads``: serving gets ``threads - 1``, at least 1, the trainer 1
+thread; while the trainer rests, see TrainerConfig.rest_*, serving gets every thread).
 """
 
 from __future__ import annotations
@@ -26,15 +26,14 @@ from aurora_spec.bench.arms import (
 
 
 class OnlineArm(EngineArm):
-    def __init__(self, inner: EngineArm, learner: Any, serve_threads: int) -> None:
+    def __init__(self, inner: EngineArm, learner: Any) -> None:
         super().__init__(inner.name, inner.kind, inner.engine, inner.stop_ids)
         self.learner = learner
-        self.serve_threads = serve_threads
 
     def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
             request_id: str) -> ArmOutput:
         outer = torch.get_num_threads()
-        threads = outer if self.learner.trainer_resting else self.serve_threads
+        threads = self.learner.serving_threads() or outer
         torch.set_num_threads(threads)
         self.learner.resume()
         try:
@@ -64,7 +63,7 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
                             LearnerConfig(trainer=trainer, trainer_threads=1))
     learner.start()
     learner.pause()
-    return OnlineArm(inner, learner, max(1, torch.get_num_threads() - 1))
+    return OnlineArm(inner, learner)
 
 
 def _build_online(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> OnlineArm:

@@ -55,11 +55,15 @@ class TrainerConfig:
     # held-out slice big enough to judge), training has nothing more to gain from the traffic
     # seen; the trainer stops stepping and its core goes back to serving (0: never rest). It
     # wakes when the live head's held-out acceptance on the newest requests falls rest_wake_drop
-    # below its level at rest (traffic shifted), when the draft vocabulary is rebuilt (coverage
-    # fell below vocab_rebuild_coverage and a rebuild clearly helps), or after rest_max_windows
-    # new training windows (new data).
-    rest_after_rejections: int = 4
+    # below its level at rest (traffic shifted), when the draft vocabulary's coverage falls below
+    # rest_wake_coverage (new tokens), or after enough new training windows (new data):
+    # rest_min_windows, doubled for each rest since a candidate last passed, at most
+    # rest_max_windows. Why the backoff: on 2 cores training costs serving ~30% of its tokens/s
+    # (bench, one thread of two), so a head that stopped improving should be trained rarely.
+    rest_after_rejections: int = 3
     rest_wake_drop: float = 0.1
+    rest_wake_coverage: float = 0.95
+    rest_min_windows: int = 16
     rest_max_windows: int = 256
     vocab_min_tokens: int = 256  # emitted tokens seen before the first (and each) rebuild
     vocab_coverage_window: int = 4096  # recent emitted tokens the coverage is measured on
@@ -79,7 +83,11 @@ class LearnerConfig:
     resume: bool = True  # start from the newest valid checkpoint in checkpoint_dir
     keep_checkpoints: int = 5
     trainer_threads: int = 1  # torch threads of the trainer process
-    serving_threads: int | None = None  # None: leave the serving process's setting alone
+    # Cores shared between serving and a CPU trainer: serving runs on (its threads at start -
+    # trainer_threads) while the trainer trains and on all of them while it rests (False: leave
+    # the serving threads alone). Two busy torch processes on more threads than cores slow each
+    # other down badly (DESIGN.md section 4).
+    share_cores: bool = True
     trainer_device: str = "auto"  # auto: a CUDA device when the machine has one, else cpu
     omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the trainer process
     trainer_nice: int = 10  # the trainer process's niceness: serving wins contended cores

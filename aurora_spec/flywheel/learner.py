@@ -83,6 +83,7 @@ class OnlineLearner:
         self.trainer_restarts = 0
         self.paused = False
         self._started = False
+        self._cores = 0  # serving threads when start() ran: what serving and training share
         if drafter_or_engine is not None:
             if hasattr(drafter_or_engine, "call_between_steps"):
                 self.attach(drafter_or_engine)
@@ -147,8 +148,7 @@ class OnlineLearner:
         if self.publisher is None:
             raise RuntimeError("attach an engine (or pass a drafter) before start()")
         c = self.cfg
-        if c.serving_threads:
-            torch.set_num_threads(c.serving_threads)
+        self._cores = torch.get_num_threads()
         if c.mode == "static":
             self._started = True
             return
@@ -172,9 +172,13 @@ class OnlineLearner:
                                         daemon=True)
         self._bridge.start()
         self._started = True
+        self._share_cores()
 
     def stop(self, save: bool = True) -> None:
         self._stopping.set()
+        if self.engine is not None and self.serving_threads() is not None:
+            cores = self._cores  # serving gets the trainer's core back
+            self.engine.call_between_steps(lambda: torch.set_num_threads(cores))
         if self._bridge is not None:
             self._bridge.join(timeout=10)
             self._bridge = None
@@ -255,6 +259,33 @@ class OnlineLearner:
         its core is free for serving until new evidence wakes it."""
         return bool(self._trainer_status.get("resting"))
 
+    def serving_threads(self) -> int | None:
+        """Torch threads serving should use now (None: not the learner's business): the cores
+        it started with, less the trainer's threads while a CPU trainer is training."""
+        c = self.cfg
+        if not (c.share_cores and self._started and c.mode == "online" and self._cores):
+            return None
+        if self._trainer_device() != "cpu" or self.trainer_resting:
+            return self._cores
+        return max(1, self._cores - c.trainer_threads)
+
+    def _apply_serving_threads(self) -> None:
+        """Engine thread, between steps: follow the trainer's state (torch's thread setting is
+        per calling thread for OpenMP, so it must be made by the thread that runs the model)."""
+        n = self.serving_threads()
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    def _share_cores(self) -> None:
+        if self.engine is not None and self.serving_threads() is not None:
+            self.engine.call_between_steps(self._apply_serving_threads)
+
+    def _trainer_device(self) -> str:
+        device = self.cfg.trainer_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
     @property
     def live_version(self) -> int:
         return self.publisher.live_version if self.publisher else 0
@@ -276,9 +307,7 @@ class OnlineLearner:
         ctx = torch.multiprocessing.get_context("spawn")
         self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
         self._want = 0
-        device = c.trainer_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = self._trainer_device()
         assert self.publisher is not None and self.store is not None
         live = self.publisher.live
         spec = {"head": head_to_payload(live), "threads": c.trainer_threads, "device": device,
@@ -351,7 +380,10 @@ class OnlineLearner:
         if kind == "want":
             self._want = int(msg[1])
         elif kind == "status":
+            resting = self.trainer_resting
             self._trainer_status = msg[1]
+            if self.trainer_resting != resting:
+                self._share_cores()
         elif kind == "candidate":
             _, version, path, gate = msg
             assert self.publisher is not None
@@ -372,6 +404,7 @@ class OnlineLearner:
                     "restarting the trainer", proc.pid, proc.exitcode, self.live_version)
         self._close_queues()
         self._trainer_status = {}
+        self._share_cores()
         time.sleep(min(self.cfg.restart_backoff_s * self.trainer_restarts, 30.0))
         if not self._stopping.is_set():
             self._spawn()

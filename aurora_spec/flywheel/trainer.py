@@ -62,6 +62,7 @@ class TrainerStats:
     gate_rejections: int = 0
     rejections_in_row: int = 0  # judged gates (slice big enough) failed since the last pass
     rests: int = 0
+    rests_since_pass: int = 0  # rests since a candidate last passed: each rest lasts twice as long
     wakes: int = 0
     last_wake: str = ""
     last_gate: dict | None = None
@@ -149,11 +150,16 @@ class Trainer:
         if d2t is None:
             return False
         before = self.coverage
-        old_state = {p: s for p, s in self.opt.state.items() if p is not self.head.lm_head.weight}
-        was_new = self.head.t2d[d2t.to(self.head.t2d.device)] < 0
+        old_w = self.head.lm_head.weight
+        old_rows = self.head.t2d[d2t.to(self.head.t2d.device)]  # -1: a token new to the vocab
+        old_state = {p: s for p, s in self.opt.state.items() if p is not old_w}
+        lm_state = self.opt.state.get(old_w)
         self.head.set_vocab(d2t.to(self.device))
+        was_new = old_rows < 0
         if self.cfg.init_from_target and bool(was_new.any()):
             self._init_from_target(was_new)
+        if lm_state:  # kept rows keep their Adam moments: a rebuild must not jolt what was learned
+            old_state[self.head.lm_head.weight] = _remap_rows(lm_state, old_rows)
         self._make_optimizer(old_state)
         log.info("draft vocabulary rebuilt (%d tokens): coverage %.3f -> %.3f",
                  len(d2t), before, self.coverage)
@@ -264,6 +270,7 @@ class Trainer:
         self.stats.gate_rejections += 0 if res.passed else 1
         if res.passed:
             self.stats.rejections_in_row = 0
+            self.stats.rests_since_pass = 0
         elif n >= c.gate_min_positions:
             self.stats.rejections_in_row += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
@@ -296,9 +303,20 @@ class Trainer:
         self._rest_windows = self.store.windows_seen
         self._rest_holdout = self.store.holdout_added
         s.rests += 1
-        log.info("trainer resting: %d candidates in a row did not beat the live head (held-out "
-                 "acceptance %.3f)", s.rejections_in_row, self._rest_level)
+        s.rests_since_pass += 1
+        log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
+                 " head (held-out acceptance %.3f)", self.rest_windows, s.rejections_in_row,
+                 self._rest_level)
         return True
+
+    @property
+    def rest_windows(self) -> int:
+        """New training windows a rest lasts without other evidence: rest_min_windows, doubled
+        for each rest since a candidate last passed (a head that stopped improving is trained
+        less and less often), at most rest_max_windows."""
+        c = self.cfg
+        doublings = max(self.stats.rests_since_pass - 1, 0)
+        return min(c.rest_min_windows << min(doublings, 30), c.rest_max_windows)
 
     def maybe_wake(self) -> bool:
         """While resting: wake on new evidence (see TrainerConfig.rest_*); True when it woke."""
@@ -306,10 +324,10 @@ class Trainer:
             return False
         c = self.cfg
         reason = ""
-        if self.store.windows_seen - self._rest_windows >= c.rest_max_windows:
-            reason = f"{c.rest_max_windows} new training windows"
-        elif self.maybe_rebuild_vocab():  # new tokens in the traffic: the head must learn them
-            reason = f"draft vocabulary rebuilt (coverage {self.coverage:.3f})"
+        if self.store.windows_seen - self._rest_windows >= self.rest_windows:
+            reason = f"{self.rest_windows} new training windows"
+        elif self.coverage < c.rest_wake_coverage:  # new tokens in the traffic: learn them
+            reason = f"draft vocabulary coverage fell to {self.coverage:.3f}"
         elif self.store.holdout_added != self._rest_holdout:  # newly held-out requests
             self._rest_holdout = self.store.holdout_added
             live, n = self.live_acceptance(self.gate_windows())
@@ -343,6 +361,7 @@ class Trainer:
         self.set_live(head)
         self.resting = False  # the live head changed under it: judge afresh
         self.stats.rejections_in_row = 0
+        self.stats.rests_since_pass = 0
 
     def status(self) -> dict:
         s = self.stats
@@ -360,4 +379,20 @@ class Trainer:
                 "gates": s.gates, "gate_rejections": s.gate_rejections,
                 "last_gate": s.last_gate, "candidates": s.candidates,
                 "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
+                "rest_windows": self.rest_windows,
                 "last_wake": s.last_wake, "data_bytes": self.store.nbytes}
+
+
+def _remap_rows(state: dict, old_rows: torch.Tensor) -> dict:
+    """AdamW state of an lm_head whose rows were re-chosen: row i of every per-row moment comes
+    from old row ``old_rows[i]``; new rows (-1) start at zero, as a fresh optimizer would."""
+    out = {}
+    keep = old_rows >= 0
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.dim() == 2:
+            new = torch.zeros(len(old_rows), v.shape[1], dtype=v.dtype, device=v.device)
+            new[keep.to(v.device)] = v[old_rows[keep].to(v.device)]
+            out[k] = new
+        else:
+            out[k] = v  # the step count (a scalar tensor)
+    return out

@@ -38,9 +38,11 @@ def online(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 96, (8,), generator=g).tolist() for _ in range(4)]
     want = {tuple(p): list(base.generate(p, PARAMS).token_ids) for p in prompts}
+    threads = torch.get_num_threads()
     learner.start()
     yield learner, engine, drafter, prompts, want
     learner.stop()
+    torch.set_num_threads(threads)  # the learner set serving's share from this (engine) thread
 
 
 def test_online_loop_raises_acceptance(online):
@@ -89,3 +91,40 @@ def test_killing_the_trainer_keeps_serving_and_restarts_it(online):
         time.sleep(0.1)
     assert st.get("pid") == new_pid and st["records"] > 0, st
     assert drafter.head.version >= version
+
+
+def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path):
+    """A CPU trainer takes one of serving's threads while it trains; when it rests (no candidate
+    can beat the live head here: the gate margin is out of reach) serving gets it back, applied
+    by the engine thread between steps."""
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model, _ = tiny_target("llama", seed=0)
+    engine = make_engine(model, Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64),
+                                              model.embed.weight))
+    cfg = LearnerConfig(
+        checkpoint_dir=str(tmp_path), trainer_device="cpu",
+        trainer=TrainerConfig(batch_tokens=128, window=32, publish_every=2, holdout_every=2,
+                              gate_min_positions=8, gate_margin=100.0, rest_after_rejections=1,
+                              rest_min_windows=10_000, rest_wake_drop=100.0,
+                              rest_wake_coverage=0.0, vocab_min_tokens=10_000))
+    learner = OnlineLearner(model, engine, cfg)
+    prompt = list(range(3, 11))
+    try:
+        learner.start()
+        assert learner.serving_threads() == 1
+        engine.generate(prompt, PARAMS)
+        assert torch.get_num_threads() == 1  # the trainer trains on the other core
+        deadline = time.monotonic() + 90
+        while not learner.trainer_resting and time.monotonic() < deadline:
+            engine.generate(prompt, PARAMS)
+            time.sleep(0.05)
+        assert learner.trainer_resting, learner.status()
+        assert learner.serving_threads() == 2
+        engine.generate(prompt, PARAMS)
+        assert torch.get_num_threads() == 2
+        learner.stop(save=False)
+        assert learner.serving_threads() is None
+    finally:
+        learner.stop(save=False)
+        torch.set_num_threads(outer)

@@ -4,6 +4,7 @@ valid checkpoint."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
@@ -133,10 +134,12 @@ def test_gate_refuses_a_worse_candidate():
 
 def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     """After rest_after_rejections judged gates in a row without a better candidate the trainer
-    stops stepping (its core goes to serving); a drop of the live head's held-out acceptance or
-    enough new windows wake it."""
-    model, head, trainer = trained_trainer(rest_after_rejections=2, rest_max_windows=10_000,
-                                           vocab_rebuild_coverage=0.0)
+    stops stepping (its core goes to serving); a drop of the live head's held-out acceptance,
+    a fall of the vocabulary's coverage or enough new windows wake it, and each rest without a
+    passed gate in between lasts twice as many windows."""
+    model, head, trainer = trained_trainer(rest_after_rejections=2, rest_min_windows=10_000,
+                                           rest_max_windows=10_000, vocab_rebuild_coverage=0.0,
+                                           rest_wake_coverage=0.0)
     cfg = trainer.cfg
     got = trainer.propose_candidate()
     assert got is not None
@@ -151,12 +154,48 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     collect_windows(model, trainer, [[7, 8, 9, 10]] * 6, head)  # some requests are held out
     assert trainer.maybe_wake() and not trainer.resting
     assert trainer.status()["wakes"] == 1 and "held-out" in trainer.status()["last_wake"]
-    # Rest again; enough new training windows wake it whatever the held-out slice says.
+    # Rest again, now for twice the windows (no candidate passed since the first rest); enough
+    # new training windows wake it whatever the held-out slice says.
+    trainer.cfg = dataclasses.replace(cfg, rest_min_windows=3)
     assert trainer.propose_candidate() is None and trainer.propose_candidate() is None
-    assert trainer.maybe_rest() and trainer.resting
-    trainer.cfg = dataclasses.replace(cfg, rest_max_windows=6)
+    assert trainer.maybe_rest() and trainer.status()["rest_windows"] == 6
+    trainer.cfg = dataclasses.replace(trainer.cfg, rest_max_windows=5)  # the cap
+    assert trainer.rest_windows == 5
     collect_windows(model, trainer, [[11, 12, 13, 14, 15]] * 9, head)
     assert trainer.maybe_wake() and "new training windows" in trainer.status()["last_wake"]
+    # A third rest; the draft vocabulary's coverage falling below rest_wake_coverage wakes it.
+    assert trainer.propose_candidate() is None and trainer.propose_candidate() is None
+    assert trainer.maybe_rest() and not trainer.maybe_wake()
+    trainer.cfg = dataclasses.replace(trainer.cfg, rest_wake_coverage=1.01)
+    assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
+    # A candidate that passes resets the backoff.
+    trainer.head = copy.deepcopy(got[0]).train()
+    trainer.set_live(head_for(model, std=0.3, seed=9, draft_vocab=64))
+    assert trainer.propose_candidate() is not None and trainer.rest_windows == 3
+
+
+def test_vocab_rebuild_keeps_the_adam_moments_of_kept_rows():
+    """Rebuilding the draft vocabulary must not reset what the optimizer learned about the rows
+    it keeps: their AdamW moments move with them; new rows start at zero."""
+    _, _, trainer = trained_trainer()
+    w = trainer.head.lm_head.weight
+    before = {k: v.clone() for k, v in trainer.opt.state[w].items()}
+    d2t_old = trainer.head.d2t.clone()
+    d2t = torch.cat([d2t_old[8:], torch.arange(80, 88)])  # drop 8 tokens, add 8 new ones
+    trainer.vocab.maybe_rebuild = lambda t2d: torch.sort(d2t).values
+    assert trainer.maybe_rebuild_vocab()
+    new_w = trainer.head.lm_head.weight
+    state = trainer.opt.state[new_w]
+    new_d2t = trainer.head.d2t
+    for i, tok in enumerate(new_d2t.tolist()):
+        old = (d2t_old == tok).nonzero()
+        for k in ("exp_avg", "exp_avg_sq"):
+            want = before[k][old[0, 0]] if len(old) else torch.zeros_like(before[k][0])
+            assert torch.equal(state[k][i], want), (tok, k)
+    assert torch.equal(state["step"], before["step"])
+    trainer.vocab.maybe_rebuild = lambda t2d: None
+    assert trainer.train_step() is not None  # the optimizer steps with the remapped state
+    assert trainer.opt.state[new_w]["step"] == before["step"] + 1
 
 
 class FakeEngine:
