@@ -158,6 +158,9 @@ class GenerationStats:
     verify_steps: int = 0
     proposed: int = 0
     accepted: int = 0
+    # Accepted tokens of the part of each draft the drafter sizes by its policy: for eagle3 with
+    # the lookup chain, what the learned head alone would have had accepted (exact for greedy).
+    head_accepted: int = 0
     emitted: int = 0  # tokens emitted by verify steps (excludes the prefill token)
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -169,10 +172,17 @@ class GenerationStats:
     def tau(self) -> float:
         return self.emitted / self.verify_steps if self.verify_steps else 1.0
 
-    def record(self, proposal: Proposal, result: VerifyResult, emitted: int) -> None:
+    @property
+    def tau_head(self) -> float:
+        """tau had the head's part been the whole draft (1 + its accepted tokens per step)."""
+        return 1 + self.head_accepted / self.verify_steps if self.verify_steps else 1.0
+
+    def record(self, proposal: Proposal, result: VerifyResult, emitted: int,
+               head_accepted: int | None = None) -> None:
         self.verify_steps += 1
         self.proposed += len(proposal)
         self.accepted += result.num_accepted
+        self.head_accepted += result.num_accepted if head_accepted is None else head_accepted
         self.emitted += emitted
         depths = proposal.depths()
         for d in set(depths):

@@ -100,6 +100,10 @@ class Engine:
         if width != policy_cfg.tree_width:  # the policy prices a draft by the nodes it verifies
             policy_cfg = replace(policy_cfg, tree_width=width)
         self.policy = DraftLengthPolicy(policy_cfg, self.costs)  # global acceptance estimates
+        # A drafter with free nodes (drafters/hybrid.py: a lookup chain beside the head) is
+        # asked every step, up to the request's limit, and reports the part the policy sized.
+        self._free_depth = bool(getattr(drafter, "free_depth", False))
+        self._drafter_policy_part = getattr(drafter, "policy_part", None)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -267,9 +271,7 @@ class Engine:
 
     def _draft(self, seqs: list[Sequence]) -> list[Proposal]:
         proposals = []
-        # A drafter with free nodes (drafters/hybrid.py: a lookup chain beside the head) is
-        # asked every step, up to the request's limit; the policy's k sizes only its costly part.
-        free = bool(getattr(self.drafter, "free_depth", False))
+        free = self._free_depth  # the policy's k sizes only the drafter's costly part
         for seq, k in zip(seqs, self._plan(seqs), strict=True):
             limit = self._draft_limit(seq) if free else 0
             if not k and limit <= 0:
@@ -291,9 +293,8 @@ class Engine:
                      result: VerifyResult | None) -> tuple[int, int]:
         """(depth, accepted) of the part of ``prop`` the policy sized: all of it, unless the
         drafter adds free nodes and reports its costly part itself (``policy_part``)."""
-        part = getattr(self.drafter, "policy_part", None)
-        if part is not None:
-            return part(seq.request_id, result)
+        if self._drafter_policy_part is not None:
+            return self._drafter_policy_part(seq.request_id, result)
         return max(prop.depths(), default=0), result.num_accepted if result else 0
 
     def _verify(self, seq: Sequence, proposal: Proposal, out: ForwardOutput) -> VerifyResult:
@@ -319,7 +320,7 @@ class Engine:
         if self.trace_sink is not None and seq.record_traces:
             self.trace_sink(trace)
         emitted = self._emit(seq, list(result.emitted))
-        seq.stats.record(proposal, result, emitted)
+        seq.stats.record(proposal, result, emitted, part[1])
 
     def _emit(self, seq: Sequence, tokens: list[int]) -> int:
         """Append tokens up to a stop token or max_tokens; returns how many were consumed."""

@@ -54,14 +54,15 @@ class TrainerConfig:
     # Rest: after this many gates in a row where a candidate did not beat the live head (on a
     # held-out slice big enough to judge), training has nothing more to gain from the traffic
     # seen; the trainer stops stepping and its core goes back to serving (0: never rest). It
-    # wakes when the live head's held-out acceptance on the newest requests falls rest_wake_drop
-    # below its level at rest (traffic shifted), when the draft vocabulary's coverage falls below
+    # wakes when the live head's acceptance on requests held out since it rested (at least
+    # gate_positions of them) falls by the share rest_wake_drop below its level on the whole
+    # held-out slice at rest (traffic shifted), when the draft vocabulary's coverage falls below
     # rest_wake_coverage (new tokens), or after enough new training windows (new data):
     # rest_min_windows, doubled for each rest since a candidate last passed, at most
     # rest_max_windows. Why the backoff: on 2 cores training costs serving ~30% of its tokens/s
     # (bench, one thread of two), so a head that stopped improving should be trained rarely.
-    rest_after_rejections: int = 3
-    rest_wake_drop: float = 0.1
+    rest_after_rejections: int = 2
+    rest_wake_drop: float = 0.25
     rest_wake_coverage: float = 0.95
     rest_min_windows: int = 16
     rest_max_windows: int = 256

@@ -90,9 +90,10 @@ class Trainer:
         self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float, int] | None = None
         self.resting = False
-        self._rest_level = 0.0  # the live head's held-out acceptance when the trainer rested
+        self._rest_level = 0.0  # the live head's acceptance on the whole held-out slice at rest
         self._rest_windows = 0  # store.windows_seen when it rested
-        self._rest_holdout = 0  # store.holdout_added at the last wake check
+        self._rest_holdout = 0  # store.holdout_added when it rested
+        self._checked_holdout = 0  # store.holdout_added at the last wake check
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
                                                    and bf16_autocast_ok(self.device))
@@ -299,9 +300,11 @@ class Trainer:
         if self.resting or not c.rest_after_rejections or s.rejections_in_row < c.rest_after_rejections:
             return False
         self.resting = True
-        self._rest_level = float((s.last_gate or {}).get("live", 0.0))
+        # The baseline a wake compares with: the whole held-out slice (tens of requests), not the
+        # gate's newest few, whose domain mix alone swings the score by 20% on mixed traffic.
+        self._rest_level = self.offline_acceptance(self.live, self.store.holdout_slice())[0]
         self._rest_windows = self.store.windows_seen
-        self._rest_holdout = self.store.holdout_added
+        self._rest_holdout = self._checked_holdout = self.store.holdout_added
         s.rests += 1
         s.rests_since_pass += 1
         log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
@@ -328,10 +331,10 @@ class Trainer:
             reason = f"{self.rest_windows} new training windows"
         elif self.coverage < c.rest_wake_coverage:  # new tokens in the traffic: learn them
             reason = f"draft vocabulary coverage fell to {self.coverage:.3f}"
-        elif self.store.holdout_added != self._rest_holdout:  # newly held-out requests
-            self._rest_holdout = self.store.holdout_added
-            live, n = self.live_acceptance(self.gate_windows())
-            if n >= c.gate_min_positions and live < self._rest_level - c.rest_wake_drop:
+        elif self.store.holdout_added != self._checked_holdout:  # newly held-out requests
+            self._checked_holdout = self.store.holdout_added
+            live, n = self._acceptance_since_rest()
+            if n >= c.gate_positions and live < self._rest_level * (1 - c.rest_wake_drop):
                 reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
         if not reason:
             return False
@@ -341,6 +344,12 @@ class Trainer:
         self.stats.last_wake = reason
         log.info("trainer awake: %s", reason)
         return True
+
+    def _acceptance_since_rest(self) -> tuple[float, int]:
+        """The live head's acceptance on the held-out windows added since it rested."""
+        new = self.store.holdout_added - self._rest_holdout
+        windows = self.store.holdout_slice()[-new:] if new > 0 else []
+        return self.offline_acceptance(self.live, windows) if windows else (0.0, 0)
 
     def set_live(self, head: Eagle3Head) -> None:
         """The gate's baseline becomes ``head`` (after a swap or a rollback)."""

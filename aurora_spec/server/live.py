@@ -14,8 +14,8 @@ from fastapi.responses import HTMLResponse
 from aurora_spec.server.state import server_state
 
 router = APIRouter()
-RECORD_FIELDS = ("seq", "t", "endpoint", "tau", "tokens_per_s", "completion_tokens", "ms",
-                 "draft_version", "domain", "finish_reason")
+RECORD_FIELDS = ("seq", "t", "endpoint", "tau", "tau_head", "tokens_per_s", "completion_tokens",
+                 "ms", "draft_version", "domain", "finish_reason")
 
 
 @cache

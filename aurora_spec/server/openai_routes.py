@@ -85,7 +85,7 @@ class Call:
             drafted=s.proposed, accepted=s.accepted, tau=s.tau, tokens_per_s=decode_rate(s),
             draft_version=draft_version(s, self.live()), finish_reason=self.text.finish_reason,
             learn=self.inputs.learn, domain=self.inputs.domain,
-            ttft_ms=None if ttft is None else ttft * 1000,
+            ttft_ms=None if ttft is None else ttft * 1000, tau_head=s.tau_head,
             proposed_per_depth=list(s.proposed_per_depth),
             accepted_per_depth=list(s.accepted_per_depth)))
 

@@ -34,6 +34,7 @@ class RequestRecord:
     learn: bool
     domain: str | None = None
     ttft_ms: float | None = None
+    tau_head: float | None = None  # the learned head's own tau (eagle3 + lookup: without the chain)
     proposed_per_depth: list[int] = field(default_factory=list)
     accepted_per_depth: list[int] = field(default_factory=list)
 

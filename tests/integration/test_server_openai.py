@@ -270,6 +270,7 @@ def test_live_page_renders_data_points_in_chromium(server, tmp_path) -> None:
     png = tmp_path / "live.png"
     dom = chromium_render(f"{server[0]}/#key={KEY}", png)
     assert dom.count('class="point"') >= 10  # the page fetched /stats and drew requests
+    assert 'class="head-alone"' in dom  # the head's own tau beside the system's
     assert "HTTP 401" not in dom
     assert png.stat().st_size > 10_000
 

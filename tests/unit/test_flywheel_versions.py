@@ -149,7 +149,9 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.propose_candidate() is None and trainer.maybe_rest()  # 2: rests
     st = trainer.status()
     assert st["resting"] and st["rests"] == 1 and not trainer.maybe_wake()  # nothing new yet
-    # The live head's held-out acceptance falls (new traffic it is bad at): it wakes.
+    # The live head's acceptance on requests held out since the rest falls (new traffic it is
+    # bad at) by rest_wake_drop of its level at rest: it wakes.
+    trainer.cfg = dataclasses.replace(cfg, gate_positions=16)
     trainer._rest_level = st["last_gate"]["live"] + 1.0
     collect_windows(model, trainer, [[7, 8, 9, 10]] * 6, head)  # some requests are held out
     assert trainer.maybe_wake() and not trainer.resting

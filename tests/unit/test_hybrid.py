@@ -72,9 +72,12 @@ def test_hybrid_is_lossless_and_attributes_each_source(fixed: int | None) -> Non
     drafter._count = checked  # type: ignore[method-assign]
     got = []
     for i, p in enumerate(prompts):
-        got.append(list(engine.generate(p, params, request_id=f"r{i}").token_ids))
+        out = engine.generate(p, params, request_id=f"r{i}")
+        got.append(list(out.token_ids))
         steps_i, head_i, lookup_i = drafter.request_counts(f"r{i}")
         assert steps_i >= 1 and head_i <= steps_i * 5 and lookup_i <= steps_i * 5
+        # The engine's own per-request stats carry the head's share (the server's tau_head).
+        assert out.stats.head_accepted == head_i <= out.stats.accepted
     assert got == want
     st = drafter.stats()
     assert before["steps"] == 0 and st["steps"] == len(steps) > 0
