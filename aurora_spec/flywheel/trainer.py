@@ -92,8 +92,8 @@ class Trainer:
         self.resting = False
         self._rest_level = 0.0  # the live head's acceptance on the whole held-out slice at rest
         self._rest_windows = 0  # store.windows_seen when it rested
-        self._rest_holdout = 0  # store.holdout_added when it rested
         self._checked_holdout = 0  # store.holdout_added at the last wake check
+        self._since_rest = (0.0, 0)  # (accepted tokens, draft points) held out since the rest
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
                                                    and bf16_autocast_ok(self.device))
@@ -304,7 +304,8 @@ class Trainer:
         # gate's newest few, whose domain mix alone swings the score by 20% on mixed traffic.
         self._rest_level = self.offline_acceptance(self.live, self.store.holdout_slice())[0]
         self._rest_windows = self.store.windows_seen
-        self._rest_holdout = self._checked_holdout = self.store.holdout_added
+        self._checked_holdout = self.store.holdout_added
+        self._since_rest = (0.0, 0)
         s.rests += 1
         s.rests_since_pass += 1
         log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
@@ -332,7 +333,6 @@ class Trainer:
         elif self.coverage < c.rest_wake_coverage:  # new tokens in the traffic: learn them
             reason = f"draft vocabulary coverage fell to {self.coverage:.3f}"
         elif self.store.holdout_added != self._checked_holdout:  # newly held-out requests
-            self._checked_holdout = self.store.holdout_added
             live, n = self._acceptance_since_rest()
             if n >= c.gate_positions and live < self._rest_level * (1 - c.rest_wake_drop):
                 reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
@@ -346,10 +346,16 @@ class Trainer:
         return True
 
     def _acceptance_since_rest(self) -> tuple[float, int]:
-        """The live head's acceptance on the held-out windows added since it rested."""
-        new = self.store.holdout_added - self._rest_holdout
-        windows = self.store.holdout_slice()[-new:] if new > 0 else []
-        return self.offline_acceptance(self.live, windows) if windows else (0.0, 0)
+        """The live head's acceptance on the held-out windows added since it rested, scored once
+        each as they arrive: a resting trainer's checks must cost serving next to nothing."""
+        new = min(self.store.holdout_added - self._checked_holdout, self.cfg.holdout_windows)
+        self._checked_holdout = self.store.holdout_added
+        if new > 0:
+            acc, n = self.offline_acceptance(self.live, self.store.holdout_slice()[-new:])
+            total, count = self._since_rest
+            self._since_rest = (total + acc * n, count + n)
+        total, count = self._since_rest
+        return (total / count if count else 0.0), count
 
     def set_live(self, head: Eagle3Head) -> None:
         """The gate's baseline becomes ``head`` (after a swap or a rollback)."""

@@ -91,7 +91,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 if records:
                     trainer.ingest(records)
                     last_traces = time.monotonic()
-                    if trainer.maybe_wake():
+                    if not paused and trainer.maybe_wake():  # paused: no work at all
                         send_status()  # serving hands the core back to training now
             elif kind == "live":
                 if pending is not None and pending[0] == msg[1]:
@@ -110,6 +110,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 paused = True
             elif kind == "resume":
                 paused = False
+                if trainer.maybe_wake():
+                    send_status()
             elif kind == "publish_now":
                 force_publish = True
             elif kind == "reset":
