@@ -263,11 +263,60 @@ def render_markdown(results: dict[str, Any]) -> str:
                        + (f" (first at {a['first_divergence'][:5]})" if a["diverged_count"]
                           else ""))
         lines.append("| " + " | ".join(row) + " |")
+    lines += over_time_lines(results)
     lines += ["", "## Checks", "", "```"] + check_lines(results) + ["```", ""]
     extra = [k for k in results if k not in ("config", "arms", "checks", "requests")]
     if extra:
         lines += ["Other sections in results.json: " + ", ".join(extra) + ".", ""]
     return "\n".join(lines)
+
+
+def request_ranges(recs: list[dict[str, Any]], block: int = 50) -> list[tuple[str, int, int]]:
+    """Rows of the over-time table, as (label, first index, end index): the first 10 requests,
+    then the stream's segments (a mixed run: blocks of ``block``), the last ``block``, all."""
+    n = max((r["index"] for r in recs), default=-1) + 1
+    spans: dict[int, list[int]] = {}
+    for r in recs:
+        lo_hi = spans.setdefault(r.get("segment") or 0, [r["index"], r["index"] + 1])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], r["index"]), max(lo_hi[1], r["index"] + 1)
+    domain = {r["index"]: r.get("domain") for r in recs}
+    if len(spans) > 1:
+        rows = [(f"segment {k}: {domain.get(lo)} ({lo}-{hi - 1})", lo, hi)
+                for k, (lo, hi) in sorted(spans.items())]
+    else:
+        rows = [(f"{lo}-{min(lo + block, n) - 1}", lo, min(lo + block, n))
+                for lo in range(0, n, block)]
+    rows = [(f"first 10 (0-{min(10, n) - 1})", 0, min(10, n))] + rows
+    if n > block and (n - block, n) not in {(lo, hi) for _, lo, hi in rows}:
+        rows.append((f"last {block} ({n - block}-{n - 1})", n - block, n))
+    return rows + [(f"all (0-{n - 1})", 0, n)]
+
+
+def over_time_lines(results: dict[str, Any]) -> list[str]:
+    """Per arm, tau (the head alone's, for eagle3 + lookup), median tokens/s and its ratio to
+    ``none`` over ranges of request indices: how an online arm's speed develops."""
+    recs = results.get("requests") or []
+    names = list(results["arms"])
+    if not recs or max(r["index"] for r in recs) < 20:
+        return []
+    lines = ["", "## Requests over time", "",
+             "Per arm: mean tau (mean tau of the learned head alone), median tokens/s, ratio to "
+             "`none` over the same requests.", "",
+             "| requests | " + " | ".join(f"`{a}`" for a in names) + " |",
+             "|" + "---|" * (len(names) + 1)]
+    for label, lo, hi in request_ranges(recs):
+        cells = []
+        ref = _stats([r for r in recs if r["arm"] == "none" and lo <= r["index"] < hi])
+        for a in names:
+            mine = [r for r in recs if r["arm"] == a and lo <= r["index"] < hi]
+            st = _stats(mine)
+            head = _mean([r["tau_head"] for r in mine if r.get("tau_head") is not None])
+            cells.append(f"{_f(st['tau'], 2)}" + (f" ({_f(head, 2)})" if head else "")
+                         + f" · {_f(st['tokens_per_s'])}"
+                         + ("" if a == "none" or not ref["requests"]
+                            else f" · {_x(_ratio(st['tokens_per_s'], ref['tokens_per_s']))}"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def swap_indices(recs: list[dict[str, Any]]) -> list[int]:

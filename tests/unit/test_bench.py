@@ -339,3 +339,26 @@ def test_swap_markers_ignore_requests_that_did_not_draft() -> None:
     recs = [{"index": i, "draft_version": v, "proposed": p}
             for i, (v, p) in enumerate([(1, 3), (1, 2), (0, 0), (1, 4), (2, 3), (0, 0), (2, 1)])]
     assert report.swap_indices(recs) == [4]
+
+
+def test_requests_over_time_table() -> None:
+    """The report's over-time rows: first 10, blocks of 50 (stream: segments), last 50, all;
+    per arm mean tau, the head alone's tau when recorded, and the ratio of medians to none."""
+    recs = []
+    for i in range(60):
+        recs.append({"arm": "none", "index": i, "tau": 1.0, "tokens_per_s": 10.0,
+                     "domain": "chat", "segment": 0})
+        recs.append({"arm": "online", "index": i, "tau": 2.0, "tau_head": 1.5,
+                     "tokens_per_s": 10.0 if i < 50 else 30.0, "domain": "chat", "segment": 0})
+    assert [r[0] for r in report.request_ranges(recs)] == [
+        "first 10 (0-9)", "0-49", "50-59", "last 50 (10-59)", "all (0-59)"]
+    results = {"arms": {"none": {}, "online": {}}, "requests": recs}
+    lines = report.over_time_lines(results)
+    assert "| 50-59 | 1.00 · 10.0 | 2.00 (1.50) · 30.0 · 3.00x |" in lines
+    assert "| 0-49 | 1.00 · 10.0 | 2.00 (1.50) · 10.0 · 1.00x |" in lines
+    for r in recs:
+        r["segment"] = 0 if r["index"] < 30 else 1
+        r["domain"] = "chat" if r["index"] < 30 else "code"
+    labels = [r[0] for r in report.request_ranges(recs)]
+    assert labels[1:3] == ["segment 0: chat (0-29)", "segment 1: code (30-59)"]
+    assert report.over_time_lines({"arms": {"none": {}}, "requests": recs[:20]}) == []
