@@ -178,11 +178,11 @@ class GenerationStats:
         return 1 + self.head_accepted / self.verify_steps if self.verify_steps else 1.0
 
     def record(self, proposal: Proposal, result: VerifyResult, emitted: int,
-               head_accepted: int | None = None) -> None:
+               head_accepted: int) -> None:
         self.verify_steps += 1
         self.proposed += len(proposal)
         self.accepted += result.num_accepted
-        self.head_accepted += result.num_accepted if head_accepted is None else head_accepted
+        self.head_accepted += head_accepted
         self.emitted += emitted
         depths = proposal.depths()
         for d in set(depths):

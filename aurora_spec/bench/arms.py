@@ -85,7 +85,7 @@ class EngineArm:
         tau_head = tau_lookup = None
         counts = drafter.request_counts(request_id) if hasattr(drafter, "request_counts") else None
         if counts is not None and s.verify_steps:
-            tau_head = 1 + counts[1] / s.verify_steps
+            tau_head = s.tau_head  # the engine's own count of the head's share
             tau_lookup = 1 + counts[2] / s.verify_steps
         return ArmOutput(tuple(res.token_ids), res.finish_reason, res.prompt_tokens,
                          s.emitted, s.decode_s, s.prefill_s, s.tau,

@@ -248,7 +248,8 @@ class Trainer:
 
     def live_acceptance(self, windows: list[Window]) -> tuple[float, int]:
         """The live head's offline acceptance on ``windows`` (the gate's slice), cached until the
-        live head or the held-out slice changes: the gate and the rest check share it."""
+        live head or the held-out slice changes: gates in a row with neither changed score the
+        live head once."""
         key = (self.live.version, id(self.live), self.store.holdout_added, len(windows))
         if self._live_score is None or self._live_score[0] != key:
             self._live_score = (key, *self.offline_acceptance(self.live, windows))
