@@ -264,6 +264,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                           else ""))
         lines.append("| " + " | ".join(row) + " |")
     lines += over_time_lines(results)
+    lines += recovery_lines(results)
     lines += ["", "## Checks", "", "```"] + check_lines(results) + ["```", ""]
     extra = [k for k in results if k not in ("config", "arms", "checks", "requests")]
     if extra:
@@ -315,6 +316,58 @@ def over_time_lines(results: dict[str, Any]) -> list[str]:
                          + f" · {_f(st['tokens_per_s'])}"
                          + ("" if a == "none" or not ref["requests"]
                             else f" · {_x(_ratio(st['tokens_per_s'], ref['tokens_per_s']))}"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def recovery(ys: Sequence[float], target: float, window: int = 20) -> int | None:
+    """How many requests of a segment until the mean of the last ``window`` reaches ``target``
+    (None: never within the segment)."""
+    for i in range(window - 1, len(ys)):
+        if statistics.fmean(ys[i - window + 1:i + 1]) >= target:
+            return i + 1
+    return None
+
+
+def recovery_lines(results: dict[str, Any], share: float = 0.9, before: int = 50,
+                   window: int = 20) -> list[str]:
+    """After each domain change of a stream, per drafting arm: tau over the last ``before``
+    requests of the segment before, the new segment's mean, and after how many requests the
+    mean of ``window`` requests got back to ``share`` of the level before (the head alone's
+    in brackets)."""
+    recs = results.get("requests") or []
+    segments = sorted({r.get("segment") or 0 for r in recs})
+    if len(segments) < 2:
+        return []
+    names = [a for a, v in results["arms"].items() if v.get("tau") is not None and a != "none"]
+    lines = ["", "## Recovery after domain changes", "",
+             f"Per arm: mean tau over the last {before} requests before the change -> mean over "
+             f"the new segment; after how many requests of it the mean of {window} reached "
+             f"{share:.0%} of the level before ('-': not within the segment). In brackets: the "
+             "learned head alone.", "",
+             "| change | " + " | ".join(f"`{a}`" for a in names) + " |",
+             "|" + "---|" * (len(names) + 1)]
+    for prev, seg in zip(segments, segments[1:]):
+        cells, label = [], ""
+        for a in names:
+            mine = sorted((r for r in recs if r["arm"] == a), key=lambda r: r["index"])
+            old = [r for r in mine if (r.get("segment") or 0) == prev][-before:]
+            new = [r for r in mine if (r.get("segment") or 0) == seg]
+            if not old or not new:
+                cells.append("-")
+                continue
+            label = f"{old[-1].get('domain')} -> {new[0].get('domain')} (at {new[0]['index']})"
+            parts = []
+            for key in ("tau", "tau_head"):
+                ys0 = [r[key] for r in old if r.get(key) is not None]
+                ys1 = [r[key] for r in new if r.get(key) is not None]
+                if not ys0 or not ys1:
+                    continue
+                lvl = statistics.fmean(ys0)
+                at = recovery(ys1, share * lvl, window)
+                parts.append(f"{lvl:.2f} -> {statistics.fmean(ys1):.2f}, "
+                             f"{'-' if at is None else at}")
+            cells.append(parts[0] + (f" ({parts[1]})" if len(parts) > 1 else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

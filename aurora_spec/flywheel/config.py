@@ -61,11 +61,21 @@ class TrainerConfig:
     # rest_min_windows, doubled for each rest since a candidate last passed, at most
     # rest_max_windows. Why the backoff: on 2 cores training costs serving ~30% of its tokens/s
     # (bench, one thread of two), so a head that stopped improving should be trained rarely.
+    # A wake on new windows alone is a probe: one judged gate without a better candidate ends it.
     rest_after_rejections: int = 2
     rest_wake_drop: float = 0.25
     rest_wake_coverage: float = 0.95
     rest_min_windows: int = 16
     rest_max_windows: int = 256
+    # Served acceptance: the live head's own accepted tokens per drafting step on the newest
+    # rest_wake_steps verify steps of *all* traffic (the traces say, for free) against its level
+    # when it rested; a fall by rest_wake_drop wakes it. A traffic shift shows here within ~8
+    # requests, where the held-out check (1 request in holdout_every) needs ~60 (0: off).
+    rest_wake_steps: int = 256
+    # A head that was trained before serving started (version > 0: offline-fitted or resumed)
+    # starts resting: it serves the traffic it was fitted on as well as training would make it,
+    # and the wakes above say when that stops being true.
+    rest_when_trained: bool = True
     vocab_min_tokens: int = 256  # emitted tokens seen before the first (and each) rebuild
     vocab_coverage_window: int = 4096  # recent emitted tokens the coverage is measured on
     autocast: str = "auto"  # bf16 mixed precision: auto (when the device does bf16) | bf16 | off

@@ -9,7 +9,10 @@ A ``TraceRecord`` keeps, per verify step, only what training needs (DESIGN.md se
   stored: p_target is recomputed from ``final`` through the target's lm_head;
 - ``rejected``: (token, parent_row) of kept rejected nodes; ``parent_row`` indexes ``rows``
   (a committed row or an earlier rejected row). Nodes nearest the root are kept first;
-- the outcome (``proposed``, accepted) and the draft version, for live acceptance by version.
+- the outcome (``proposed``, accepted) and the draft version, for live acceptance by version;
+  ``head``: (depth, accepted) of the head's own part of the proposal (``StepTrace.policy_part``;
+  with a lookup chain beside the head, what the head alone would have had accepted), from which
+  a resting trainer tells that the traffic shifted.
 
 A *prompt record* (``prompt=True``, from ``record_prefill``) has the same layout for a prompt's
 positions: tokens = the prompt's tokens then the first output token, one row per prompt position,
@@ -46,6 +49,7 @@ class TraceRecord:
     rejected: tuple[tuple[int, int], ...]
     proposed: int
     prompt: bool = False  # prompt positions (prefill), not a verify step
+    head: tuple[int, int] = (0, 0)  # (depth, accepted) of the head's own part of the proposal
 
     @property
     def accepted(self) -> int:
@@ -95,9 +99,10 @@ def record_step(trace: StepTrace, dtype: torch.dtype = torch.bfloat16,
         idx = torch.tensor(rows, device=fused.device)
         cat = torch.cat((fused[idx], final[idx]), dim=-1)
     cat = cat.to(device="cpu", dtype=dtype, copy=True)
+    head = trace.policy_part or (len(prop), res.num_accepted)
     return TraceRecord(trace.request_id, trace.domain, prop.draft_version, trace.context_len,
                        (trace.root_token, *res.accepted_tokens, res.next_token), cat,
-                       tuple(rejected), len(prop))
+                       tuple(rejected), len(prop), head=(int(head[0]), int(head[1])))
 
 
 def record_prefill(trace: PrefillTrace, dtype: torch.dtype = torch.bfloat16,
@@ -180,7 +185,7 @@ def pack(records: list[TraceRecord]) -> dict:
     rows = torch.cat([r.rows for r in records])
     dtype = rows.dtype
     meta = [(r.request_id, r.domain, r.version, r.pos, r.tokens, r.rejected, r.proposed,
-             r.rows.shape[0], r.prompt) for r in records]
+             r.rows.shape[0], r.prompt, r.head) for r in records]
     raw = rows.contiguous().view(_VIEW[dtype]).numpy().tobytes()
     return {"meta": meta, "rows": raw, "dtype": _NAMES[dtype], "width": rows.shape[1]}
 
@@ -193,8 +198,8 @@ def unpack(payload: dict) -> list[TraceRecord]:
                         else np.int32).copy()
     rows = torch.from_numpy(arr).view(dtype).view(-1, payload["width"])
     out, start = [], 0
-    for rid, domain, version, pos, tokens, rejected, proposed, n, prompt in payload["meta"]:
+    for rid, domain, version, pos, tokens, rejected, proposed, n, prompt, head in payload["meta"]:
         out.append(TraceRecord(rid, domain, version, pos, tuple(tokens), rows[start:start + n],
-                               tuple(tuple(x) for x in rejected), proposed, prompt))
+                               tuple(tuple(x) for x in rejected), proposed, prompt, (head[0], head[1])))
         start += n
     return out

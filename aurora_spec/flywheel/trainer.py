@@ -13,6 +13,7 @@ import copy
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ class TrainerStats:
     rests_since_pass: int = 0  # rests since a candidate last passed: each rest lasts twice as long
     wakes: int = 0
     last_wake: str = ""
+    wake_kinds: dict[str, int] = field(default_factory=dict)  # served | coverage | held-out | windows
     last_gate: dict | None = None
     candidates: int = 0
 
@@ -90,16 +92,26 @@ class Trainer:
         self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float, int] | None = None
         self.resting = False
-        self._rest_level = 0.0  # the live head's acceptance on the whole held-out slice at rest
+        # The live head's acceptance on the whole held-out slice at rest (None: not known yet)
+        self._rest_level: float | None = 0.0
         self._rest_windows = 0  # store.windows_seen when it rested
         self._checked_holdout = 0  # store.holdout_added at the last wake check
         self._since_rest = (0.0, 0)  # (accepted tokens, draft points) held out since the rest
+        # The live head's own accepted tokens per drafting step, newest served steps (all traffic)
+        self._served: deque[int] = deque(maxlen=max(cfg.rest_wake_steps, 1))
+        self._served_since_rest = 0
+        self._served_level: float | None = None  # ... their mean at rest (None: not known yet)
+        self._rest_needs = cfg.rest_after_rejections  # judged gates without a pass before a rest
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
                                                    and bf16_autocast_ok(self.device))
         if cfg.init_from_target and head.version == 0:
             self._init_from_target(torch.ones(c.draft_vocab_size, dtype=torch.bool), norm=True)
         self._make_optimizer()
+        if cfg.rest_when_trained and cfg.rest_after_rejections and head.version > 0:
+            self._start_rest(None)
+            log.info("trainer resting from the start: head version %d was trained before serving",
+                     head.version)
 
     @torch.no_grad()
     def _init_from_target(self, rows: torch.Tensor, norm: bool = False) -> None:
@@ -117,6 +129,9 @@ class Trainer:
         for rec in records:
             self.records += 1
             self.vocab.observe(rec.tokens[1:], emitted=not rec.prompt)
+            if rec.head[0] > 0 and rec.version == self.live.version and not rec.prompt:
+                self._served.append(rec.head[1])
+                self._served_since_rest += 1
             for win in self.assembler.add(rec):
                 self.store.add(win)
 
@@ -273,6 +288,7 @@ class Trainer:
         if res.passed:
             self.stats.rejections_in_row = 0
             self.stats.rests_since_pass = 0
+            self._rest_needs = c.rest_after_rejections
         elif n >= c.gate_min_positions:
             self.stats.rejections_in_row += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
@@ -296,23 +312,32 @@ class Trainer:
     # ---- rest ------------------------------------------------------------------------------
     def maybe_rest(self) -> bool:
         """Stop training (``resting``) after ``rest_after_rejections`` judged gates in a row
-        without a better candidate; returns True when it just started resting."""
+        without a better candidate (one after a probe, see ``maybe_wake``); returns True when it
+        just started resting."""
         c, s = self.cfg, self.stats
-        if self.resting or not c.rest_after_rejections or s.rejections_in_row < c.rest_after_rejections:
+        if self.resting or not c.rest_after_rejections or s.rejections_in_row < self._rest_needs:
             return False
-        self.resting = True
-        # The baseline a wake compares with: the whole held-out slice (tens of requests), not the
-        # gate's newest few, whose domain mix alone swings the score by 20% on mixed traffic.
-        self._rest_level = self.offline_acceptance(self.live, self.store.holdout_slice())[0]
-        self._rest_windows = self.store.windows_seen
-        self._checked_holdout = self.store.holdout_added
-        self._since_rest = (0.0, 0)
-        s.rests += 1
-        s.rests_since_pass += 1
+        # The baseline a held-out wake compares with: the whole held-out slice (tens of
+        # requests), not the gate's newest few, whose domain mix alone swings the score by 20% on
+        # mixed traffic.
+        self._start_rest(self.offline_acceptance(self.live, self.store.holdout_slice())[0])
         log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
                  " head (held-out acceptance %.3f)", self.rest_windows, s.rejections_in_row,
                  self._rest_level)
         return True
+
+    def _start_rest(self, held_out_level: float | None) -> None:
+        """Rest from now; a level left None is measured on the first traffic of the rest."""
+        self.resting = True
+        self._rest_level = held_out_level
+        self._rest_windows = self.store.windows_seen
+        self._checked_holdout = self.store.holdout_added
+        self._since_rest = (0.0, 0)
+        enough = len(self._served) >= max(self.cfg.rest_wake_steps // 2, 1)
+        self._served_level = sum(self._served) / len(self._served) if enough else None
+        self._served_since_rest = 0
+        self.stats.rests += 1
+        self.stats.rests_since_pass += 1
 
     @property
     def rest_windows(self) -> int:
@@ -328,23 +353,48 @@ class Trainer:
         if not self.resting:
             return False
         c = self.cfg
-        reason = ""
-        if self.store.windows_seen - self._rest_windows >= self.rest_windows:
-            reason = f"{self.rest_windows} new training windows"
-        elif self.coverage < c.rest_wake_coverage:  # new tokens in the traffic: learn them
-            reason = f"draft vocabulary coverage fell to {self.coverage:.3f}"
+        reason = self._served_drop()
+        kind = "served"
+        if reason:
+            pass
+        elif (len(self.vocab.recent) >= c.vocab_min_tokens  # a few tokens say little
+              and self.coverage < c.rest_wake_coverage):  # new tokens in the traffic: learn them
+            reason, kind = f"draft vocabulary coverage fell to {self.coverage:.3f}", "coverage"
         elif self.store.holdout_added != self._checked_holdout:  # newly held-out requests
             live, n = self._acceptance_since_rest()
-            if n >= c.gate_positions and live < self._rest_level * (1 - c.rest_wake_drop):
-                reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
+            if n >= c.gate_positions:
+                if self._rest_level is None:  # resting from the start: this is the level
+                    self._rest_level, self._since_rest = live, (0.0, 0)
+                elif live < self._rest_level * (1 - c.rest_wake_drop):
+                    reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
+                    kind = "held-out"
+        if not reason and self.store.windows_seen - self._rest_windows >= self.rest_windows:
+            reason, kind = f"{self.rest_windows} new training windows", "windows"
         if not reason:
             return False
         self.resting = False
         self.stats.rejections_in_row = 0
+        # Nothing says the traffic changed: one gate without a better candidate ends the probe.
+        self._rest_needs = 1 if kind == "windows" else c.rest_after_rejections
         self.stats.wakes += 1
+        self.stats.wake_kinds[kind] = self.stats.wake_kinds.get(kind, 0) + 1
         self.stats.last_wake = reason
         log.info("trainer awake: %s", reason)
         return True
+
+    def _served_drop(self) -> str:
+        """Why to wake when the live head's served acceptance over the newest rest_wake_steps
+        steps (all of them since the rest) fell by rest_wake_drop of its level at rest; ""."""
+        n = self.cfg.rest_wake_steps
+        if not n or self._served_since_rest < n:
+            return ""
+        now = sum(self._served) / len(self._served)
+        if self._served_level is None:  # not enough served steps at rest: these set the level
+            self._served_level, self._served_since_rest = now, 0
+            return ""
+        if now < self._served_level * (1 - self.cfg.rest_wake_drop):
+            return f"served acceptance fell from {self._served_level:.3f} to {now:.3f} per step"
+        return ""
 
     def _acceptance_since_rest(self) -> tuple[float, int]:
         """The live head's acceptance on the held-out windows added since it rested, scored once
@@ -363,6 +413,7 @@ class Trainer:
         self.live = copy.deepcopy(head).to(self.device, torch.float32).eval()
         self.next_version = max(self.next_version, head.version + 1)
         self._live_score = None
+        self._served.clear()  # served steps of another head say nothing about this one
 
     def restart_from(self, head: Eagle3Head) -> None:
         """Continue training from ``head``'s weights with a fresh optimizer (after a rollback or a
@@ -378,6 +429,7 @@ class Trainer:
         self.resting = False  # the live head changed under it: judge afresh
         self.stats.rejections_in_row = 0
         self.stats.rests_since_pass = 0
+        self._rest_needs = self.cfg.rest_after_rejections
 
     def status(self) -> dict:
         s = self.stats
@@ -396,7 +448,9 @@ class Trainer:
                 "last_gate": s.last_gate, "candidates": s.candidates,
                 "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
                 "rest_windows": self.rest_windows,
-                "last_wake": s.last_wake, "data_bytes": self.store.nbytes}
+                "served_acceptance": (round(sum(self._served) / len(self._served), 4)
+                                      if self._served else None),
+                "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds), "data_bytes": self.store.nbytes}
 
 
 def _remap_rows(state: dict, old_rows: torch.Tensor) -> dict:

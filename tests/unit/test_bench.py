@@ -362,3 +362,23 @@ def test_requests_over_time_table() -> None:
     labels = [r[0] for r in report.request_ranges(recs)]
     assert labels[1:3] == ["segment 0: chat (0-29)", "segment 1: code (30-59)"]
     assert report.over_time_lines({"arms": {"none": {}}, "requests": recs[:20]}) == []
+
+
+def test_recovery_after_a_domain_change() -> None:
+    """After each segment change: the level before (last 50), the new segment's mean, and after
+    how many requests a 20-request mean is back to 90% of the level ('-': never)."""
+    # The first 20-request mean with at most 4 of the 1.0s (>= 1.8) ends at the 21st request.
+    assert report.recovery([1.0] * 5 + [2.0] * 30, 1.8, window=20) == 21
+    assert report.recovery([1.0] * 40, 1.8, window=20) is None
+    recs = []
+    for i in range(100):
+        seg = int(i >= 60)
+        tau = 2.0 if i < 60 else (1.0 if i < 70 else 2.0)  # falls at the change, recovers
+        for arm, t in (("none", 1.0), ("online", tau), ("static", 1.0 if seg else 2.0)):
+            recs.append({"arm": arm, "index": i, "tau": t, "tokens_per_s": 10.0,
+                         "domain": "code" if seg else "chat", "segment": seg})
+    arms = {"none": {"tau": 1.0}, "online": {"tau": 1.8}, "static": {"tau": 1.6}}
+    lines = report.recovery_lines({"arms": arms, "requests": recs})
+    assert lines[-1] == "| chat -> code (at 60) | 2.00 -> 1.75, 26 | 2.00 -> 1.00, - |"
+    single = [r for r in recs if r["index"] < 60]
+    assert report.recovery_lines({"arms": arms, "requests": single}) == []

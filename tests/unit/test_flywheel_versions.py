@@ -176,6 +176,46 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.propose_candidate() is not None and trainer.rest_windows == 3
 
 
+def test_trained_head_rests_from_the_start_and_wakes_when_served_acceptance_falls():
+    """A head trained before serving starts resting; the live head's own acceptance on all served
+    steps (from the traces) sets its level, and a fall of it by rest_wake_drop (the traffic
+    shifted) wakes the trainer within rest_wake_steps steps. A wake on new windows alone is a
+    probe: one gate without a better candidate ends it."""
+    model, _, fitted = trained_trainer()
+    got = fitted.propose_candidate()
+    assert got is not None and got[0].version == 1
+    trained = got[0]
+    cfg = dataclasses.replace(fitted.cfg, rest_wake_steps=24, rest_min_windows=10_000,
+                              rest_max_windows=10_000, vocab_rebuild_coverage=0.0,
+                              rest_wake_coverage=0.0, gate_positions=10_000)
+    trainer = Trainer(trained, TargetHead(model.lm_head.weight), Embedder(model.embed.weight), cfg)
+    assert trainer.resting and trainer.status()["rests"] == 1
+    g = torch.Generator().manual_seed(0)
+    seen = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)]
+    collect_windows(model, trainer, seen * 2, trained)  # the traffic it was fitted on
+    level = trainer.status()["served_acceptance"]
+    assert not trainer.maybe_wake() and trainer._served_level == level and level > 0.5
+    collect_windows(model, trainer, seen, trained)
+    assert not trainer.maybe_wake()  # same traffic, same level: still resting
+    new = [torch.randint(3, 96, (6,), generator=torch.Generator().manual_seed(s)).tolist()
+           for s in range(10, 13)]
+    collect_windows(model, trainer, new, trained)  # traffic it has never seen
+    assert trainer.status()["served_acceptance"] < 0.75 * level
+    assert trainer.maybe_wake() and "served acceptance" in trainer.status()["last_wake"]
+    # Evidence of a shift: rest only after rest_after_rejections (2) gates without a pass.
+    trainer.head = head_for(model, std=0.3, seed=9, draft_vocab=64)  # never beats live
+    assert trainer.propose_candidate() is None and not trainer.maybe_rest()
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()
+    # A wake on new windows only: one rejected gate and it rests again.
+    trainer.cfg = dataclasses.replace(cfg, rest_min_windows=2, rest_wake_steps=0)
+    collect_windows(model, trainer, new, trained)
+    assert trainer.maybe_wake() and "new training windows" in trainer.status()["last_wake"]
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()
+    # A day-0 head (version 0) starts training.
+    assert not Trainer(head_for(model, draft_vocab=64), TargetHead(model.lm_head.weight),
+                       Embedder(model.embed.weight), cfg).resting
+
+
 def test_vocab_rebuild_keeps_the_adam_moments_of_kept_rows():
     """Rebuilding the draft vocabulary must not reset what the optimizer learned about the rows
     it keeps: their AdamW moments move with them; new rows start at zero."""
