@@ -353,14 +353,11 @@ class Trainer:
         if not self.resting:
             return False
         c = self.cfg
-        reason = self._served_drop()
-        kind = "served"
-        if reason:
-            pass
-        elif (len(self.vocab.recent) >= c.vocab_min_tokens  # a few tokens say little
-              and self.coverage < c.rest_wake_coverage):  # new tokens in the traffic: learn them
+        reason, kind = self._served_drop(), "served"
+        if not reason and (len(self.vocab.recent) >= c.vocab_min_tokens  # a few say little
+                           and self.coverage < c.rest_wake_coverage):  # new tokens: learn them
             reason, kind = f"draft vocabulary coverage fell to {self.coverage:.3f}", "coverage"
-        elif self.store.holdout_added != self._checked_holdout:  # newly held-out requests
+        if not reason and self.store.holdout_added != self._checked_holdout:  # new held-out
             live, n = self._acceptance_since_rest()
             if n >= c.gate_positions:
                 if self._rest_level is None:  # resting from the start: this is the level
@@ -450,7 +447,8 @@ class Trainer:
                 "rest_windows": self.rest_windows,
                 "served_acceptance": (round(sum(self._served) / len(self._served), 4)
                                       if self._served else None),
-                "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds), "data_bytes": self.store.nbytes}
+                "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
+                "data_bytes": self.store.nbytes}
 
 
 def _remap_rows(state: dict, old_rows: torch.Tensor) -> dict:
