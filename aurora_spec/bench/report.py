@@ -347,10 +347,12 @@ def recovery_lines(results: dict[str, Any], share: float = 0.9, before: int = 50
              "learned head alone.", "",
              "| change | " + " | ".join(f"`{a}`" for a in names) + " |",
              "|" + "---|" * (len(names) + 1)]
+    by_arm = {a: sorted((r for r in recs if r["arm"] == a), key=lambda r: r["index"])
+              for a in names}
     for prev, seg in zip(segments, segments[1:]):
         cells, label = [], ""
         for a in names:
-            mine = sorted((r for r in recs if r["arm"] == a), key=lambda r: r["index"])
+            mine = by_arm[a]
             old = [r for r in mine if (r.get("segment") or 0) == prev][-before:]
             new = [r for r in mine if (r.get("segment") or 0) == seg]
             if not old or not new:

@@ -334,7 +334,7 @@ class Trainer:
         self._checked_holdout = self.store.holdout_added
         self._since_rest = (0.0, 0)
         enough = len(self._served) >= max(self.cfg.rest_wake_steps // 2, 1)
-        self._served_level = sum(self._served) / len(self._served) if enough else None
+        self._served_level = self.served_acceptance if enough else None
         self._served_since_rest = 0
         self.stats.rests += 1
         self.stats.rests_since_pass += 1
@@ -385,13 +385,19 @@ class Trainer:
         n = self.cfg.rest_wake_steps
         if not n or self._served_since_rest < n:
             return ""
-        now = sum(self._served) / len(self._served)
+        now = self.served_acceptance or 0.0
         if self._served_level is None:  # not enough served steps at rest: these set the level
             self._served_level, self._served_since_rest = now, 0
             return ""
         if now < self._served_level * (1 - self.cfg.rest_wake_drop):
             return f"served acceptance fell from {self._served_level:.3f} to {now:.3f} per step"
         return ""
+
+    @property
+    def served_acceptance(self) -> float | None:
+        """The live head's own accepted tokens per drafting step over the newest served steps
+        (None before any)."""
+        return sum(self._served) / len(self._served) if self._served else None
 
     def _acceptance_since_rest(self) -> tuple[float, int]:
         """The live head's acceptance on the held-out windows added since it rested, scored once
@@ -445,8 +451,8 @@ class Trainer:
                 "last_gate": s.last_gate, "candidates": s.candidates,
                 "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
                 "rest_windows": self.rest_windows,
-                "served_acceptance": (round(sum(self._served) / len(self._served), 4)
-                                      if self._served else None),
+                "served_acceptance": (None if self.served_acceptance is None
+                                      else round(self.served_acceptance, 4)),
                 "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
                 "data_bytes": self.store.nbytes}
 
