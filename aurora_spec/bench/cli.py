@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arms", default="none,ngram,eagle3,hf",
                    help="comma-separated arms (default: none,ngram,eagle3,hf); a suffix @wN "
                    "makes one arm draft top-N trees (e.g. online@w3), overriding --tree-width, "
-                   "and @lookup / @nolookup overrides --lookup for one arm")
+                   "@lookup / @nolookup overrides --lookup for one arm, and @idle runs an "
+                   "online arm's trainer under the idle scheduling class (serving keeps every "
+                   "thread; the trainer learns on CPU time serving leaves)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

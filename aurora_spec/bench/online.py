@@ -5,7 +5,9 @@ Fairness: every arm gets the same machine. The trainer process runs only while i
 serves (paused otherwise, so it never steals cores from the other arms' requests), and during
 those requests serving and training split the thread budget as in ``aurora serve``
 (``OnlineLearner.serving_threads``: serving gets ``threads - 1``, at least 1, the trainer 1
-thread; while the trainer rests, see TrainerConfig.rest_*, serving gets every thread).
+thread; while the trainer rests, see TrainerConfig.rest_*, serving gets every thread). An ``@idle``
+arm's trainer runs under SCHED_IDLE instead (``LearnerConfig.trainer_idle``): serving keeps every
+thread and the trainer learns on the CPU time serving leaves.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
     if lambda_discard is not None:
         trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
     learner = OnlineLearner(target.model, inner.engine,
-                            LearnerConfig(trainer=trainer, trainer_threads=1))
+                            LearnerConfig(trainer=trainer, trainer_threads=1,
+                                          trainer_idle=o.trainer_idle))
     learner.start()
     learner.pause()
     return OnlineArm(inner, learner)

@@ -102,6 +102,10 @@ class LearnerConfig:
     trainer_device: str = "auto"  # auto: a CUDA device when the machine has one, else cpu
     omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the trainer process
     trainer_nice: int = 10  # the trainer process's niceness: serving wins contended cores
+    # Run a CPU trainer under SCHED_IDLE (Linux) instead: it only gets CPU time serving leaves
+    # unused, and serving keeps every thread while it trains. Serving loses nothing; learning is
+    # as fast as serving is idle (a machine busy serving back to back learns ~5x slower).
+    trainer_idle: bool = False
     send_bytes: int = 8 << 20  # traces handed to the trainer per request
     rollback_min_steps: int = 48  # drafting verify steps on a new version before judging it
     rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share

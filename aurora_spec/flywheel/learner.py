@@ -261,11 +261,12 @@ class OnlineLearner:
 
     def serving_threads(self) -> int | None:
         """Torch threads serving should use now (None: not the learner's business): the cores
-        it started with, less the trainer's threads while a CPU trainer is training."""
+        it started with, less the trainer's threads while a CPU trainer is training (an idle-class
+        trainer, ``trainer_idle``, takes only what serving leaves: serving keeps them all)."""
         c = self.cfg
         if not (c.share_cores and self._started and c.mode == "online" and self._cores):
             return None
-        if self._trainer_device() != "cpu" or self.trainer_resting:
+        if self._trainer_device() != "cpu" or self.trainer_resting or c.trainer_idle:
             return self._cores
         return max(1, self._cores - c.trainer_threads)
 
@@ -315,7 +316,8 @@ class OnlineLearner:
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
                 "next_version": max(self.store.max_version(), live.version) + 1,
-                "send_bytes": c.send_bytes, "nice": c.trainer_nice, "log_level": logging.getLogger().level,
+                "send_bytes": c.send_bytes, "nice": c.trainer_nice, "idle": c.trainer_idle,
+                "log_level": logging.getLogger().level,
                 **self._shared}
         env = {"OMP_NUM_THREADS": str(c.trainer_threads), "MKL_NUM_THREADS": str(c.trainer_threads)}
         if c.omp_passive:

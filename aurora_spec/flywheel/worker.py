@@ -26,12 +26,26 @@ import time
 from typing import Any
 
 
-def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
+def _lower_priority(spec: dict[str, Any]) -> str:
+    """Serving wins whenever the two compete for a core: nice, or the idle scheduling class
+    (the trainer runs only on CPU time nobody else wants). Returns what was applied."""
+    if spec.get("idle") and spec.get("device") == "cpu":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except (AttributeError, OSError):  # not Linux: the lowest niceness is the nearest thing
+            spec = {**spec, "nice": 19}
     if spec.get("nice"):
-        try:  # serving wins whenever the two compete for a core
+        try:
             os.nice(spec["nice"])
+            return f"nice {spec['nice']}"
         except OSError:
             pass
+    return "normal"
+
+
+def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
+    priority = _lower_priority(spec)
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -62,11 +76,12 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     publish_every = spec["trainer_cfg"].publish_every
     last_status, last_traces, since_publish = 0.0, time.monotonic(), 0
     force_publish = False
-    log.info("trainer started (pid %d, %d threads, %s)", os.getpid(), spec["threads"], device)
+    log.info("trainer started (pid %d, %d threads, %s, %s)", os.getpid(), spec["threads"], device,
+             priority)
 
     def send_status() -> None:
         st = trainer.status()
-        st.update(paused=paused, pid=os.getpid(), pending_candidate=pending)
+        st.update(paused=paused, pid=os.getpid(), pending_candidate=pending, priority=priority)
         outbox.put(("status", st))
 
     while True:

@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="delete the oldest trace files while DIR holds more (default 256)")
     p.add_argument("--trainer-threads", type=int, default=1,
                    help="torch threads of the trainer process (default 1)")
+    p.add_argument("--trainer-idle", action="store_true",
+                   help="run a CPU trainer under the idle scheduling class: it learns only on "
+                        "CPU time serving leaves, and serving keeps all its threads (default: "
+                        "serving gives the trainer --trainer-threads while it trains)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-batch", "--max-slots", dest="max_slots", type=int, default=4,
@@ -93,7 +97,8 @@ def make_learner(a: argparse.Namespace, runtime: Any) -> Learner:
             raise
         log.warning("aurora_spec.flywheel.learner is not available: serving a fixed draft")
         return NullLearner()
-    cfg = LearnerConfig(checkpoint_dir=a.checkpoint_dir, trainer_threads=a.trainer_threads)
+    cfg = LearnerConfig(checkpoint_dir=a.checkpoint_dir, trainer_threads=a.trainer_threads,
+                        trainer_idle=a.trainer_idle)
     return OnlineLearner(runtime.model, config=cfg)
 
 

@@ -162,6 +162,15 @@ def test_parse_arms() -> None:
         ("eagle3", None, None, None)]
     with pytest.raises(BenchError, match="unknown arm"):
         parse_arms("eagle3@lookups")
+    import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
+
+    idle = parse_arms("online@idle,online-from:/tmp/h@w2@idle,online")
+    assert [(s.name, s.kind, s.arg, s.tree_width, s.trainer_idle) for s in idle] == [
+        ("online@idle", "online", None, None, True),
+        ("online-from:/tmp/h@w2@idle", "online-from", "/tmp/h", 2, True),
+        ("online", "online", None, None, False)]
+    with pytest.raises(BenchError, match="@idle is for online arms"):
+        parse_arms("static:/tmp/h@idle")
 
 
 class FakeArm:

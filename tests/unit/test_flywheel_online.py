@@ -128,3 +128,37 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path):
     finally:
         learner.stop(save=False)
         torch.set_num_threads(outer)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_path):
+    """``trainer_idle``: the trainer process runs in the idle scheduling class (checked on the
+    real process) and serving keeps both threads while it trains; it still trains and publishes
+    (this test's traffic leaves the CPU idle between requests)."""
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model, _ = tiny_target("llama", seed=0)
+    engine = make_engine(model, Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64),
+                                              model.embed.weight))
+    cfg = LearnerConfig(
+        checkpoint_dir=str(tmp_path), trainer_device="cpu", trainer_idle=True,
+        trainer=TrainerConfig(batch_tokens=256, window=64, publish_every=10, holdout_every=4,
+                              gate_min_positions=16, vocab_min_tokens=64))
+    learner = OnlineLearner(model, engine, cfg)
+    prompt = list(range(3, 11))
+    try:
+        learner.start()
+        assert learner.serving_threads() == 2
+        assert learner.wait_for(lambda s: "priority" in s, timeout=60)  # the trainer is up
+        assert learner.status()["priority"] == "SCHED_IDLE"
+        assert os.sched_getscheduler(learner.trainer_pid) == os.SCHED_IDLE
+        deadline = time.monotonic() + 120
+        while learner.live_version < 1 and time.monotonic() < deadline:
+            engine.generate(prompt, PARAMS)
+            assert torch.get_num_threads() == 2  # never handed to the trainer
+            time.sleep(0.2)  # idle CPU between requests: the trainer's only time
+        st = learner.status()
+        assert st["live_version"] >= 1 and st["trainer_step"] > 0, st
+    finally:
+        learner.stop(save=False)
+        torch.set_num_threads(outer)
