@@ -33,8 +33,11 @@ def test_schema_fuzz_finds_no_server_error(tmp_path: Path) -> None:
             [cli, "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
              # The examples phase is off: schemathesis 4.32 crashes generating from our schema
              # there (a hypothesis/CPython recursion error, not a server response).
+             # One worker: with two, hypothesis parses lambda sources in two threads and
+             # CPython 3.11's ast constructor can fail with "recursion depth mismatch"
+             # (python/cpython#106905): a crash of the fuzzer, seen once in CI.
              "--phases", "coverage,fuzzing", "--max-examples", "30", "--seed", "7",
-             "--workers", "2",
+             "--workers", "1",
              "--header", "Authorization: Bearer admin-key", "--request-timeout", "30",
              "--suppress-health-check", "all", "--no-shrink"],
             capture_output=True, text=True, timeout=240, cwd=tmp_path)
