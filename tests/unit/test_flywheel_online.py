@@ -93,15 +93,26 @@ def test_killing_the_trainer_keeps_serving_and_restarts_it(online):
     assert drafter.head.version >= version
 
 
-def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path):
+@pytest.fixture
+def two_threads():
+    """Serving starts on 2 torch threads (what the learner splits); restored afterwards."""
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(outer)
+
+
+def tiny_eagle3_engine():
+    model, _ = tiny_target("llama", seed=0)
+    drafter = Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64), model.embed.weight)
+    return model, make_engine(model, drafter)
+
+
+def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_threads):
     """A CPU trainer takes one of serving's threads while it trains; when it rests (no candidate
     can beat the live head here: the gate margin is out of reach) serving gets it back, applied
     by the engine thread between steps."""
-    outer = torch.get_num_threads()
-    torch.set_num_threads(2)
-    model, _ = tiny_target("llama", seed=0)
-    engine = make_engine(model, Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64),
-                                              model.embed.weight))
+    model, engine = tiny_eagle3_engine()
     cfg = LearnerConfig(
         checkpoint_dir=str(tmp_path), trainer_device="cpu",
         trainer=TrainerConfig(batch_tokens=128, window=32, publish_every=2, holdout_every=2,
@@ -127,19 +138,15 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path):
         assert learner.serving_threads() is None
     finally:
         learner.stop(save=False)
-        torch.set_num_threads(outer)
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
-def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_path):
+def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_path,
+                                                                          two_threads):
     """``trainer_idle``: the trainer process runs in the idle scheduling class (checked on the
     real process) and serving keeps both threads while it trains; it still trains and publishes
     (this test's traffic leaves the CPU idle between requests)."""
-    outer = torch.get_num_threads()
-    torch.set_num_threads(2)
-    model, _ = tiny_target("llama", seed=0)
-    engine = make_engine(model, Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64),
-                                              model.embed.weight))
+    model, engine = tiny_eagle3_engine()
     cfg = LearnerConfig(
         checkpoint_dir=str(tmp_path), trainer_device="cpu", trainer_idle=True,
         trainer=TrainerConfig(batch_tokens=256, window=64, publish_every=10, holdout_every=4,
@@ -161,4 +168,3 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
         assert st["live_version"] >= 1 and st["trainer_step"] > 0, st
     finally:
         learner.stop(save=False)
-        torch.set_num_threads(outer)
