@@ -104,7 +104,8 @@ class LearnerConfig:
     trainer_nice: int = 10  # the trainer process's niceness: serving wins contended cores
     # Run a CPU trainer under SCHED_IDLE (Linux) instead: it only gets CPU time serving leaves
     # unused, and serving keeps every thread while it trains. Serving loses nothing; learning is
-    # as fast as serving is idle (a machine busy serving back to back learns ~5x slower).
+    # as fast as serving is idle (on back-to-back bench traffic it made ~55% of the sharing
+    # trainer's steps from a trained head and ~4% from day 0: README "Results").
     trainer_idle: bool = False
     send_bytes: int = 8 << 20  # traces handed to the trainer per request
     rollback_min_steps: int = 48  # drafting verify steps on a new version before judging it

@@ -451,8 +451,7 @@ class Trainer:
                 "last_gate": s.last_gate, "candidates": s.candidates,
                 "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
                 "rest_windows": self.rest_windows,
-                "served_acceptance": (None if self.served_acceptance is None
-                                      else round(self.served_acceptance, 4)),
+                "served_acceptance": rnd(self.served_acceptance),
                 "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
                 "data_bytes": self.store.nbytes}
 

@@ -29,16 +29,17 @@ from typing import Any
 def _lower_priority(spec: dict[str, Any]) -> str:
     """Serving wins whenever the two compete for a core: nice, or the idle scheduling class
     (the trainer runs only on CPU time nobody else wants). Returns what was applied."""
+    nice = spec.get("nice") or 0
     if spec.get("idle") and spec.get("device") == "cpu":
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             return "SCHED_IDLE"
         except (AttributeError, OSError):  # not Linux: the lowest niceness is the nearest thing
-            spec = {**spec, "nice": 19}
-    if spec.get("nice"):
+            nice = 19
+    if nice:
         try:
-            os.nice(spec["nice"])
-            return f"nice {spec['nice']}"
+            os.nice(nice)
+            return f"nice {nice}"
         except OSError:
             pass
     return "normal"
