@@ -188,7 +188,7 @@ class ArmOptions:
     max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
     draft_dtype: str = "auto"
     lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
-    trainer_idle: bool = False  # online arms: the trainer takes only idle CPU (LearnerConfig)
+    trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
 
 
 @dataclass
@@ -272,17 +272,18 @@ class ArmSpec:
     arg: str | None
     tree_width: int | None = None  # ``@wN`` suffix: this arm drafts top-N trees
     lookup: bool | None = None  # ``@lookup`` / ``@nolookup``: this arm's eagle3 lookup chain
-    trainer_idle: bool = False  # ``@idle`` (online arms): the trainer runs under SCHED_IDLE
+    trainer_idle: bool | None = None  # ``@idle`` / ``@share`` (online arms); None: auto
 
 
-_SUFFIX = re.compile(r"@(w\d+|lookup|nolookup|idle)$")
+_SUFFIX = re.compile(r"@(w\d+|lookup|nolookup|idle|share)$")
 
 
-def _suffixes(part: str) -> tuple[str, int | None, bool | None, bool]:
-    """Strip ``@wN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` suffixes (any order) off one arm."""
+def _suffixes(part: str) -> tuple[str, int | None, bool | None, bool | None]:
+    """Strip ``@wN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` suffixes (any
+    order) off one arm."""
     width: int | None = None
     lookup: bool | None = None
-    idle = False
+    idle: bool | None = None
     body = part
     while (m := _SUFFIX.search(body)) is not None:
         tag = m.group(1)
@@ -290,8 +291,8 @@ def _suffixes(part: str) -> tuple[str, int | None, bool | None, bool]:
             width = int(tag[1:])
             if width < 1:
                 raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
-        elif tag == "idle":
-            idle = True
+        elif tag in ("idle", "share"):
+            idle = tag == "idle"
         else:
             lookup = tag == "lookup"
         body = body[:m.start()]
@@ -299,7 +300,7 @@ def _suffixes(part: str) -> tuple[str, int | None, bool | None, bool]:
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN][@lookup|@nolookup][@idle]`` separated by commas, e.g.
+    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share]`` separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle,static:DIR``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
@@ -311,9 +312,9 @@ def parse_arms(spec: str) -> list[ArmSpec]:
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
-        if idle and not kind.startswith("online"):
-            raise BenchError(f"arm {part!r}: @idle is for online arms (it sets their trainer's "
-                             f"CPU priority)")
+        if idle is not None and not kind.startswith("online"):
+            raise BenchError(f"arm {part!r}: @idle and @share are for online arms (they set "
+                             f"their trainer's CPU priority)")
         out.append(ArmSpec(part, kind, arg if sep else None, width, lookup, idle))
     if not out:
         raise BenchError("--arms is empty")
@@ -328,6 +329,6 @@ def build_arm(target: BenchTarget, spec: ArmSpec, opts: ArmOptions) -> Arm:
         opts = dataclasses.replace(opts, tree_width=spec.tree_width)
     if spec.lookup is not None:
         opts = dataclasses.replace(opts, lookup=spec.lookup)
-    if spec.trainer_idle:
-        opts = dataclasses.replace(opts, trainer_idle=True)
+    if spec.trainer_idle is not None:
+        opts = dataclasses.replace(opts, trainer_idle=spec.trainer_idle)
     return ARM_BUILDERS[spec.kind](target, spec.name, spec.arg, opts)

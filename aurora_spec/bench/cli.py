@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "makes one arm draft top-N trees (e.g. online@w3), overriding --tree-width, "
                    "@lookup / @nolookup overrides --lookup for one arm, and @idle runs an "
                    "online arm's trainer under the idle scheduling class (serving keeps every "
-                   "thread; the trainer learns on CPU time serving leaves)")
+                   "thread; the trainer learns on CPU time serving leaves), @share gives it "
+                   "one of the threads while it trains (default: @share for online, @idle "
+                   "for online-from, as aurora serve chooses)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

@@ -4,10 +4,11 @@
 Fairness: every arm gets the same machine. The trainer process runs only while its own arm
 serves (paused otherwise, so it never steals cores from the other arms' requests), and during
 those requests serving and training split the thread budget as in ``aurora serve``
-(``OnlineLearner.serving_threads``: serving gets ``threads - 1``, at least 1, the trainer 1
-thread; while the trainer rests, see TrainerConfig.rest_*, serving gets every thread). An ``@idle``
-arm's trainer runs under SCHED_IDLE instead (``LearnerConfig.trainer_idle``): serving keeps every
-thread and the trainer learns on the CPU time serving leaves.
+(``LearnerConfig.trainer_idle``, auto unless an ``@idle`` or ``@share`` suffix says): a sharing
+trainer (the default for ``online``, a day-0 head) takes 1 thread while it trains and serving gets
+``threads - 1``, at least 1 (every thread while the trainer rests, see TrainerConfig.rest_*); an
+idle-class trainer (the default for ``online-from``, a trained head) runs under SCHED_IDLE:
+serving keeps every thread and the trainer learns on the CPU time serving leaves.
 """
 
 from __future__ import annotations

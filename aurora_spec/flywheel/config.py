@@ -102,11 +102,13 @@ class LearnerConfig:
     trainer_device: str = "auto"  # auto: a CUDA device when the machine has one, else cpu
     omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the trainer process
     trainer_nice: int = 10  # the trainer process's niceness: serving wins contended cores
-    # Run a CPU trainer under SCHED_IDLE (Linux) instead: it only gets CPU time serving leaves
-    # unused, and serving keeps every thread while it trains. Serving loses nothing; learning is
-    # as fast as serving is idle (on back-to-back bench traffic it made ~55% of the sharing
-    # trainer's steps from a trained head and ~4% from day 0: README "Results").
-    trainer_idle: bool = False
+    # True: run a CPU trainer under SCHED_IDLE (Linux) instead: it only gets CPU time serving
+    # leaves unused, and serving keeps every thread while it trains. Serving loses nothing;
+    # learning is as fast as serving is idle (on back-to-back bench traffic it made ~55% of the
+    # sharing trainer's steps from a trained head and ~4% from day 0: README "Results").
+    # None (auto): idle when serving starts from a trained head (live version > 0 after resume),
+    # where it measured faster than sharing; sharing from a day-0 head, which must learn fast.
+    trainer_idle: bool | None = None
     send_bytes: int = 8 << 20  # traces handed to the trainer per request
     rollback_min_steps: int = 48  # drafting verify steps on a new version before judging it
     rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share

@@ -84,6 +84,7 @@ class OnlineLearner:
         self.paused = False
         self._started = False
         self._cores = 0  # serving threads when start() ran: what serving and training share
+        self.trainer_idle = False  # cfg.trainer_idle resolved by start() (None: auto)
         if drafter_or_engine is not None:
             if hasattr(drafter_or_engine, "call_between_steps"):
                 self.attach(drafter_or_engine)
@@ -158,6 +159,7 @@ class OnlineLearner:
         self.publisher.store = self.store
         if c.checkpoint_dir and c.resume:
             self.resume_from_checkpoints()
+        self.trainer_idle = self._want_idle_trainer()
         lm = self.model.lm_head.weight.detach()
         emb = self.model.embed.weight.detach()
         lm_shared = lm.to("cpu", torch.float32).clone()
@@ -205,6 +207,7 @@ class OnlineLearner:
                   dropped_traces=self.buffer.dropped, recorded_traces=self.recorded,
                   trainer_alive=bool(self._proc is not None and self._proc.is_alive()),
                   trainer_pid=self.trainer_pid, trainer_restarts=self.trainer_restarts,
+                  trainer_idle=self.trainer_idle,
                   paused=self.paused, sink_errors=self.sink_errors)
         return st
 
@@ -266,7 +269,7 @@ class OnlineLearner:
         c = self.cfg
         if not (c.share_cores and self._started and c.mode == "online" and self._cores):
             return None
-        if self._trainer_device() != "cpu" or self.trainer_resting or c.trainer_idle:
+        if self._trainer_device() != "cpu" or self.trainer_resting or self.trainer_idle:
             return self._cores
         return max(1, self._cores - c.trainer_threads)
 
@@ -280,6 +283,15 @@ class OnlineLearner:
     def _share_cores(self) -> None:
         if self.engine is not None and self.serving_threads() is not None:
             self.engine.call_between_steps(self._apply_serving_threads)
+
+    def _want_idle_trainer(self) -> bool:
+        """``cfg.trainer_idle``, or when None (auto): idle from a trained head, where serving
+        on every thread beat a sharing trainer (README "Results", stream-shift-v4), sharing from
+        a day-0 head, which learns fast only on a core of its own (an idle trainer made ~4% of
+        the sharing one's steps there)."""
+        if self.cfg.trainer_idle is not None:
+            return self.cfg.trainer_idle
+        return self.live_version > 0
 
     def _trainer_device(self) -> str:
         device = self.cfg.trainer_device
@@ -316,7 +328,7 @@ class OnlineLearner:
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
                 "next_version": max(self.store.max_version(), live.version) + 1,
-                "send_bytes": c.send_bytes, "nice": c.trainer_nice, "idle": c.trainer_idle,
+                "send_bytes": c.send_bytes, "nice": c.trainer_nice, "idle": self.trainer_idle,
                 "log_level": logging.getLogger().level,
                 **self._shared}
         env = {"OMP_NUM_THREADS": str(c.trainer_threads), "MKL_NUM_THREADS": str(c.trainer_threads)}

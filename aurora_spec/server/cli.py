@@ -58,10 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="delete the oldest trace files while DIR holds more (default 256)")
     p.add_argument("--trainer-threads", type=int, default=1,
                    help="torch threads of the trainer process (default 1)")
-    p.add_argument("--trainer-idle", action="store_true",
+    p.add_argument("--trainer-idle", action=argparse.BooleanOptionalAction, default=None,
                    help="run a CPU trainer under the idle scheduling class: it learns only on "
-                        "CPU time serving leaves, and serving keeps all its threads (default: "
-                        "serving gives the trainer --trainer-threads while it trains)")
+                        "CPU time serving leaves, and serving keeps all its threads; "
+                        "--no-trainer-idle: serving gives the trainer --trainer-threads while "
+                        "it trains (default: idle when serving starts from a trained head, "
+                        "sharing from a day-0 head)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-batch", "--max-slots", dest="max_slots", type=int, default=4,

@@ -164,13 +164,16 @@ def test_parse_arms() -> None:
         parse_arms("eagle3@lookups")
     import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
 
-    idle = parse_arms("online@idle,online-from:/tmp/h@w2@idle,online")
+    idle = parse_arms("online@idle,online-from:/tmp/h@w2@idle,online,online-from:/tmp/h@share")
     assert [(s.name, s.kind, s.arg, s.tree_width, s.trainer_idle) for s in idle] == [
         ("online@idle", "online", None, None, True),
         ("online-from:/tmp/h@w2@idle", "online-from", "/tmp/h", 2, True),
-        ("online", "online", None, None, False)]
-    with pytest.raises(BenchError, match="@idle is for online arms"):
+        ("online", "online", None, None, None),  # auto: the learner decides from the head
+        ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
+    with pytest.raises(BenchError, match="@idle and @share are for online arms"):
         parse_arms("static:/tmp/h@idle")
+    with pytest.raises(BenchError, match="@idle and @share are for online arms"):
+        parse_arms("eagle3@share")
 
 
 class FakeArm:

@@ -102,9 +102,12 @@ def two_threads():
     torch.set_num_threads(outer)
 
 
-def tiny_eagle3_engine():
+def tiny_eagle3_engine(version: int = 0):
+    """A tiny target with an eagle3 engine; ``version`` > 0 stands for a trained head."""
     model, _ = tiny_target("llama", seed=0)
-    drafter = Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64), model.embed.weight)
+    head = head_for(model, std=0.02, draft_vocab=64)
+    head.version = version
+    drafter = Eagle3Drafter(head, model.embed.weight)
     return model, make_engine(model, drafter)
 
 
@@ -123,6 +126,7 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_thread
     prompt = list(range(3, 11))
     try:
         learner.start()
+        assert not learner.trainer_idle  # auto, from a day-0 head: the trainer shares the cores
         assert learner.serving_threads() == 1
         engine.generate(prompt, PARAMS)
         assert torch.get_num_threads() == 1  # the trainer trains on the other core
@@ -143,28 +147,31 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_thread
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_path,
                                                                           two_threads):
-    """``trainer_idle``: the trainer process runs in the idle scheduling class (checked on the
-    real process) and serving keeps both threads while it trains; it still trains and publishes
-    (this test's traffic leaves the CPU idle between requests)."""
-    model, engine = tiny_eagle3_engine()
+    """``trainer_idle`` (auto, serving from a trained head, version 1): the trainer process runs
+    in the idle scheduling class (checked on the real process) and serving keeps both threads
+    while it trains; it still trains and publishes (this test's traffic leaves the CPU idle
+    between requests)."""
+    model, engine = tiny_eagle3_engine(version=1)
     cfg = LearnerConfig(
-        checkpoint_dir=str(tmp_path), trainer_device="cpu", trainer_idle=True,
+        checkpoint_dir=str(tmp_path), trainer_device="cpu",
         trainer=TrainerConfig(batch_tokens=256, window=64, publish_every=10, holdout_every=4,
-                              gate_min_positions=16, vocab_min_tokens=64))
+                              gate_min_positions=16, vocab_min_tokens=64,
+                              rest_when_trained=False))
     learner = OnlineLearner(model, engine, cfg)
     prompt = list(range(3, 11))
     try:
         learner.start()
+        assert learner.trainer_idle and learner.status()["trainer_idle"]
         assert learner.serving_threads() == 2
         assert learner.wait_for(lambda s: "priority" in s, timeout=60)  # the trainer is up
         assert learner.status()["priority"] == "SCHED_IDLE"
         assert os.sched_getscheduler(learner.trainer_pid) == os.SCHED_IDLE
         deadline = time.monotonic() + 120
-        while learner.live_version < 1 and time.monotonic() < deadline:
+        while learner.live_version < 2 and time.monotonic() < deadline:
             engine.generate(prompt, PARAMS)
             assert torch.get_num_threads() == 2  # never handed to the trainer
             time.sleep(0.2)  # idle CPU between requests: the trainer's only time
         st = learner.status()
-        assert st["live_version"] >= 1 and st["trainer_step"] > 0, st
+        assert st["live_version"] >= 2 and st["trainer_step"] > 0, st
     finally:
         learner.stop(save=False)

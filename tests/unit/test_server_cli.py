@@ -54,3 +54,10 @@ def test_learner_choice(monkeypatch) -> None:
     a = parse()
     a.drafter = default_drafter(a)
     assert isinstance(make_learner(a, runtime=None), NullLearner)
+
+
+def test_trainer_priority_is_auto_unless_a_flag_says() -> None:
+    """No flag: the learner picks (idle-class trainer for a trained head, sharing at day 0)."""
+    assert parse().trainer_idle is None
+    assert parse("--trainer-idle").trainer_idle is True
+    assert parse("--no-trainer-idle").trainer_idle is False
