@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "@lookup / @nolookup overrides --lookup for one arm, and @idle runs an "
                    "online arm's trainer under the idle scheduling class (serving keeps every "
                    "thread; the trainer learns on CPU time serving leaves), @share gives it "
-                   "one of the threads while it trains (default: @share for online, @idle "
-                   "for online-from, as aurora serve chooses)")
+                   "one of the threads while it trains (default, as aurora serve chooses: idle "
+                   "when the arm starts from a trained head, version > 0, as online-from "
+                   "heads from aurora train do; sharing from a day-0 head, as online does)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,
