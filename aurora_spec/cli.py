@@ -75,7 +75,12 @@ def stop_token_ids(info, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat: bool | None) -> list[int]:
+    """Token ids of one prompt; ``chat=None`` applies the chat template when the model has one
+    (a base model such as gemma3-270m has none), so training and benchmarks see what serving
+    sends."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError("this model has no chat template; drop --chat")

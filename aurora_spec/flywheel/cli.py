@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-tokens", type=int, default=512)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--depth", type=int, default=3, help="training-time-test unroll depth")
-    t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply the model's chat template to prompts (default on)")
+    t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the model's chat template to prompts (default: on when the model "
+                        "has one, as aurora bench does)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 

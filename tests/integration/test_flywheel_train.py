@@ -45,3 +45,22 @@ def test_train_bad_traffic_path_is_one_clear_line(tmp_path: Path) -> None:
     r = aurora("train", "--traffic", str(tmp_path / "nope"), "--out", str(tmp_path / "h"))
     assert r.returncode == 2 and "traffic path not found" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "h").exists()
+
+
+def test_chat_template_default_follows_the_model(smollm2_dir: Path) -> None:
+    """`aurora train` and `aurora bench` default to the chat template when the model has one and
+    to plain text when it has none (gemma3-270m is a base model), instead of refusing to run."""
+    from transformers import AutoTokenizer
+
+    from aurora_spec.cli import UsageError, encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = "Name three colors."
+    plain = encode_prompt(tok, prompt, chat=False)
+    templated = encode_prompt(tok, prompt, chat=True)
+    assert templated != plain
+    assert encode_prompt(tok, prompt, chat=None) == templated
+    tok.chat_template = None  # a base model's tokenizer
+    assert encode_prompt(tok, prompt, chat=None) == plain
+    with pytest.raises(UsageError, match="no chat template"):
+        encode_prompt(tok, prompt, chat=True)
