@@ -75,13 +75,15 @@ def stop_token_ids(info, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def resolve_chat(tokenizer, chat: bool | None) -> bool:
+    """``chat`` as given; None (the train and bench default) means on when the model has a chat
+    template (a base model such as gemma3-270m has none), so they see what serving sends."""
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool | None) -> list[int]:
-    """Token ids of one prompt; ``chat=None`` applies the chat template when the model has one
-    (a base model such as gemma3-270m has none), so training and benchmarks see what serving
-    sends."""
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
-    if chat:
+    """Token ids of one prompt, through the chat template when ``resolve_chat`` says so."""
+    if resolve_chat(tokenizer, chat):
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError("this model has no chat template; drop --chat")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],

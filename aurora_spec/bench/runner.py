@@ -219,7 +219,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
     import transformers
 
     from aurora_spec.bench import report
-    from aurora_spec.cli import encode_prompt, stop_token_ids
+    from aurora_spec.cli import encode_prompt, resolve_chat, stop_token_ids
     from aurora_spec.runtime import load_target
 
     if cfg.max_tokens <= 0:
@@ -232,9 +232,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
     mcfg = cfg.model
     info, tokenizer, model = load_target(mcfg)
     capacity = min(mcfg.max_context, info.context_length)
-    chat = cfg.chat
-    if chat is None:
-        chat = bool(getattr(tokenizer, "chat_template", None))
+    chat = resolve_chat(tokenizer, cfg.chat)
     encoded: dict[str, list[int]] = {}
     room = cfg.max_tokens + cfg.arm_options.max_draft + 2
 
