@@ -86,7 +86,8 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
     learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
                             tree_width=cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"],
-                            prior_acceptance=None if cfg.draft_weights else RANDOM_HEAD_PRIOR)
+                            prior_acceptance=head.heldout_alpha if cfg.draft_weights
+                            else RANDOM_HEAD_PRIOR)
     if not cfg.lookup:
         return learned
     from aurora_spec.drafters.hybrid import LookupHybrid

@@ -76,11 +76,13 @@ class Eagle3Drafter:
 
     def __init__(self, head: Eagle3Head, embed: torch.Tensor, embed_scale: float = 1.0,
                  tree_width: int = 1, chunk: int = 256,
-                 prior_acceptance: float | None = None, cpu_kernels: bool = True) -> None:
+                 prior_acceptance: float | tuple[float, ...] | None = None,
+                 cpu_kernels: bool = True) -> None:
         if tree_width < 1:
             raise ValueError("tree_width must be >= 1")
         # What the engine's draft-length policy assumes before it has measured anything: a
-        # random day-0 head is almost never right, so it should not start by drafting long.
+        # random day-0 head is almost never right, so it should not start by drafting long; a
+        # trained head brings its held-out per-depth acceptance (Eagle3Head.heldout_alpha).
         self.prior_acceptance = prior_acceptance
         self.cpu_kernels = cpu_kernels  # packed weight copies on CPU (Eagle3Head.use_cpu_kernels)
         if cpu_kernels:

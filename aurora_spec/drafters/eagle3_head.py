@@ -168,6 +168,9 @@ class Eagle3Head(nn.Module):
         c = config
         self.config = c
         self.version = 0
+        # Per-depth acceptance measured on held-out traffic when this version was made (aurora
+        # train, the online gate); it seeds the draft-length policy when the head is loaded.
+        self.heldout_alpha: tuple[float, ...] | None = None
         h, d = c.hidden_size, c.head_dim
         self.fc = nn.Linear(3 * h, h, bias=False)
         self.embed_norm = RMSNorm(h, c.rms_norm_eps)
@@ -307,8 +310,11 @@ class Eagle3Head(nn.Module):
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "version": str(self.version)}
         _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta))
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": self.version,
-                    "config": dataclasses.asdict(self.config)}
+        manifest: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                    "version": self.version,
+                                    "config": dataclasses.asdict(self.config)}
+        if self.heldout_alpha is not None:
+            manifest["heldout_alpha"] = [round(a, 4) for a in self.heldout_alpha]
         text = json.dumps(manifest, indent=2)
         _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(text))
 
@@ -317,7 +323,7 @@ class Eagle3Head(nn.Module):
              dtype: torch.dtype = torch.float32) -> Eagle3Head:
         """Load a saved head; ValueError on a missing, corrupt or inconsistent checkpoint."""
         src = Path(path_dir)
-        config, version = _read_manifest(src / MANIFEST_FILE)
+        config, version, heldout_alpha = _read_manifest(src / MANIFEST_FILE)
         tensors, meta = _read_weights(src / WEIGHTS_FILE)
         if meta.get("format") != FORMAT or meta.get("version") != str(version):
             raise ValueError(f"{src}: weights (version {meta.get('version')}) do not match "
@@ -328,6 +334,7 @@ class Eagle3Head(nn.Module):
         head.load_state_dict(tensors)
         head.t2d = _target_to_draft(head.d2t, config.target_vocab_size)
         head.version = version
+        head.heldout_alpha = heldout_alpha
         return head.to(device=device, dtype=dtype)
 
 
@@ -357,7 +364,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _read_manifest(path: Path) -> tuple[Eagle3Config, int]:
+def _read_manifest(path: Path) -> tuple[Eagle3Config, int, tuple[float, ...] | None]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -374,7 +381,13 @@ def _read_manifest(path: Path) -> tuple[Eagle3Config, int]:
         config = Eagle3Config(**manifest["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid config: {e}") from e
-    return config, version
+    alpha = manifest.get("heldout_alpha")  # optional: older manifests have none
+    if alpha is not None and not (
+            isinstance(alpha, list) and alpha
+            and all(type(a) in (int, float) and 0.0 <= a <= 1.0 for a in alpha)):
+        raise ValueError(f"{path}: heldout_alpha must be a non-empty list of probabilities, "
+                         f"got {alpha!r}")
+    return config, version, (tuple(float(a) for a in alpha) if alpha is not None else None)
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,14 +18,27 @@ shared probe schedule a run of chat requests silenced drafting for the code requ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+
+def per_depth(alpha: float | Sequence[float], n: int) -> list[float]:
+    """``n`` per-depth acceptance estimates from one value or a list (its last value repeated
+    past its end)."""
+    if isinstance(alpha, (int, float)):
+        return [float(alpha)] * n
+    if not alpha:
+        raise ValueError("an empty per-depth acceptance list")
+    return [float(alpha[min(i, len(alpha) - 1)]) for i in range(n)]
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     max_draft: int = 8
     fixed_draft: int | None = None  # set to disable adaptation (benchmarks, tests)
-    prior_alpha: float = 0.5
+    # Acceptance assumed before any is measured: one value for every depth, or one per depth
+    # (a trained head's held-out estimates; the last value extends to deeper depths).
+    prior_alpha: float | tuple[float, ...] = 0.5
     ema: float = 0.1  # weight of a new observation
     probe_every: int = 16  # first probe interval (steps) once drafting stopped paying
     probe_max_every: int = 256  # failed probes double the interval up to this
@@ -116,7 +129,7 @@ class DraftLengthPolicy:
         self.parent = parent
         self.costs: CostModel = costs or (parent.costs if parent else CostModel())
         self.alpha: list[float] = (list(parent.alpha) if parent
-                                   else [cfg.prior_alpha] * cfg.max_draft)
+                                   else per_depth(cfg.prior_alpha, cfg.max_draft))
         self.probe = ProbeState(cfg.probe_every)
         self._probing = False  # the last choice was a probe (per request: batches interleave)
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.drafters.policy import per_depth
 from aurora_spec.flywheel.checkpoints import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Publisher:
         self.swaps = self.rollbacks = self.refused = 0
         self.bad_versions: set[int] = set()
         self._watch: _Watch | None = None
-        self._alpha: dict[int, list[float] | None] = {}  # policy estimates of past versions
+        self._alpha: dict[int, Sequence[float] | None] = {}  # policy estimates of past versions
         self._lock = threading.RLock()
 
     @property
@@ -79,7 +80,7 @@ class Publisher:
         w = self.drafter.head.fc.weight
         return w.device, w.dtype
 
-    def offer(self, path: str, alpha: list[float] | None = None) -> Eagle3Head | None:
+    def offer(self, path: str, alpha: Sequence[float] | None = None) -> Eagle3Head | None:
         """Load a candidate checkpoint and make it live; None when refused. ``alpha``: its
         per-depth acceptance estimated offline (seeds the draft-length policy)."""
         device, dtype = self._device_dtype()
@@ -102,7 +103,7 @@ class Publisher:
         return head
 
     def swap(self, head: Eagle3Head, watch: bool = True, reason: str = "candidate",
-             alpha: list[float] | None = None) -> None:
+             alpha: Sequence[float] | None = None) -> None:
         with self._lock:
             old = self.live
             baseline = None
@@ -112,8 +113,8 @@ class Publisher:
             self.previous, self.live = old, head
             self._watch = _Watch(old, head.version, baseline) if watch else None
             self.swaps += 1
-        if alpha is None:
-            alpha = self._alpha.get(head.version)
+        if alpha is None:  # what the policy measured while it was live, else its held-out
+            alpha = self._alpha.get(head.version) or head.heldout_alpha
 
         def action() -> None:
             self._alpha[old.version] = self._reset_policy(alpha)
@@ -129,7 +130,7 @@ class Publisher:
         if self.on_change is not None:
             self.on_change(reason, head)
 
-    def _reset_policy(self, alpha: list[float] | None) -> list[float] | None:
+    def _reset_policy(self, alpha: Sequence[float] | None) -> list[float] | None:
         """Engine thread: set the draft-length policies' acceptance estimates (global and per
         running request) to ``alpha`` (None: the prior) and restart probing; returns the old
         global estimates."""
@@ -138,8 +139,8 @@ class Publisher:
             return None
         old = list(policy.alpha)
         n = len(policy.alpha)
-        prior = getattr(policy.cfg, "prior_alpha", 0.5)
-        new = [float(alpha[min(i, len(alpha) - 1)]) for i in range(n)] if alpha else [prior] * n
+        prior: float | Sequence[float] = getattr(policy.cfg, "prior_alpha", 0.5)
+        new = per_depth(alpha or prior, n)
         running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
         for p in [policy, *running]:
             if p is not None and hasattr(p, "alpha"):

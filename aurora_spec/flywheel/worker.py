@@ -151,6 +151,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 send_status()  # serving may take the trainer's core now
             if got is not None:
                 cand, res = got
+                cand.heldout_alpha = tuple(res.alpha) if res.alpha else None
                 path = store.save(cand)
                 pending = (cand.version, cand)
                 outbox.put(("candidate", cand.version, str(path),

@@ -16,17 +16,25 @@ pytestmark = pytest.mark.integration
 def test_train_then_generate_and_export(smollm2_dir: Path, tmp_path: Path) -> None:
     traffic = tmp_path / "traffic"
     traffic.mkdir()
-    rows = [{"id": "a", "domain": "chat", "source": "t", "prompt": "Name three colors."},
-            {"id": "b", "domain": "chat", "source": "t", "prompt": "Count from one to five."}]
+    asks = ["Name three colors.", "Count from one to five.", "Name two planets.",
+            "Say hello in French.", "List three fruits.", "Name a large ocean.",
+            "What is two plus two?"]
+    rows = [{"id": str(i), "domain": "chat", "source": "t", "prompt": p}
+            for i, p in enumerate(asks)]
     (traffic / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "head"
     r = aurora("train", "--model", str(smollm2_dir), "--traffic", str(traffic), "--out", str(out),
-               "--requests", "2", "--max-tokens", "12", "--epochs", "1", "--threads", "1",
+               "--requests", "7", "--max-tokens", "12", "--epochs", "1", "--threads", "1",
                "--draft-vocab", "1024", "--batch-tokens", "16")
     assert r.returncode == 0, r.stderr
     assert (out / "head.safetensors").is_file() and (out / "head.json").is_file()
     summary = json.loads((out / "train.json").read_text())
-    assert summary["requests"] == 2 and summary["generated_tokens"] > 0
+    assert summary["requests"] == 7 and summary["generated_tokens"] > 0
+    # 1 request in 20 is held out (by a hash of its id; of these seven, the last): the head's
+    # acceptance per depth on it goes into the manifest, to seed serving's draft-length policy.
+    assert summary["heldout_pairs"] > 0, summary
+    alpha = json.loads((out / "head.json").read_text())["heldout_alpha"]
+    assert len(alpha) == 4 and all(0.0 <= a <= 1.0 for a in alpha), alpha
     outs = {}
     for drafter, extra in (("none", []), ("eagle3", ["--draft-weights", str(out)])):
         g = aurora("generate", "--model", str(smollm2_dir), "--drafter", drafter, *extra,

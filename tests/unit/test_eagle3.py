@@ -156,6 +156,10 @@ def test_save_load_round_trip(tmp_path):
     bf16 = Eagle3Head.load(tmp_path, dtype=torch.bfloat16)
     assert bf16.fc.weight.dtype == torch.bfloat16 and bf16.d2t.dtype == torch.long
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.safetensors"]
+    assert loaded.heldout_alpha is None  # none measured: the policy starts from its prior
+    head.heldout_alpha = (0.61, 0.5, 0.42)
+    head.save(tmp_path)
+    assert Eagle3Head.load(tmp_path).heldout_alpha == (0.61, 0.5, 0.42)
 
 
 def test_load_refuses_bad_checkpoints(tmp_path):
@@ -191,6 +195,10 @@ def test_load_refuses_bad_checkpoints(tmp_path):
         "future_format": variant("future_format", man={**manifest, "format_version": 99}),
         "torn_version": variant("torn_version", man={**manifest, "version": 3}),
         "bad_d2t": variant("bad_d2t", {**weights, "d2t": torch.full((VD,), V + 5)}, manifest),
+        "alpha_not_probability": variant("alpha_not_probability",
+                                         man={**manifest, "heldout_alpha": [0.5, 1.5]}),
+        "alpha_empty": variant("alpha_empty", man={**manifest, "heldout_alpha": []}),
+        "alpha_text": variant("alpha_text", man={**manifest, "heldout_alpha": "0.5"}),
     }
     for name, d in cases.items():
         with pytest.raises(ValueError):

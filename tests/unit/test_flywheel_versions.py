@@ -365,3 +365,34 @@ def test_swap_resets_the_draft_length_policy(tmp_path):
     pub.rollback("test")
     engine.step()
     assert drafter.head.version == 0 and pol.alpha == [0.0] * 4  # version 0's estimates return
+
+
+def test_a_loaded_head_seeds_the_policy_with_its_heldout_acceptance(tmp_path):
+    """A head's held-out per-depth acceptance travels in its manifest: serving it from disk
+    (--draft-weights) or resuming it from a checkpoint starts the draft-length policy there, as
+    an online swap does, instead of at the generic prior."""
+    from aurora_spec.config import DrafterConfig
+    from aurora_spec.flywheel.config import LearnerConfig
+    from aurora_spec.flywheel.learner import OnlineLearner
+    from aurora_spec.runtime import make_drafter
+
+    model, _ = tiny_target("llama", seed=4)
+    head = head_for(model, seed=1)
+    head.version, head.heldout_alpha = 3, (0.8, 0.6)
+    store = CheckpointStore(tmp_path / "ckpt")
+    path = store.save(head)
+    policy = PolicyConfig(max_draft=4)
+    for lookup in (False, True):
+        drafter = make_drafter(DrafterConfig("eagle3", draft_weights=str(path), lookup=lookup,
+                                             draft_dtype="float32"), model)
+        engine = Engine(TargetRunner(model, CacheConfig(max_slots=2, capacity=256)), drafter,
+                        EngineConfig(policy, calibrate=False))
+        assert engine.policy.alpha == [0.8, 0.6, 0.6, 0.6], lookup
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    engine = Engine(TargetRunner(model, CacheConfig(max_slots=2, capacity=256)), drafter,
+                    EngineConfig(policy, calibrate=False))
+    assert engine.policy.alpha == [0.5] * 4  # a head without estimates: the prior
+    learner = OnlineLearner(model, engine, LearnerConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+    assert learner.resume_from_checkpoints() == 3
+    engine.step()  # the swap runs between steps
+    assert drafter.head.version == 3 and engine.policy.alpha == [0.8, 0.6, 0.6, 0.6]
