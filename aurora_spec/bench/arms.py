@@ -189,6 +189,9 @@ class ArmOptions:
     draft_dtype: str = "auto"
     lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
     trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
+    # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
+    # server at that load would have, (1/load - 1) x the request's time, the trainer running.
+    load: float = 1.0
 
 
 @dataclass

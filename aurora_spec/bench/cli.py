@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default=None,
                    help="comma-separated client counts, e.g. 1,2,4,8: closed-loop concurrency "
                    "sweep with continuous batching (engine arms only)")
+    p.add_argument("--load", type=float, default=1.0,
+                   help="online arms: server utilisation in (0, 1]; below 1 each request is "
+                        "followed by (1/load - 1) x its time idle, when only the trainer runs "
+                        "(default 1: back to back)")
     p.add_argument("--save-token-ids", action="store_true",
                    help="store every output's token ids in results.json (default: a hash)")
     p.set_defaults(func=cmd_bench)
@@ -71,13 +75,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.max_tokens <= 0:
         raise BenchError("--max-tokens must be positive")
     check_draft_flags(a, BenchError)
+    if not 0.0 < a.load <= 1.0:
+        raise BenchError(f"--load is a utilisation in (0, 1], got {a.load}")
     cfg = BenchConfig(
         arms=a.arms, domains=parse_domains(a.domains) if a.domains else None,
         requests=a.requests if a.requests is not None else 8, stream=a.stream,
         max_tokens=a.max_tokens, warmup=a.warmup, seed=a.seed, traffic=a.traffic, chat=a.chat,
         model=model_config(a, max_slots=1),
         arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed,
-                               draft_dtype=a.draft_dtype, lookup=a.lookup),
+                               draft_dtype=a.draft_dtype, lookup=a.lookup, load=a.load),
         out=a.out, progress=not a.no_progress, plot=not a.no_plot,
         save_token_ids=a.save_token_ids, concurrency=_levels(a.concurrency),
         command=shlex.join(["aurora", *sys.argv[1:]]) if _invoked_as_cli() else

@@ -9,11 +9,19 @@ trainer (the default for ``online``, a day-0 head) takes 1 thread while it train
 ``threads - 1``, at least 1 (every thread while the trainer rests, see TrainerConfig.rest_*); an
 idle-class trainer (the default for ``online-from``, a trained head) runs under SCHED_IDLE:
 serving keeps every thread and the trainer learns on the CPU time serving leaves.
+
+Load (``--load``, ArmOptions.load): by default requests come back to back, a server at 100%
+utilisation, so an idle-class trainer learns only on the scraps serving leaves. Below 1, each
+request of an online arm is followed by the idle time a server at that utilisation would have,
+(1/load - 1) x the request's wall time, with the trainer running and serving idle; tokens/s still
+counts decode time only. Other arms have no use for idle time and skip it (it would change
+nothing but the wall clock).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -29,9 +37,10 @@ from aurora_spec.bench.arms import (
 
 
 class OnlineArm(EngineArm):
-    def __init__(self, inner: EngineArm, learner: Any) -> None:
+    def __init__(self, inner: EngineArm, learner: Any, load: float = 1.0) -> None:
         super().__init__(inner.name, inner.kind, inner.engine, inner.stop_ids)
         self.learner = learner
+        self.load = load
 
     def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
             request_id: str) -> ArmOutput:
@@ -40,7 +49,10 @@ class OnlineArm(EngineArm):
         torch.set_num_threads(threads)
         self.learner.resume()
         try:
+            t0 = time.perf_counter()
             out = super().run(prompt_ids, max_tokens, domain, request_id)
+            if self.load < 1.0:  # the idle time after this request: only the trainer runs
+                time.sleep((time.perf_counter() - t0) * (1.0 / self.load - 1.0))
             return dataclasses.replace(out, threads=threads)
         finally:
             self.learner.pause()
@@ -67,7 +79,7 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
                                           trainer_idle=o.trainer_idle))
     learner.start()
     learner.pause()
-    return OnlineArm(inner, learner)
+    return OnlineArm(inner, learner, o.load)
 
 
 def _build_online(t: BenchTarget, name: str, arg: str | None, o: ArmOptions) -> OnlineArm:

@@ -241,6 +241,12 @@ def render_markdown(results: dict[str, Any]) -> str:
               "decode throughput (prefill excluded), median over requests [p10-p90]; speedups "
               "are ratios of medians. Per-domain cells: tokens/s median, speedup vs none, tau.",
               ""]
+    load = cfg.get("load", 1.0)
+    if load < 1.0:
+        lines[-1:] = [f"Load {load:g}: each request of an online arm was followed by the idle "
+                      f"time of a server at {load:.0%} utilisation ({1 / load - 1:g}x the "
+                      "request's time), its trainer running and serving idle; other arms "
+                      "skip it (nothing runs).", ""]
     head = ["arm", "tokens/s [p10-p90]", "vs none", "vs hf", "tau", "accept"] + domains + [
         "diverged"]
     lines.append("| " + " | ".join(head) + " |")

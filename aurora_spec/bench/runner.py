@@ -273,6 +273,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "max_draft": cfg.arm_options.max_draft, "draft_weights": cfg.arm_options.draft_weights,
         "draft_vocab": cfg.arm_options.draft_vocab, "tree_width": cfg.arm_options.tree_width,
         "draft_dtype": cfg.arm_options.draft_dtype, "lookup": cfg.arm_options.lookup,
+        "load": cfg.arm_options.load,
         "reference_arm": reference,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,

@@ -304,6 +304,8 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         (["--stream", "chat:x"], "bad stream segment"),
         (["--max-tokens", "0"], "--max-tokens must be positive"),
         (["--requests", "0"], "--requests must be positive"),
+        (["--load", "0"], "--load is a utilisation in (0, 1]"),
+        (["--load", "1.5"], "--load is a utilisation in (0, 1]"),
     ]
     for extra, msg in cases:
         argv = ["bench", "--traffic", str(t), "--out", str(out), "--no-progress", *extra]
@@ -339,6 +341,33 @@ def test_engine_and_hf_arms_agree_on_tiny_model() -> None:
     for r in out.records:
         assert 2 not in r["token_ids"] and r["tokens"] == len(r["token_ids"])
         assert r["finish_reason"] in ("stop", "length")
+
+
+def test_online_arm_at_partial_load_leaves_the_trainer_idle_time() -> None:
+    """--load 0.25: after each request the arm waits 3x the request's time with its learner
+    resumed (serving idle), then pauses it."""
+    import time
+
+    from aurora_spec.bench.online import OnlineArm
+    from aurora_spec.drafters.eagle3 import Eagle3Drafter
+    from aurora_spec.engine.engine import Engine, EngineConfig
+    from aurora_spec.flywheel.learner import OnlineLearner
+    from aurora_spec.models.runner import CacheConfig, TargetRunner
+    from tests.tiny_models import tiny_target
+    from tests.unit.test_flywheel_losses import head_for
+
+    model, _ = tiny_target("llama", seed=4)
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    engine = Engine(TargetRunner(model, CacheConfig(1, 256)), drafter,
+                    EngineConfig(calibrate=False))
+    learner = OnlineLearner(model, engine)
+    arm = OnlineArm(EngineArm("online", "online", engine, (2,)), learner, load=0.25)
+    t0 = time.perf_counter()
+    out = arm.run([5, 6, 7, 8] * 4, 24, "chat", "r0")
+    wall = time.perf_counter() - t0
+    served = out.decode_s + out.prefill_s
+    assert out.token_ids and learner.paused
+    assert wall >= 4 * served, (wall, served)  # sleep never returns early
 
 
 def _planned(i: int):
