@@ -110,7 +110,11 @@ class LearnerConfig:
     # where it measured faster than sharing; sharing from a day-0 head, which must learn fast.
     trainer_idle: bool | None = None
     send_bytes: int = 8 << 20  # traces handed to the trainer per request
-    rollback_min_steps: int = 48  # drafting verify steps on a new version before judging it
+    # Drafting verify steps on a new version before judging it, as many as the previous version's
+    # level is measured on (VersionStats.recent): steps within a request are correlated, and 48
+    # (about one 64-token request) rolled back 5 of 7 versions that the held-out gate had passed
+    # (gemma shift at 50% load, README "Results").
+    rollback_min_steps: int = 256
     rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share
     rollback_min_gap: float = 0.1  # ... and by at least this many tokens per step
     watchdog_s: float = 0.5  # how often the trainer process is checked
