@@ -247,8 +247,10 @@ class Trainer:
         if chunk:
             run(chunk)
         head.train(was_training)
-        self.last_alpha = [reached[d] / reached[d - 1] if reached[d - 1] else 0.0
-                           for d in range(1, depth + 1)]
+        # Laplace's rule, (hits + 1) / (tries + 2): these seed the draft-length policy, which only
+        # revises a depth it drafts, so a 0 from a handful of held-out chains (none got that
+        # deep) would rule that depth out for good; with many tries it is the measured rate.
+        self.last_alpha = [(reached[d] + 1) / (reached[d - 1] + 2) for d in range(1, depth + 1)]
         return (total / n if n else 0.0), n
 
     def gate_windows(self) -> list[Window]:

@@ -130,6 +130,10 @@ def test_gate_refuses_a_worse_candidate():
     assert trainer.stats.last_gate["passed"] is False
     assert trainer.stats.last_gate["candidate"] < trainer.stats.last_gate["live"]
     assert trainer.next_version == 2  # refused candidates consume no version
+    # The per-depth estimates (they seed serving's draft-length policy) are smoothed: a random
+    # head whose chains never get deep still gets a non-zero estimate at every depth.
+    assert len(trainer.last_alpha) == trainer.cfg.gate_depth
+    assert all(0.0 < a < 1.0 for a in trainer.last_alpha), trainer.last_alpha
 
 
 def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
