@@ -189,6 +189,7 @@ class ArmOptions:
     draft_dtype: str = "auto"
     lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
     trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
+    trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -273,52 +274,54 @@ class ArmSpec:
     name: str  # as written on the command line, the key in results.json
     kind: str
     arg: str | None
-    tree_width: int | None = None  # ``@wN`` suffix: this arm drafts top-N trees
+    # Per-arm overrides of ArmOptions by suffix (None: the run's option).
+    tree_width: int | None = None  # ``@wN``: this arm drafts top-N trees
     lookup: bool | None = None  # ``@lookup`` / ``@nolookup``: this arm's eagle3 lookup chain
     trainer_idle: bool | None = None  # ``@idle`` / ``@share`` (online arms); None: auto
+    trainer_threads: int | None = None  # ``@tN`` (online arms): the trainer's threads
 
 
-_SUFFIX = re.compile(r"@(w\d+|lookup|nolookup|idle|share)$")
+_OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads")
+_SUFFIX = re.compile(r"@(w\d+|t\d+|lookup|nolookup|idle|share)$")
 
 
-def _suffixes(part: str) -> tuple[str, int | None, bool | None, bool | None]:
-    """Strip ``@wN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` suffixes (any
-    order) off one arm."""
-    width: int | None = None
-    lookup: bool | None = None
-    idle: bool | None = None
+def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
+    """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` suffixes
+    (any order) off one arm: the body and the ArmSpec overrides they set."""
+    over: dict[str, Any] = {}
     body = part
     while (m := _SUFFIX.search(body)) is not None:
         tag = m.group(1)
-        if tag.startswith("w"):
-            width = int(tag[1:])
-            if width < 1:
-                raise BenchError(f"arm {part!r}: the tree width after @w must be >= 1")
+        if tag[0] in "wt" and tag[1:].isdigit():
+            if int(tag[1:]) < 1:
+                raise BenchError(f"arm {part!r}: the number after @{tag[0]} must be >= 1")
+            over["tree_width" if tag[0] == "w" else "trainer_threads"] = int(tag[1:])
         elif tag in ("idle", "share"):
-            idle = tag == "idle"
+            over["trainer_idle"] = tag == "idle"
         else:
-            lookup = tag == "lookup"
+            over["lookup"] = tag == "lookup"
         body = body[:m.start()]
-    return body, width, lookup, idle
+    return body, over
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share]`` separated by commas, e.g.
-    ``none,online,online@w3,online@nolookup,online@idle,static:DIR``."""
+    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN]`` separated by commas, e.g.
+    ``none,online,online@w3,online@nolookup,online@idle@t1,static:DIR``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
-        body, width, lookup, idle = _suffixes(part)
+        body, over = _suffixes(part)
         kind, sep, arg = body.partition(":")
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
-        if idle is not None and not kind.startswith("online"):
-            raise BenchError(f"arm {part!r}: @idle and @share are for online arms (they set "
-                             f"their trainer's CPU priority)")
-        out.append(ArmSpec(part, kind, arg if sep else None, width, lookup, idle))
+        trainer = {"trainer_idle", "trainer_threads"} & set(over)
+        if trainer and not kind.startswith("online"):
+            raise BenchError(f"arm {part!r}: @idle, @share and @tN are for online arms (they "
+                             f"set their trainer's CPU priority and threads)")
+        out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")
     names = [a.name for a in out]
@@ -328,10 +331,6 @@ def parse_arms(spec: str) -> list[ArmSpec]:
 
 
 def build_arm(target: BenchTarget, spec: ArmSpec, opts: ArmOptions) -> Arm:
-    if spec.tree_width is not None:
-        opts = dataclasses.replace(opts, tree_width=spec.tree_width)
-    if spec.lookup is not None:
-        opts = dataclasses.replace(opts, lookup=spec.lookup)
-    if spec.trainer_idle is not None:
-        opts = dataclasses.replace(opts, trainer_idle=spec.trainer_idle)
+    over = {k: v for k in _OVERRIDES if (v := getattr(spec, k)) is not None}
+    opts = dataclasses.replace(opts, **over)
     return ARM_BUILDERS[spec.kind](target, spec.name, spec.arg, opts)

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="online arms: server utilisation in (0, 1]; below 1 each request is "
                         "followed by (1/load - 1) x its time idle, when only the trainer runs "
                         "(default 1: back to back)")
+    p.add_argument("--trainer-threads", type=int, default=None,
+                   help="online arms: torch threads of the trainer process (default: every "
+                        "thread for an idle-class trainer, one for a sharing one)")
     p.add_argument("--save-token-ids", action="store_true",
                    help="store every output's token ids in results.json (default: a hash)")
     p.set_defaults(func=cmd_bench)
@@ -77,13 +80,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     check_draft_flags(a, BenchError)
     if not 0.0 < a.load <= 1.0:
         raise BenchError(f"--load is a utilisation in (0, 1], got {a.load}")
+    if a.trainer_threads is not None and a.trainer_threads < 1:
+        raise BenchError("--trainer-threads must be >= 1")
     cfg = BenchConfig(
         arms=a.arms, domains=parse_domains(a.domains) if a.domains else None,
         requests=a.requests if a.requests is not None else 8, stream=a.stream,
         max_tokens=a.max_tokens, warmup=a.warmup, seed=a.seed, traffic=a.traffic, chat=a.chat,
         model=model_config(a, max_slots=1),
         arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed,
-                               draft_dtype=a.draft_dtype, lookup=a.lookup, load=a.load),
+                               draft_dtype=a.draft_dtype, lookup=a.lookup, load=a.load,
+                               trainer_threads=a.trainer_threads),
         out=a.out, progress=not a.no_progress, plot=not a.no_plot,
         save_token_ids=a.save_token_ids, concurrency=_levels(a.concurrency),
         command=shlex.join(["aurora", *sys.argv[1:]]) if _invoked_as_cli() else

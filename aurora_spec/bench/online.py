@@ -75,7 +75,7 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
     if lambda_discard is not None:
         trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
     learner = OnlineLearner(target.model, inner.engine,
-                            LearnerConfig(trainer=trainer, trainer_threads=1,
+                            LearnerConfig(trainer=trainer, trainer_threads=o.trainer_threads,
                                           trainer_idle=o.trainer_idle))
     learner.start()
     learner.pause()

@@ -93,7 +93,11 @@ class LearnerConfig:
     checkpoint_dir: str | None = None  # versioned checkpoints; None: a temp dir, removed at stop
     resume: bool = True  # start from the newest valid checkpoint in checkpoint_dir
     keep_checkpoints: int = 5
-    trainer_threads: int = 1  # torch threads of the trainer process
+    # Torch threads of the trainer process. None (auto): every serving thread for an idle-class
+    # trainer, which only runs on CPU time serving leaves (between requests the whole machine
+    # is idle, and one thread would use half of it); one for a sharing trainer, which takes its
+    # threads from serving while it trains.
+    trainer_threads: int | None = None
     # Cores shared between serving and a CPU trainer: serving runs on (its threads at start -
     # trainer_threads) while the trainer trains and on all of them while it rests (False: leave
     # the serving threads alone). Two busy torch processes on more threads than cores slow each
@@ -123,5 +127,5 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("online", "static"):
             raise ValueError(f"mode must be online or static, got {self.mode!r}")
-        if self.trainer_threads < 1:
-            raise ValueError("trainer_threads must be >= 1")
+        if self.trainer_threads is not None and self.trainer_threads < 1:
+            raise ValueError("trainer_threads must be >= 1 (or None: auto)")

@@ -271,7 +271,16 @@ class OnlineLearner:
             return None
         if self._trainer_device() != "cpu" or self.trainer_resting or self.trainer_idle:
             return self._cores
-        return max(1, self._cores - c.trainer_threads)
+        return max(1, self._cores - self.trainer_threads)
+
+    @property
+    def trainer_threads(self) -> int:
+        """``cfg.trainer_threads``, or when None (auto): all of serving's threads for an
+        idle-class CPU trainer (it runs only when serving leaves them), else one."""
+        if self.cfg.trainer_threads is not None:
+            return self.cfg.trainer_threads
+        idle_cpu = self.trainer_idle and self._trainer_device() == "cpu"
+        return max(1, self._cores) if idle_cpu else 1
 
     def _apply_serving_threads(self) -> None:
         """Engine thread, between steps: follow the trainer's state (torch's thread setting is
@@ -323,7 +332,8 @@ class OnlineLearner:
         device = self._trainer_device()
         assert self.publisher is not None and self.store is not None
         live = self.publisher.live
-        spec = {"head": head_to_payload(live), "threads": c.trainer_threads, "device": device,
+        threads = self.trainer_threads
+        spec = {"head": head_to_payload(live), "threads": threads, "device": device,
                 "trainer_cfg": c.trainer, "softcap": self.model.spec.final_logit_softcap,
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
@@ -331,7 +341,7 @@ class OnlineLearner:
                 "send_bytes": c.send_bytes, "nice": c.trainer_nice, "idle": self.trainer_idle,
                 "log_level": logging.getLogger().level,
                 **self._shared}
-        env = {"OMP_NUM_THREADS": str(c.trainer_threads), "MKL_NUM_THREADS": str(c.trainer_threads)}
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if c.omp_passive:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         proc = ctx.Process(target=trainer_main, args=(spec, self._inbox, self._outbox),

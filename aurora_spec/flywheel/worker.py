@@ -82,7 +82,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
 
     def send_status() -> None:
         st = trainer.status()
-        st.update(paused=paused, pid=os.getpid(), pending_candidate=pending, priority=priority)
+        st.update(paused=paused, pid=os.getpid(), pending_candidate=pending, priority=priority,
+                  trainer_threads=torch.get_num_threads())
         outbox.put(("status", st))
 
     while True:

@@ -56,8 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="delete trace files older than this (default 24)")
     p.add_argument("--trace-max-mb", type=float, default=256.0, metavar="M",
                    help="delete the oldest trace files while DIR holds more (default 256)")
-    p.add_argument("--trainer-threads", type=int, default=1,
-                   help="torch threads of the trainer process (default 1)")
+    p.add_argument("--trainer-threads", type=int, default=None,
+                   help="torch threads of the trainer process (default: every thread for an "
+                        "idle-class trainer, which only uses what serving leaves; 1 for a "
+                        "sharing one)")
     p.add_argument("--trainer-idle", action=argparse.BooleanOptionalAction, default=None,
                    help="run a CPU trainer under the idle scheduling class: it learns only on "
                         "CPU time serving leaves, and serving keeps all its threads; "
@@ -107,7 +109,8 @@ def make_learner(a: argparse.Namespace, runtime: Any) -> Learner:
 def server_settings(a: argparse.Namespace, learn: bool = True) -> ServerSettings:
     if not 0 < a.port < 65536:
         raise UsageError("--port must be in 1..65535")
-    if a.max_slots < 1 or a.max_queue < 0 or a.trainer_threads < 1:
+    bad_threads = a.trainer_threads is not None and a.trainer_threads < 1
+    if a.max_slots < 1 or a.max_queue < 0 or bad_threads:
         raise UsageError("--max-batch and --trainer-threads must be >= 1, --max-queue >= 0")
     try:
         return ServerSettings(

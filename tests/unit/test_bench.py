@@ -154,7 +154,7 @@ def test_parse_arms() -> None:
     assert [(s.name, s.kind, s.arg, s.tree_width) for s in trees] == [
         ("eagle3", "eagle3", None, None), ("eagle3@w3", "eagle3", None, 3),
         ("static:/tmp/h@w2", "static", "/tmp/h", 2)]
-    with pytest.raises(BenchError, match="tree width"):
+    with pytest.raises(BenchError, match="number after @w must be >= 1"):
         parse_arms("eagle3@w0")
     lookups = parse_arms("eagle3@nolookup,eagle3@w2@lookup,static:/tmp/h@nolookup@w1,eagle3")
     assert [(s.kind, s.arg, s.tree_width, s.lookup) for s in lookups] == [
@@ -170,10 +170,17 @@ def test_parse_arms() -> None:
         ("online-from:/tmp/h@w2@idle", "online-from", "/tmp/h", 2, True),
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
-    with pytest.raises(BenchError, match="@idle and @share are for online arms"):
+    with pytest.raises(BenchError, match="@idle, @share and @tN are for online arms"):
         parse_arms("static:/tmp/h@idle")
-    with pytest.raises(BenchError, match="@idle and @share are for online arms"):
+    with pytest.raises(BenchError, match="@idle, @share and @tN are for online arms"):
         parse_arms("eagle3@share")
+    threads = parse_arms("online-from:/tmp/h@idle@t1,online@t2@w3")
+    assert [(s.arg, s.trainer_idle, s.trainer_threads, s.tree_width) for s in threads] == [
+        ("/tmp/h", True, 1, None), (None, None, 2, 3)]
+    with pytest.raises(BenchError, match="@tN are for online arms"):
+        parse_arms("static:/tmp/h@t2")
+    with pytest.raises(BenchError, match="number after @t must be >= 1"):
+        parse_arms("online@t0")
 
 
 class FakeArm:
@@ -306,6 +313,7 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         (["--requests", "0"], "--requests must be positive"),
         (["--load", "0"], "--load is a utilisation in (0, 1]"),
         (["--load", "1.5"], "--load is a utilisation in (0, 1]"),
+        (["--trainer-threads", "0"], "--trainer-threads must be >= 1"),
     ]
     for extra, msg in cases:
         argv = ["bench", "--traffic", str(t), "--out", str(out), "--no-progress", *extra]

@@ -128,6 +128,7 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_thread
         learner.start()
         assert not learner.trainer_idle  # auto, from a day-0 head: the trainer shares the cores
         assert learner.serving_threads() == 1
+        assert learner.wait_for(lambda s: s.get("trainer_threads") == 1, timeout=60)
         engine.generate(prompt, PARAMS)
         assert torch.get_num_threads() == 1  # the trainer trains on the other core
         deadline = time.monotonic() + 90
@@ -165,6 +166,8 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
         assert learner.serving_threads() == 2
         assert learner.wait_for(lambda s: "priority" in s, timeout=60)  # the trainer is up
         assert learner.status()["priority"] == "SCHED_IDLE"
+        # Auto threads: an idle-class trainer gets every thread (it only runs when they're free).
+        assert learner.status()["trainer_threads"] == 2
         assert os.sched_getscheduler(learner.trainer_pid) == os.SCHED_IDLE
         deadline = time.monotonic() + 120
         while learner.live_version < 2 and time.monotonic() < deadline:

@@ -36,6 +36,7 @@ def test_keys_from_environment(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("argv", [("--port", "0"), ("--max-batch", "0"), ("--max-queue", "-1"),
+                                  ("--trainer-threads", "0"),
                                   ("--api-key", "same", "--admin-key", "same")])
 def test_bad_flags_are_usage_errors(argv) -> None:
     with pytest.raises(UsageError):
@@ -61,3 +62,5 @@ def test_trainer_priority_is_auto_unless_a_flag_says() -> None:
     assert parse().trainer_idle is None
     assert parse("--trainer-idle").trainer_idle is True
     assert parse("--no-trainer-idle").trainer_idle is False
+    assert parse().trainer_threads is None  # auto: the learner picks by the trainer's class
+    assert parse("--trainer-threads", "2").trainer_threads == 2
