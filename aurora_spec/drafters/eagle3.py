@@ -12,6 +12,8 @@ from target states; the speculative entries of a proposal are dropped right afte
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from aurora_spec.drafters.eagle3_head import DraftCache, Eagle3Head
@@ -148,6 +150,33 @@ class Eagle3Drafter:
                 req.cache.length = 0  # same layout: keep the allocation
             else:
                 req.cache = head.new_cache(1, self.chunk)
+
+    # ---- cost calibration ----
+
+    def time_draft(self, prompt_hidden: torch.Tensor, k: int, reps: int = 3) -> float:
+        """Seconds per draft depth of a depth-``k`` proposal after a verify step, measured on a
+        throwaway request over ``prompt_hidden`` (the engine's calibration). Each timed proposal
+        first catches up m pending pairs, m = 1 .. k + 1 as after m - 1 accepted tokens, so every
+        shape a real step runs is built once (warm-up round) before it is timed."""
+        rid = "\0calibrate"
+        n = len(prompt_hidden)
+        ids = [0] * n
+        self.start(rid, ids, 0, prompt_hidden)
+        params = SamplingParams(max_tokens=k + 1)
+        req = self._requests[rid]
+        times: list[float] = []
+        try:
+            self.propose(rid, ids + [0], k, params)  # the prompt's catch-up: a one-off
+            for rep in range(reps + 1):  # round 0 warms up and is discarded
+                for m in range(1, min(k + 1, n) + 1):
+                    req.cache.length = max(0, req.n - req.start - m)  # m pairs pending
+                    start = time.perf_counter()
+                    self.propose(rid, ids + [0], k, params)
+                    if rep:
+                        times.append(time.perf_counter() - start)
+        finally:
+            self.finish(rid, [])
+        return sorted(times)[len(times) // 2] / k
 
     # ---- proposing ----
 

@@ -122,6 +122,10 @@ class LookupHybrid:
     def last_catch_up(self) -> int:
         return int(getattr(self.learned, "last_catch_up", 0))
 
+    def time_draft(self, prompt_hidden: Any, k: int, reps: int = 3) -> float:
+        """The head's cost per draft depth (the lookup chain costs no draft compute)."""
+        return float(self.learned.time_draft(prompt_hidden, k, reps))
+
     # ---- Drafter protocol ----
 
     def start(self, request_id: str, prompt_ids: list[int], first_token: int,

@@ -50,27 +50,36 @@ class PolicyConfig:
 
 @dataclass
 class CostModel:
-    """Measured forward times per number of tokens T (EMA), shared by all requests."""
+    """Measured forward times per number of tokens T (EMA), shared by all requests.
+
+    One observation moves an estimate toward at most ``outlier`` times its current value. Why:
+    the first forward of a new shape (oneDNN builds its kernels), a GC pause or a burst of another
+    process can take 5-10x the usual time, and sizes the policy stops choosing are never measured
+    again, so one such spike taken at face value stopped a trained head from drafting for a whole
+    benchmark (a 278 ms verify of a 10-token tree among 30-35 ms ones). A real, lasting slow-down
+    is still followed, by at most ema * (outlier - 1) per step."""
 
     ema: float = 0.1
+    outlier: float = 2.0
     times: dict[int, float] = field(default_factory=dict)  # batch of 1, by tokens
     batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tokens)
     draft_token_s: float = 0.0
 
+    def _update(self, old: float | None, seconds: float) -> float:
+        if not old:  # nothing measured yet: the first observation is all there is
+            return seconds
+        return old + self.ema * (min(seconds, self.outlier * old) - old)
+
     def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
         if batch == 1:
-            old = self.times.get(tokens)
-            self.times[tokens] = seconds if old is None else old + self.ema * (seconds - old)
+            self.times[tokens] = self._update(self.times.get(tokens), seconds)
         else:
             key = (batch, tokens)
-            old = self.batch_times.get(key)
-            self.batch_times[key] = seconds if old is None else old + self.ema * (seconds - old)
+            self.batch_times[key] = self._update(self.batch_times.get(key), seconds)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
-            per = seconds / tokens
-            old = self.draft_token_s
-            self.draft_token_s = per if old == 0 else old + self.ema * (per - old)
+            self.draft_token_s = self._update(self.draft_token_s, seconds / tokens)
 
     def verify_time(self, tokens: int, batch: int = 1) -> float:
         """t(T) for a forward over ``tokens`` tokens in total, from ``batch`` requests (a batch

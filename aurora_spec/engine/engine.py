@@ -342,26 +342,44 @@ class Engine:
     # ----- cost calibration ------------------------------------------------------------------
     @torch.inference_mode()
     def calibrate(self, context: int = 64, reps: int = 3) -> None:
-        """Time target forwards over 1..max_draft+1 tokens so the policy starts from measured
-        costs, not assumptions (DESIGN.md: the verify ratio r_k is measured)."""
+        """Time every target forward the policy can choose (chains of 1..max_draft+1 tokens, the
+        drafter's trees of w*k + 1 nodes, a few batch totals) and the drafter's cost per depth,
+        so the policy starts from measured costs, not assumptions (DESIGN.md: the verify ratio
+        r_k is measured). Each shape runs once untimed first: the first forward of a new shape
+        is a one-off (kernel set-up) several times slower than the rest."""
         if self.runner.free_slots == 0:
             return
         slot = self.runner.allocate()
         try:
             context = min(context, self.runner.capacity // 2)
-            self.runner.prefill(slot, [0] * context)
-            # One request's drafts, then a few totals a batch of drafting requests reaches.
-            width = self.cfg.policy.max_draft + 1
-            batch_max = min(self.runner.max_slots * width, self.runner.capacity - context - 1)
-            sizes = [*range(1, width + 1), *range(2 * width, batch_max + 1, width)]
-            timings: dict[int, list[float]] = {t: [] for t in sizes}
-            for rep in range(reps + 1):  # round 0 warms up and is discarded
-                for t in sizes:
-                    start = time.perf_counter()
-                    self.runner.verify(slot, 0, Proposal.chain([0] * (t - 1)))
-                    if rep:
-                        timings[t].append(time.perf_counter() - start)
-            for t, times in timings.items():
-                self.costs.times[t] = sorted(times)[len(times) // 2]
+            prefill = self.runner.prefill(slot, [0] * context)
+            room = self.runner.capacity - context - 1
+            for t, seconds in self._time_verifies(slot, room, reps).items():
+                self.costs.times[t] = seconds
+            timer = getattr(self.drafter, "time_draft", None)
+            if timer is not None:
+                self.costs.draft_token_s = timer(prefill.fused_hidden[0],
+                                                 self.cfg.policy.max_draft, reps)
         finally:
             self.runner.release(slot)
+
+    def _time_verifies(self, slot: int, room: int, reps: int) -> dict[int, float]:
+        """Median seconds of a verify forward per number of tokens, over ``reps`` timed rounds."""
+        k_max, w = self.cfg.policy.max_draft, self.policy.cfg.tree_width
+        shapes = {t: Proposal.chain([0] * (t - 1)) for t in range(1, k_max + 2)}
+        for k in range(1, k_max + 1) if w > 1 else ():  # trees as the drafter builds them
+            shapes[w * k + 1] = Proposal((0,) * (w * k), (-1,) * w + tuple(range(w * k - w)))
+        # A few totals a batch of drafting requests reaches (one request's verify of as many).
+        batch_max = self.runner.max_slots * (k_max + 1)
+        for t in range(2 * (k_max + 1), batch_max + 1, k_max + 1):
+            shapes.setdefault(t, Proposal.chain([0] * (t - 1)))
+        shapes = {t: p for t, p in shapes.items() if t <= room}
+        timings: dict[int, list[float]] = {t: [] for t in shapes}
+        for rep in range(reps + 1):  # round 0 warms up and is discarded
+            for t, proposal in shapes.items():
+                start = time.perf_counter()
+                out = self.runner.verify(slot, 0, proposal)
+                float(out.logits[0, -1, 0])  # wait for the device (CUDA runs asynchronously)
+                if rep:
+                    timings[t].append(time.perf_counter() - start)
+        return {t: sorted(ts)[len(ts) // 2] for t, ts in timings.items()}

@@ -214,3 +214,26 @@ def test_draft_cost_skips_one_off_catch_ups() -> None:
     assert backlogs[0] == 20 and len(backlogs) > 1
     assert observed == backlogs[1:]  # all but the prompt's catch-up (max_draft + 1 = 7 < 20)
     assert costs.draft_token_s > 0.0
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle3-nolookup"])
+def test_calibration_times_every_choosable_size_and_the_draft(kind) -> None:
+    """The policy's costs come from measurements of what it can choose: chains of 1..k+1 tokens,
+    the drafter's trees of w*k + 1 nodes, and the drafter's cost per depth. Calibrating leaves
+    nothing behind: no request in the drafter, no slot taken, the lookup memory empty."""
+    model, hf = tiny_target("llama", seed=3)
+    drafter = make_test_drafter(kind, model, [])
+    runner = TargetRunner(model, CacheConfig(max_slots=1, capacity=256))
+    engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=5)))
+    w = engine.policy.cfg.tree_width
+    assert w == (4 if kind == "eagle3" else 3)
+    want = set(range(1, 7)) | {w * k + 1 for k in range(1, 6)}
+    assert set(engine.costs.times) == want and all(t > 0 for t in engine.costs.times.values())
+    assert engine.costs.draft_token_s > 0.0
+    learned = getattr(drafter, "learned", drafter)
+    assert not learned._requests and runner.free_slots == 1
+    if kind == "eagle3":
+        assert drafter.lookup.stats()["entries"] == 0
+    prompt = list(range(3, 23))
+    got = engine.generate(prompt, SamplingParams(max_tokens=24)).token_ids
+    assert list(got) == reference_greedy(hf, prompt, 24)

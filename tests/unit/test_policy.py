@@ -123,3 +123,32 @@ def test_noisy_batch_costs_never_make_more_tokens_cheaper() -> None:
     assert c.verify_time(5, batch=3) == 0.060
     assert c.verify_time(9, batch=3) >= 0.060
     assert c.verify_time(8, batch=3) < 0.090
+
+
+def test_one_slow_forward_does_not_stop_drafting() -> None:
+    """The first forward of a new shape can take ~8x the usual time (measured: 278 ms for a
+    10-token tree among 30-35 ms verifies). One such spike must not make a good head stop
+    drafting; a lasting slow-down is still followed."""
+    c = costs(0.02, draft_s=0.001)
+    c.times.update({t: 0.030 * (1 + 0.02 * (t - 1)) for t in range(10, 26)})
+    p = DraftLengthPolicy(PolicyConfig(max_draft=8, tree_width=3), c)
+    p.alpha = [0.7] * 8
+    k = p.choose(8)
+    assert k > 0
+    before = c.times[3 * k + 1]
+    c.observe_verify(3 * k + 1, 8 * before)
+    assert c.times[3 * k + 1] <= before * (1 + c.ema * (c.outlier - 1)) + 1e-12
+    assert p.choose(8) > 0
+    c.observe_draft(2, 2 * 0.05)  # a 50 ms draft depth once: also a spike
+    assert c.draft_token_s <= 0.001 * (1 + c.ema * (c.outlier - 1)) + 1e-12
+    assert p.choose(8) > 0
+    for _ in range(40):  # a real 4x slow-down of that size is learnt within a few dozen steps
+        c.observe_verify(9, 4 * c.times[1] * 1.02)
+    assert c.times[9] > 3.5 * c.times[1]
+
+
+def test_the_first_observation_is_taken_as_it_is() -> None:
+    c = CostModel()
+    c.observe_verify(4, 0.5)
+    c.observe_draft(1, 0.2)
+    assert c.times[4] == 0.5 and c.draft_token_s == 0.2
