@@ -190,6 +190,7 @@ class ArmOptions:
     lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
     trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
+    trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -279,33 +280,38 @@ class ArmSpec:
     lookup: bool | None = None  # ``@lookup`` / ``@nolookup``: this arm's eagle3 lookup chain
     trainer_idle: bool | None = None  # ``@idle`` / ``@share`` (online arms); None: auto
     trainer_threads: int | None = None  # ``@tN`` (online arms): the trainer's threads
+    trainer_rests: bool | None = None  # ``@rest`` / ``@norest`` (online arms); None: auto
 
 
-_OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads")
-_SUFFIX = re.compile(r"@(w\d+|t\d+|lookup|nolookup|idle|share)$")
+_OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests")
+_SUFFIX = re.compile(r"@(w\d+|t\d+|lookup|nolookup|idle|share|rest|norest)$")
+_FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
+          "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
+          "lookup": ("lookup", True), "nolookup": ("lookup", False)}
 
 
 def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
-    """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` suffixes
-    (any order) off one arm: the body and the ArmSpec overrides they set."""
+    """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` /
+    ``@rest`` / ``@norest`` suffixes (any order) off one arm: the body and the ArmSpec overrides
+    they set."""
     over: dict[str, Any] = {}
     body = part
     while (m := _SUFFIX.search(body)) is not None:
         tag = m.group(1)
-        if tag[0] in "wt" and tag[1:].isdigit():
+        if tag in _FLAGS:
+            key, value = _FLAGS[tag]
+            over[key] = value
+        else:  # @wN / @tN: the regex guarantees digits
             if int(tag[1:]) < 1:
                 raise BenchError(f"arm {part!r}: the number after @{tag[0]} must be >= 1")
             over["tree_width" if tag[0] == "w" else "trainer_threads"] = int(tag[1:])
-        elif tag in ("idle", "share"):
-            over["trainer_idle"] = tag == "idle"
-        else:
-            over["lookup"] = tag == "lookup"
         body = body[:m.start()]
     return body, over
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN]`` separated by commas, e.g.
+    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest]`` separated by
+    commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,static:DIR``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
@@ -317,10 +323,11 @@ def parse_arms(spec: str) -> list[ArmSpec]:
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
-        trainer = {"trainer_idle", "trainer_threads"} & set(over)
+        trainer = {"trainer_idle", "trainer_threads", "trainer_rests"} & set(over)
         if trainer and not kind.startswith("online"):
-            raise BenchError(f"arm {part!r}: @idle, @share and @tN are for online arms (they "
-                             f"set their trainer's CPU priority and threads)")
+            raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest and @norest are for "
+                             f"online arms (they set their trainer's CPU priority, threads and "
+                             f"rests)")
         out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")

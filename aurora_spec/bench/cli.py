@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "one of the threads while it trains (default, as aurora serve chooses: idle "
                    "when the arm starts from a trained head, version > 0, as online-from "
                    "heads from aurora train do; sharing from a day-0 head, as online does), "
-                   "and @tN gives an online arm's trainer N threads, overriding "
-                   "--trainer-threads")
+                   "@tN gives an online arm's trainer N threads, overriding "
+                   "--trainer-threads, and @rest / @norest let its trainer rest or not when "
+                   "candidates stop beating the live head (default: a sharing trainer rests, "
+                   "an idle-class one does not)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

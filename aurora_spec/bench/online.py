@@ -76,7 +76,8 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
         trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
     learner = OnlineLearner(target.model, inner.engine,
                             LearnerConfig(trainer=trainer, trainer_threads=o.trainer_threads,
-                                          trainer_idle=o.trainer_idle))
+                                          trainer_idle=o.trainer_idle,
+                                          trainer_rests=o.trainer_rests))
     learner.start()
     learner.pause()
     return OnlineArm(inner, learner, o.load)

@@ -113,6 +113,11 @@ class LearnerConfig:
     # None (auto): idle when serving starts from a trained head (live version > 0 after resume),
     # where it measured faster than sharing; sharing from a day-0 head, which must learn fast.
     trainer_idle: bool | None = None
+    # Whether the trainer rests once the head stops improving (TrainerConfig.rest_*). None
+    # (auto): a sharing trainer rests, so serving gets its core back; an idle-class CPU trainer
+    # does not, since it only ever runs on CPU time serving leaves unused (resting would free
+    # nothing, and it stopped learning a shift for most of the idle time it had).
+    trainer_rests: bool | None = None
     send_bytes: int = 8 << 20  # traces handed to the trainer per request
     # Drafting verify steps on a new version before judging it, as many as the previous version's
     # level is measured on (VersionStats.recent): steps within a request are correlated, and 48

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import queue
@@ -207,7 +208,7 @@ class OnlineLearner:
                   dropped_traces=self.buffer.dropped, recorded_traces=self.recorded,
                   trainer_alive=bool(self._proc is not None and self._proc.is_alive()),
                   trainer_pid=self.trainer_pid, trainer_restarts=self.trainer_restarts,
-                  trainer_idle=self.trainer_idle,
+                  trainer_idle=self.trainer_idle, trainer_rests=self.trainer_rests,
                   paused=self.paused, sink_errors=self.sink_errors)
         return st
 
@@ -302,6 +303,13 @@ class OnlineLearner:
             return self.cfg.trainer_idle
         return self.live_version > 0
 
+    @property
+    def trainer_rests(self) -> bool:
+        """``cfg.trainer_rests``, or when None (auto): every trainer but an idle-class CPU one."""
+        if self.cfg.trainer_rests is not None:
+            return self.cfg.trainer_rests
+        return not (self.trainer_idle and self._trainer_device() == "cpu")
+
     def _trainer_device(self) -> str:
         device = self.cfg.trainer_device
         if device == "auto":
@@ -334,7 +342,8 @@ class OnlineLearner:
         live = self.publisher.live
         threads = self.trainer_threads
         spec = {"head": head_to_payload(live), "threads": threads, "device": device,
-                "trainer_cfg": c.trainer, "softcap": self.model.spec.final_logit_softcap,
+                "trainer_cfg": c.trainer if self.trainer_rests else
+                dataclasses.replace(c.trainer, rest_after_rejections=0), "softcap": self.model.spec.final_logit_softcap,
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
                 "next_version": max(self.store.max_version(), live.version) + 1,

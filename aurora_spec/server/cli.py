@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--no-trainer-idle: serving gives the trainer --trainer-threads while "
                         "it trains (default: idle when serving starts from a trained head, "
                         "sharing from a day-0 head)")
+    p.add_argument("--trainer-rests", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the trainer rest when its candidates stop beating the live head, "
+                        "until traffic shifts or enough new data arrives (default: a sharing "
+                        "trainer rests, giving its thread back; an idle-class one, which frees "
+                        "nothing by resting, does not)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-batch", "--max-slots", dest="max_slots", type=int, default=4,
@@ -102,7 +107,7 @@ def make_learner(a: argparse.Namespace, runtime: Any) -> Learner:
         log.warning("aurora_spec.flywheel.learner is not available: serving a fixed draft")
         return NullLearner()
     cfg = LearnerConfig(checkpoint_dir=a.checkpoint_dir, trainer_threads=a.trainer_threads,
-                        trainer_idle=a.trainer_idle)
+                        trainer_idle=a.trainer_idle, trainer_rests=a.trainer_rests)
     return OnlineLearner(runtime.model, config=cfg)
 
 

@@ -170,14 +170,19 @@ def test_parse_arms() -> None:
         ("online-from:/tmp/h@w2@idle", "online-from", "/tmp/h", 2, True),
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
-    with pytest.raises(BenchError, match="@idle, @share and @tN are for online arms"):
+    with pytest.raises(BenchError, match="@idle, @share, @tN, @rest and @norest are for online"):
         parse_arms("static:/tmp/h@idle")
-    with pytest.raises(BenchError, match="@idle, @share and @tN are for online arms"):
+    with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("eagle3@share")
+    with pytest.raises(BenchError, match="are for online arms"):
+        parse_arms("static:/tmp/h@norest")
+    rests = parse_arms("online-from:/tmp/h@idle@norest,online@rest@t1,online@idle")
+    assert [(s.arg, s.trainer_idle, s.trainer_threads, s.trainer_rests) for s in rests] == [
+        ("/tmp/h", True, None, False), (None, None, 1, True), (None, True, None, None)]
     threads = parse_arms("online-from:/tmp/h@idle@t1,online@t2@w3")
     assert [(s.arg, s.trainer_idle, s.trainer_threads, s.tree_width) for s in threads] == [
         ("/tmp/h", True, 1, None), (None, None, 2, 3)]
-    with pytest.raises(BenchError, match="@tN are for online arms"):
+    with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("static:/tmp/h@t2")
     with pytest.raises(BenchError, match="number after @t must be >= 1"):
         parse_arms("online@t0")

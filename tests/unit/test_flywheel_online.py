@@ -127,6 +127,7 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_thread
     try:
         learner.start()
         assert not learner.trainer_idle  # auto, from a day-0 head: the trainer shares the cores
+        assert learner.trainer_rests  # ... and rests, giving its core back
         assert learner.serving_threads() == 1
         assert learner.wait_for(lambda s: s.get("trainer_threads") == 1, timeout=60)
         engine.generate(prompt, PARAMS)
@@ -151,18 +152,19 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
     """``trainer_idle`` (auto, serving from a trained head, version 1): the trainer process runs
     in the idle scheduling class (checked on the real process) and serving keeps both threads
     while it trains; it still trains and publishes (this test's traffic leaves the CPU idle
-    between requests)."""
+    between requests). It does not rest (auto): a trained head's trainer would otherwise start
+    resting (``rest_when_trained``) and this test would never see version 2."""
     model, engine = tiny_eagle3_engine(version=1)
     cfg = LearnerConfig(
         checkpoint_dir=str(tmp_path), trainer_device="cpu",
         trainer=TrainerConfig(batch_tokens=256, window=64, publish_every=10, holdout_every=4,
-                              gate_min_positions=16, vocab_min_tokens=64,
-                              rest_when_trained=False))
+                              gate_min_positions=16, vocab_min_tokens=64))
     learner = OnlineLearner(model, engine, cfg)
     prompt = list(range(3, 11))
     try:
         learner.start()
         assert learner.trainer_idle and learner.status()["trainer_idle"]
+        assert learner.status()["trainer_rests"] is False
         assert learner.serving_threads() == 2
         assert learner.wait_for(lambda s: "priority" in s, timeout=60)  # the trainer is up
         assert learner.status()["priority"] == "SCHED_IDLE"

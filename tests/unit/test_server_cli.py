@@ -64,3 +64,5 @@ def test_trainer_priority_is_auto_unless_a_flag_says() -> None:
     assert parse("--no-trainer-idle").trainer_idle is False
     assert parse().trainer_threads is None  # auto: the learner picks by the trainer's class
     assert parse("--trainer-threads", "2").trainer_threads == 2
+    assert parse().trainer_rests is None  # auto: an idle-class trainer does not rest
+    assert parse("--no-trainer-rests").trainer_rests is False
