@@ -74,6 +74,17 @@ class Proposal:
         toks = tuple(int(t) for t in tokens)
         return Proposal(toks, tuple(range(-1, len(toks) - 1)), draft_probs, draft_version)
 
+    @staticmethod
+    def branches(tokens: list[int] | tuple[int, ...], width: int,
+                 draft_version: int = 0) -> Proposal:
+        """``width`` chains from the root, nodes depth-major: node d * width + b is branch b at
+        depth d + 1, child of node (d - 1) * width + b (eagle3's top-w trees)."""
+        toks = tuple(int(t) for t in tokens)
+        if len(toks) % width:
+            raise ValueError(f"{len(toks)} tokens do not fill {width} branches")
+        parents = (-1,) * min(width, len(toks)) + tuple(range(len(toks) - width))
+        return Proposal(toks, parents, None, draft_version)
+
     def __len__(self) -> int:
         return len(self.tokens)
 

@@ -271,9 +271,7 @@ class Eagle3Drafter:
             g, logits = head(g, self._embed(d2t[ids[-1]])[None],
                              self._pos(pos, pos + 1).expand(1, w), req.cache, mask=mask)
             ids.append(logits[0].argmax(-1))
-        target = d2t[torch.cat(ids)].tolist()
-        parents = [-1] * w + [j - w for j in range(w, w * k)]
-        return Proposal(tuple(target), tuple(parents), None, version)
+        return Proposal.branches(d2t[torch.cat(ids)].tolist(), w, version)
 
     def _generator(self, req: _Request, params: SamplingParams) -> torch.Generator | None:
         """Per-request generator when the request is seeded (reproducible drafts); else global."""

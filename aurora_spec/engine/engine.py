@@ -368,7 +368,7 @@ class Engine:
         k_max, w = self.cfg.policy.max_draft, self.policy.cfg.tree_width
         shapes = {t: Proposal.chain([0] * (t - 1)) for t in range(1, k_max + 2)}
         for k in range(1, k_max + 1) if w > 1 else ():  # trees as the drafter builds them
-            shapes[w * k + 1] = Proposal((0,) * (w * k), (-1,) * w + tuple(range(w * k - w)))
+            shapes[w * k + 1] = Proposal.branches([0] * (w * k), w)
         # A few totals a batch of drafting requests reaches (one request's verify of as many).
         batch_max = self.runner.max_slots * (k_max + 1)
         for t in range(2 * (k_max + 1), batch_max + 1, k_max + 1):

@@ -341,9 +341,11 @@ class OnlineLearner:
         assert self.publisher is not None and self.store is not None
         live = self.publisher.live
         threads = self.trainer_threads
+        # A trainer that does not rest: TrainerConfig's "0: never rest".
+        trainer_cfg = (c.trainer if self.trainer_rests else
+                       dataclasses.replace(c.trainer, rest_after_rejections=0))
         spec = {"head": head_to_payload(live), "threads": threads, "device": device,
-                "trainer_cfg": c.trainer if self.trainer_rests else
-                dataclasses.replace(c.trainer, rest_after_rejections=0), "softcap": self.model.spec.final_logit_softcap,
+                "trainer_cfg": trainer_cfg, "softcap": self.model.spec.final_logit_softcap,
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
                 "next_version": max(self.store.max_version(), live.version) + 1,

@@ -243,3 +243,11 @@ def test_negative_control_missing_residual_fails(name, monkeypatch):
     monkeypatch.setattr(verify, "_residual", lambda p, token, q: p)
     p_first, p_pair = lossless_pvalues(verify_sampling, DRAFTERS[name], 3000, seed=11)
     assert min(p_first, p_pair) < 1e-6, (p_first, p_pair)
+
+
+def test_branches_are_width_chains_depth_major():
+    p = Proposal.branches([5, 6, 7, 8, 9, 10], 3)  # 3 branches of depth 2
+    assert p.parents == (-1, -1, -1, 0, 1, 2) and p.depths() == [1, 1, 1, 2, 2, 2]
+    assert Proposal.branches([4, 5], 1) == Proposal.chain([4, 5])
+    with pytest.raises(ValueError, match="do not fill 3 branches"):
+        Proposal.branches([1, 2], 3)
