@@ -126,6 +126,12 @@ class LearnerConfig:
     rollback_min_steps: int = 256
     rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share
     rollback_min_gap: float = 0.1  # ... and by at least this many tokens per step
+    # Such a drop compares different requests: with rollback_paired the trainer scores the new
+    # and the previous head on the same traffic that arrived since the new one was frozen, and
+    # only a loss there rolls back (flywheel/judge.py); without a verdict within
+    # rollback_verdict_steps more drafting steps (trainer busy or dead) the drop alone does.
+    rollback_paired: bool = True
+    rollback_verdict_steps: int = 256
     watchdog_s: float = 0.5  # how often the trainer process is checked
     restart_backoff_s: float = 1.0
 

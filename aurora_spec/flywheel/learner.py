@@ -104,7 +104,9 @@ class OnlineLearner:
             c = self.cfg
             self.publisher = Publisher(drafter, self.engine, self.model, None,
                                        c.rollback_min_steps, c.rollback_drop, c.rollback_min_gap,
-                                       on_change=self._on_change)
+                                       on_change=self._on_change,
+                                       judge=self._ask_verdict if c.rollback_paired else None,
+                                       verdict_steps=c.rollback_verdict_steps)
         self.publisher.engine = self.engine
 
     def attach(self, engine: Any) -> None:
@@ -393,6 +395,10 @@ class OnlineLearner:
         elif reason == "reset":
             self._send(("reset", head_to_payload(head)))
 
+    def _ask_verdict(self, new_version: int, previous_version: int) -> bool:
+        """Engine thread: ask the trainer to judge a suspect swap (flywheel/judge.py)."""
+        return self._send(("judge", new_version, previous_version))
+
     def _bridge_loop(self) -> None:
         next_check = time.monotonic()
         while not self._stopping.is_set():
@@ -429,6 +435,9 @@ class OnlineLearner:
                 self._send(("live", version))
             else:
                 self._send(("refused", version))
+        elif kind == "verdict":  # ("verdict", version, keep, detail)
+            assert self.publisher is not None
+            self.publisher.verdict(msg[1], msg[2], msg[3])
 
     def _watchdog(self) -> None:
         proc = self._proc

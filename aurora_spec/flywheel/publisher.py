@@ -12,7 +12,11 @@ acceptance by version, roll back by itself when a new version does worse.
   back off exponentially) long after a good version went live.
 - ``observe`` (engine thread, per verify step) keeps accepted tokens per drafting step by draft
   version. After a swap u -> v, once v has ``min_steps`` drafting steps, it is compared with u's
-  recent level; a drop beyond ``drop`` (relative) and ``min_gap`` (absolute) rolls back to u.
+  recent level; a drop beyond ``drop`` (relative) and ``min_gap`` (absolute) makes v a suspect.
+  Those are different requests, so with a ``judge`` (the trainer, which scores both heads on the
+  same fresh traffic: flywheel/judge.py) the suspect is rolled back only on its ``verdict``;
+  without one, or when no verdict comes within ``verdict_steps`` more drafting steps of v, or the
+  judge had too little traffic, the live drop alone rolls back to u.
 """
 
 from __future__ import annotations
@@ -53,16 +57,22 @@ class _Watch:
     previous: Eagle3Head
     new_version: int
     baseline: float | None  # previous version's recent accepted/step; None: too few steps
+    suspect: str = ""  # why the new version looks worse, while a verdict is awaited
+    deadline: int = 0  # the new version's drafting steps by which the verdict must come
 
 
 class Publisher:
     def __init__(self, drafter: Any, engine: Any = None, model: Any = None,
                  store: CheckpointStore | None = None, min_steps: int = 48, drop: float = 0.25,
                  min_gap: float = 0.1, on_change: Callable[[str, Eagle3Head], None] | None = None,
+                 judge: Callable[[int, int], bool] | None = None, verdict_steps: int = 256,
                  ) -> None:
         self.drafter, self.engine, self.model, self.store = drafter, engine, model, store
         self.min_steps, self.drop, self.min_gap = min_steps, drop, min_gap
         self.on_change = on_change
+        # judge(new_version, previous_version): ask for a paired verdict; False: cannot be asked
+        self.judge, self.verdict_steps = judge, verdict_steps
+        self.kept = 0  # suspects a paired verdict kept live
         self.live: Eagle3Head = drafter.head
         self.previous: Eagle3Head | None = None
         self.by_version: dict[int, VersionStats] = {}
@@ -189,17 +199,47 @@ class Publisher:
         w = self._watch
         if w is None or version != w.new_version or stats.steps < self.min_steps:
             return
-        self._watch = None
-        if w.baseline is None:
+        if w.suspect:
+            if stats.steps >= w.deadline and self._end_watch(version):
+                self.rollback(f"{w.suspect}; no paired verdict came")
             return
         now = stats.recent_mean
-        if now < w.baseline * (1 - self.drop) and w.baseline - now >= self.min_gap:
-            self.rollback(f"live acceptance fell from {w.baseline:.2f} to {now:.2f} "
-                          f"tokens per drafting step")
+        if w.baseline is None or not (now < w.baseline * (1 - self.drop)
+                                      and w.baseline - now >= self.min_gap):
+            self._watch = None
+            return
+        reason = f"live acceptance fell from {w.baseline:.2f} to {now:.2f} tokens per drafting step"
+        if self.judge is not None and self.judge(version, int(w.previous.version)):
+            w.suspect, w.deadline = reason, stats.steps + self.verdict_steps
+            log.info("draft version %d: %s; asking for a paired verdict", version, reason)
+        elif self._end_watch(version):
+            self.rollback(reason)
+
+    def _end_watch(self, version: int) -> bool:
+        """Stop watching ``version``; False when it is no longer the one watched."""
+        with self._lock:
+            w = self._watch
+            if w is None or w.new_version != version:
+                return False
+            self._watch = None
+            return True
+
+    def verdict(self, version: int, keep: bool | None, detail: str = "") -> None:
+        """The judge's paired verdict on suspect ``version`` (any thread): False rolls it back,
+        None (too little traffic to compare) falls back on the live drop, True keeps it."""
+        w = self._watch
+        if w is None or not w.suspect or not self._end_watch(version):
+            return  # not (or no longer) a suspect: another swap came first
+        if keep:
+            self.kept += 1
+            log.info("keeping draft version %d: %s (%s)", version, detail, w.suspect)
+        else:
+            self.rollback(f"{w.suspect}; {detail}" if detail else w.suspect)
 
     def status(self) -> dict:
         return {"live_version": self.live_version, "swaps": self.swaps,
-                "rollbacks": self.rollbacks, "candidates_refused": self.refused,
+                "rollbacks": self.rollbacks, "kept_after_verdict": self.kept,
+                "candidates_refused": self.refused,
                 "serving_version": int(getattr(self.drafter.head, "version", -1)),
                 "live_acceptance": {str(v): {"steps": s.steps, "accepted_per_step":
                                              round(s.mean, 3)}

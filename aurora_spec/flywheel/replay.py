@@ -10,6 +10,10 @@ held-out slice for the gate.
   far better than truly unseen traffic (measured: gate acceptance 0.75-0.82 against 0.6 on held-out
   requests), and the gate would pass candidates that only memorised.
 A batch mixes ``recent_ratio`` of newest windows with replay.
+
+- ``unseen``: the newest windows (held-out or not) added since ``mark()``, at most
+  ``unseen_pairs`` scored pairs: the trainer marks when it freezes a candidate, so no head it
+  published has trained on them; judging two heads on them is a paired test on fresh traffic.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from aurora_spec.flywheel.batch import Window
 class WindowStore:
     def __init__(self, recent_windows: int = 64, reservoir_windows: int = 2048,
                  holdout_every: int = 8, holdout_windows: int = 32, seed: int = 0,
-                 reservoir_bytes: int | None = None) -> None:
+                 reservoir_bytes: int | None = None, unseen_pairs: int = 2048) -> None:
         self.recent: deque[Window] = deque(maxlen=recent_windows)
         self.reservoir: list[Window] = []
         self.max_windows = reservoir_windows
@@ -38,6 +42,9 @@ class WindowStore:
         self.positions = 0  # training pairs ingested
         self.holdout_added = 0
         self.seed = seed
+        self.unseen: deque[Window] = deque()
+        self.unseen_pairs = unseen_pairs
+        self._unseen_scored = 0
 
     def held_out(self, request_id: str) -> bool:
         """Whether a request belongs to the gate's slice: a hash of its id, so every window of
@@ -46,8 +53,22 @@ class WindowStore:
             return False
         return zlib.crc32(f"{self.seed}:{request_id}".encode()) % self.holdout_every == 0
 
+    def mark(self) -> None:
+        """From now on ``unseen`` collects the windows that arrive."""
+        self.unseen.clear()
+        self._unseen_scored = 0
+
+    def _add_unseen(self, win: Window) -> None:
+        if win.scored_pairs <= 0 or self.unseen_pairs <= 0:
+            return
+        self.unseen.append(win)
+        self._unseen_scored += win.scored_pairs
+        while self._unseen_scored - self.unseen[0].scored_pairs >= self.unseen_pairs:
+            self._unseen_scored -= self.unseen.popleft().scored_pairs
+
     def add(self, win: Window) -> None:
         self.count += 1
+        self._add_unseen(win)
         if self.held_out(win.request_id):
             if win.scored_pairs > 0:  # prompt-only windows score nothing: not kept at all
                 self.holdout.append(win)
@@ -105,12 +126,13 @@ class WindowStore:
         self.recent.clear()
         self.reservoir.clear()
         self.holdout.clear()
+        self.mark()
         self.windows_seen = self.count = self.positions = self.holdout_added = 0
         self._bytes_seen = 0
 
     @property
     def nbytes(self) -> int:
         seen: dict[int, Window] = {}
-        for w in (*self.recent, *self.reservoir, *self.holdout):
+        for w in (*self.recent, *self.reservoir, *self.holdout, *self.unseen):
             seen[id(w)] = w
         return sum(w.nbytes for w in seen.values())

@@ -82,7 +82,8 @@ class Trainer:
         self.next_version = head.version + 1
         self.assembler = WindowAssembler(cfg.window)
         self.store = WindowStore(cfg.recent_windows, cfg.reservoir_windows, cfg.holdout_every,
-                                 cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes)
+                                 cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes,
+                                 unseen_pairs=4 * cfg.gate_positions)
         c = self.head.config
         self.vocab = VocabBuilder(c.target_vocab_size, c.draft_vocab_size,
                                   cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
@@ -308,6 +309,7 @@ class Trainer:
             return None
         cand.version = self.next_version
         self.next_version += 1
+        self.store.mark()  # what arrives from now on, no published head has trained on
         self.stats.candidates += 1
         return cand, res
 

@@ -6,10 +6,10 @@ imported here (two torch processes with spinning OpenMP threads slow each other 
 2-core machine, DESIGN.md section 4).
 
 Parent -> trainer (``inbox``): ("traces", payload) | ("live", version) | ("refused", version) |
-("rollback", version, head_payload) | ("pause",) | ("resume",) | ("publish_now",) | ("reset", head_payload) |
+("rollback", version, head_payload) | ("judge", new_version, previous_version) | ("pause",) | ("resume",) | ("publish_now",) | ("reset", head_payload) |
 ("stop",).
 Trainer -> parent (``outbox``): ("want", max_bytes) | ("candidate", version, path, gate) |
-("status", dict) | ("log", level, text).
+("verdict", version, keep, detail) | ("status", dict) | ("log", level, text).
 
 Traces are pulled: the trainer asks for more only when it has digested the last batch, so a slow
 trainer leaves traces in the serving-side byte-bounded buffer (where the oldest are dropped)
@@ -45,6 +45,19 @@ def _lower_priority(spec: dict[str, Any]) -> str:
     return "normal"
 
 
+def _judge(trainer: Any, published: dict, new_version: int, previous_version: int) -> dict:
+    """The paired verdict on a suspect swap (flywheel/judge.py), as sent to serving."""
+    from aurora_spec.flywheel.judge import judge_swap
+
+    new, previous = published.get(new_version), published.get(previous_version)
+    if new is None or previous is None:  # e.g. a restarted trainer: serving decides alone
+        return {"version": new_version, "keep": None,
+                "detail": f"the trainer does not hold versions {new_version} and "
+                          f"{previous_version}"}
+    v = judge_swap(trainer, new, previous)
+    return {"version": new_version, **v.as_dict(), "detail": v.detail}
+
+
 def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     priority = _lower_priority(spec)
     import torch
@@ -77,13 +90,14 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     publish_every = spec["trainer_cfg"].publish_every
     last_status, last_traces, since_publish = 0.0, time.monotonic(), 0
     force_publish = False
+    last_verdict: dict | None = None
     log.info("trainer started (pid %d, %d threads, %s, %s)", os.getpid(), spec["threads"], device,
              priority)
 
     def send_status() -> None:
         st = trainer.status()
         st.update(paused=paused, pid=os.getpid(), pending_candidate=pending, priority=priority,
-                  trainer_threads=torch.get_num_threads())
+                  trainer_threads=torch.get_num_threads(), last_verdict=last_verdict)
         outbox.put(("status", st))
 
     while True:
@@ -123,6 +137,9 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 head = published.get(msg[1]) or head_from_payload(msg[2], device)
                 trainer.restart_from(head)
                 pending = None
+            elif kind == "judge":  # ("judge", new_version, previous_version)
+                last_verdict = _judge(trainer, published, msg[1], msg[2])
+                outbox.put(("verdict", msg[1], last_verdict["keep"], last_verdict["detail"]))
             elif kind == "pause":
                 paused = True
             elif kind == "resume":

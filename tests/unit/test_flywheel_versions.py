@@ -287,6 +287,90 @@ def test_rollback_when_live_acceptance_drops(tmp_path):
     assert pub.rollbacks == 1 and drafter.head.version == 2
 
 
+def test_a_suspect_version_is_rolled_back_only_on_a_paired_verdict(tmp_path):
+    """With a judge, a live drop makes the new version a suspect: the judge's paired verdict
+    decides (keep or roll back); no verdict within verdict_steps, or an undecided one, leaves it
+    to the live drop."""
+    model, _ = tiny_target("llama", seed=4)
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    engine = FakeEngine()
+    store = CheckpointStore(tmp_path)
+    asked = []
+    pub = Publisher(drafter, engine, model, store, min_steps=20, drop=0.25, min_gap=0.1,
+                    judge=lambda new, prev: asked.append((new, prev)) or True, verdict_steps=10)
+
+    def swap_in_and_drop(version):
+        for _ in range(40):
+            pub.observe(pub.live_version, 4, 3)
+        head = head_for(model, seed=version)
+        head.version = version
+        pub.offer(str(store.save(head)))
+        engine.run()
+        for _ in range(20):
+            pub.observe(version, 4, 1)  # looks much worse live
+        engine.run()
+
+    swap_in_and_drop(1)
+    assert asked == [(1, 0)] and pub.rollbacks == 0 and drafter.head.version == 1  # a suspect
+    pub.verdict(1, True, "better on the same traffic")
+    for _ in range(40):  # kept: no longer watched
+        pub.observe(1, 4, 0)
+    assert pub.kept == 1 and pub.rollbacks == 0 and drafter.head.version == 1
+    pub.verdict(1, False)  # a late or repeated verdict on a version no longer suspect: ignored
+    assert pub.rollbacks == 0
+
+    swap_in_and_drop(2)
+    assert asked[-1] == (2, 1) and drafter.head.version == 2
+    pub.verdict(1, False)  # a verdict about another version changes nothing
+    assert drafter.head.version == 2
+    pub.verdict(2, False, "worse on the same traffic")
+    engine.run()
+    assert pub.rollbacks == 1 and drafter.head.version == 1 and 2 in pub.bad_versions
+
+    swap_in_and_drop(3)
+    pub.verdict(3, None, "too little fresh traffic")  # undecided: the live drop decides
+    engine.run()
+    assert pub.rollbacks == 2 and drafter.head.version == 1
+
+    swap_in_and_drop(4)  # no verdict comes: rolled back after verdict_steps more steps
+    for _ in range(9):
+        pub.observe(4, 4, 1)
+    assert drafter.head.version == 4
+    pub.observe(4, 4, 1)
+    engine.run()
+    assert pub.rollbacks == 3 and drafter.head.version == 1
+
+    pub.judge = lambda new, prev: False  # the judge cannot be asked: roll back at once
+    swap_in_and_drop(5)
+    assert pub.rollbacks == 4 and drafter.head.version == 1
+
+
+def test_paired_judge_compares_both_heads_on_traffic_neither_trained_on():
+    from aurora_spec.flywheel.judge import judge_swap
+
+    model, _, trainer = trained_trainer()
+    got = trainer.propose_candidate()  # freezes version 1: windows from now on are unseen
+    assert got is not None
+    trained = got[0]
+    assert not trainer.store.unseen
+    worse = head_for(model, std=0.3, seed=9, draft_vocab=64)
+    assert judge_swap(trainer, worse, trained).keep is None  # nothing fresh to judge on yet
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)]
+    # The traffic served after the freeze (a copy serves: serving packs weights for its kernels).
+    collect_windows(model, trainer, prompts, copy.deepcopy(trained))
+    assert trainer.store.unseen
+    down = judge_swap(trainer, worse, trained)
+    assert down.keep is False and down.new < down.previous and down.positions >= 16
+    up = judge_swap(trainer, trained, worse)
+    assert up.keep is True and (up.new, up.previous) == (down.previous, down.new)
+    assert "fresh positions" in up.detail
+    trainer.store.unseen_pairs = 40  # bounded: the newest windows are kept
+    collect_windows(model, trainer, prompts, copy.deepcopy(trained))
+    scored = [w.scored_pairs for w in trainer.store.unseen]
+    assert sum(scored) - scored[0] < 40 <= sum(scored) + 40
+
+
 def test_learner_resumes_from_newest_valid_checkpoint(tmp_path, caplog):
     from aurora_spec.flywheel.config import LearnerConfig
     from aurora_spec.flywheel.learner import OnlineLearner
