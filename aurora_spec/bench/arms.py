@@ -191,6 +191,7 @@ class ArmOptions:
     trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
+    rollback_paired: bool = True  # online arms: a suspect swap is judged on the same traffic
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -281,19 +282,23 @@ class ArmSpec:
     trainer_idle: bool | None = None  # ``@idle`` / ``@share`` (online arms); None: auto
     trainer_threads: int | None = None  # ``@tN`` (online arms): the trainer's threads
     trainer_rests: bool | None = None  # ``@rest`` / ``@norest`` (online arms); None: auto
+    rollback_paired: bool | None = None  # ``@paired`` / ``@unpaired`` (online arms)
 
 
-_OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests")
-_SUFFIX = re.compile(r"@(w\d+|t\d+|lookup|nolookup|idle|share|rest|norest)$")
+_OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
+              "rollback_paired")
+_TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired"}
+_SUFFIX = re.compile(r"@(w\d+|t\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
+          "paired": ("rollback_paired", True), "unpaired": ("rollback_paired", False),
           "lookup": ("lookup", True), "nolookup": ("lookup", False)}
 
 
 def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
     """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` /
-    ``@rest`` / ``@norest`` suffixes (any order) off one arm: the body and the ArmSpec overrides
-    they set."""
+    ``@rest`` / ``@norest`` / ``@paired`` / ``@unpaired`` suffixes (any order) off one arm: the
+    body and the ArmSpec overrides they set."""
     over: dict[str, Any] = {}
     body = part
     while (m := _SUFFIX.search(body)) is not None:
@@ -310,8 +315,8 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest]`` separated by
-    commas, e.g.
+    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]``
+    separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,static:DIR``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
@@ -323,11 +328,10 @@ def parse_arms(spec: str) -> list[ArmSpec]:
         if kind not in ARM_BUILDERS:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
-        trainer = {"trainer_idle", "trainer_threads", "trainer_rests"} & set(over)
-        if trainer and not kind.startswith("online"):
-            raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest and @norest are for "
-                             f"online arms (they set their trainer's CPU priority, threads and "
-                             f"rests)")
+        if _TRAINER & set(over) and not kind.startswith("online"):
+            raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired and "
+                             f"@unpaired are for online arms (they set their trainer's CPU "
+                             f"priority, threads, rests and rollback test)")
         out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")

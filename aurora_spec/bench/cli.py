@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "@tN gives an online arm's trainer N threads, overriding "
                    "--trainer-threads, and @rest / @norest let its trainer rest or not when "
                    "candidates stop beating the live head (default: a sharing trainer rests, "
-                   "an idle-class one does not)")
+                   "an idle-class one does not), and @unpaired rolls a new version back on a "
+                   "live acceptance drop alone instead of on the trainer's paired verdict "
+                   "(@paired, default)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

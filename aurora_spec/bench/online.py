@@ -77,7 +77,8 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
     learner = OnlineLearner(target.model, inner.engine,
                             LearnerConfig(trainer=trainer, trainer_threads=o.trainer_threads,
                                           trainer_idle=o.trainer_idle,
-                                          trainer_rests=o.trainer_rests))
+                                          trainer_rests=o.trainer_rests,
+                                          rollback_paired=o.rollback_paired))
     learner.start()
     learner.pause()
     return OnlineArm(inner, learner, o.load)

@@ -71,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "until traffic shifts or enough new data arrives (default: a sharing "
                         "trainer rests, giving its thread back; an idle-class one, which frees "
                         "nothing by resting, does not)")
+    p.add_argument("--rollback-paired", action=argparse.BooleanOptionalAction, default=True,
+                   help="when a new draft version's live acceptance drops, let the trainer "
+                        "compare it with the previous version on the same recent traffic and "
+                        "roll back only if it loses there (default); --no-rollback-paired: "
+                        "roll back on the live drop alone")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-batch", "--max-slots", dest="max_slots", type=int, default=4,
@@ -107,7 +112,8 @@ def make_learner(a: argparse.Namespace, runtime: Any) -> Learner:
         log.warning("aurora_spec.flywheel.learner is not available: serving a fixed draft")
         return NullLearner()
     cfg = LearnerConfig(checkpoint_dir=a.checkpoint_dir, trainer_threads=a.trainer_threads,
-                        trainer_idle=a.trainer_idle, trainer_rests=a.trainer_rests)
+                        trainer_idle=a.trainer_idle, trainer_rests=a.trainer_rests,
+                        rollback_paired=a.rollback_paired)
     return OnlineLearner(runtime.model, config=cfg)
 
 

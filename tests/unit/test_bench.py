@@ -170,12 +170,17 @@ def test_parse_arms() -> None:
         ("online-from:/tmp/h@w2@idle", "online-from", "/tmp/h", 2, True),
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
-    with pytest.raises(BenchError, match="@idle, @share, @tN, @rest and @norest are for online"):
+    with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired and "
+                                         "@unpaired are for online"):
         parse_arms("static:/tmp/h@idle")
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("eagle3@share")
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("static:/tmp/h@norest")
+    with pytest.raises(BenchError, match="are for online arms"):
+        parse_arms("static:/tmp/h@unpaired")
+    paired = parse_arms("online-from:/tmp/h@idle@unpaired,online@paired,online")
+    assert [s.rollback_paired for s in paired] == [False, True, None]
     rests = parse_arms("online-from:/tmp/h@idle@norest,online@rest@t1,online@idle")
     assert [(s.arg, s.trainer_idle, s.trainer_threads, s.trainer_rests) for s in rests] == [
         ("/tmp/h", True, None, False), (None, None, 1, True), (None, True, None, None)]

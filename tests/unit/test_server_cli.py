@@ -66,3 +66,4 @@ def test_trainer_priority_is_auto_unless_a_flag_says() -> None:
     assert parse("--trainer-threads", "2").trainer_threads == 2
     assert parse().trainer_rests is None  # auto: an idle-class trainer does not rest
     assert parse("--no-trainer-rests").trainer_rests is False
+    assert parse().rollback_paired and not parse("--no-rollback-paired").rollback_paired
