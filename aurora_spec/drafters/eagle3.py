@@ -13,6 +13,7 @@ from target states; the speculative entries of a proposal are dropped right afte
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -153,11 +154,15 @@ class Eagle3Drafter:
 
     # ---- cost calibration ----
 
-    def time_draft(self, prompt_hidden: torch.Tensor, k: int, reps: int = 3) -> float:
+    def time_draft(self, prompt_hidden: torch.Tensor, k: int, reps: int = 3,
+                   between: Callable[[], None] | None = None) -> float:
         """Seconds per draft depth of a depth-``k`` proposal after a verify step, measured on a
         throwaway request over ``prompt_hidden`` (the engine's calibration). Each timed proposal
         first catches up m pending pairs, m = 1 .. k + 1 as after m - 1 accepted tokens, so every
-        shape a real step runs is built once (warm-up round) before it is timed."""
+        shape a real step runs is built once (warm-up round) before it is timed. ``between``
+        (untimed) runs before each proposal: the engine's target forward, which in serving evicts
+        the head's weights from the caches before every draft (back to back, drafts measured
+        about half their cost in serving)."""
         rid = "\0calibrate"
         n = len(prompt_hidden)
         ids = [0] * n
@@ -170,6 +175,8 @@ class Eagle3Drafter:
             for rep in range(reps + 1):  # round 0 warms up and is discarded
                 for m in range(1, min(k + 1, n) + 1):
                     req.cache.length = max(0, req.n - req.start - m)  # m pairs pending
+                    if between is not None:
+                        between()
                     start = time.perf_counter()
                     self.propose(rid, ids + [0], k, params)
                     if rep:

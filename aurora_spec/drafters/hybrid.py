@@ -26,6 +26,7 @@ the learned head still trains on every emitted token and every rejected node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -122,9 +123,10 @@ class LookupHybrid:
     def last_catch_up(self) -> int:
         return int(getattr(self.learned, "last_catch_up", 0))
 
-    def time_draft(self, prompt_hidden: Any, k: int, reps: int = 3) -> float:
+    def time_draft(self, prompt_hidden: Any, k: int, reps: int = 3,
+                   between: Callable[[], None] | None = None) -> float:
         """The head's cost per draft depth (the lookup chain costs no draft compute)."""
-        return float(self.learned.time_draft(prompt_hidden, k, reps))
+        return float(self.learned.time_draft(prompt_hidden, k, reps, between))
 
     # ---- Drafter protocol ----
 

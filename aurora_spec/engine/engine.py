@@ -358,8 +358,14 @@ class Engine:
                 self.costs.times[t] = seconds
             timer = getattr(self.drafter, "time_draft", None)
             if timer is not None:
-                self.costs.draft_token_s = timer(prefill.fused_hidden[0],
-                                                 self.cfg.policy.max_draft, reps)
+                k = self.cfg.policy.max_draft
+                verify = Proposal.chain([0] * min(k, room - 1))
+
+                def target_forward() -> None:  # as in serving, between two drafts
+                    float(self.runner.verify(slot, 0, verify).logits[0, -1, 0])
+
+                self.costs.draft_token_s = timer(prefill.fused_hidden[0], k, reps,
+                                                 target_forward)
         finally:
             self.runner.release(slot)
 

@@ -224,13 +224,30 @@ def test_calibration_times_every_choosable_size_and_the_draft(kind) -> None:
     model, hf = tiny_target("llama", seed=3)
     drafter = make_test_drafter(kind, model, [])
     runner = TargetRunner(model, CacheConfig(max_slots=1, capacity=256))
+    learned = getattr(drafter, "learned", drafter)
+    calls: list[str] = []  # the order of target forwards and drafts while calibrating
+
+    def logged(f, tag):
+        def call(*a, **kw):
+            calls.append(tag)
+            return f(*a, **kw)
+        return call
+
+    runner.verify = logged(runner.verify, "forward")
+    learned.propose = logged(learned.propose, "draft")
     engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=5)))
+    del runner.verify, learned.propose
+    # Every timed draft follows a target forward, as in serving (where the forward evicts the
+    # head's weights from the caches); only the prompt's catch-up comes first.
+    first = calls.index("draft")
+    assert calls.count("draft") > 1 and calls[:first].count("forward") > 0
+    assert all(calls[i - 1] == "forward" for i in range(first + 1, len(calls))
+               if calls[i] == "draft")
     w = engine.policy.cfg.tree_width
     assert w == (4 if kind == "eagle3" else 3)
     want = set(range(1, 7)) | {w * k + 1 for k in range(1, 6)}
     assert set(engine.costs.times) == want and all(t > 0 for t in engine.costs.times.values())
     assert engine.costs.draft_token_s > 0.0
-    learned = getattr(drafter, "learned", drafter)
     assert not learned._requests and runner.free_slots == 1
     if kind == "eagle3":
         assert drafter.lookup.stats()["entries"] == 0
