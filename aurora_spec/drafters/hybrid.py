@@ -26,8 +26,8 @@ the learned head still trains on every emitted token and every rejected node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 

@@ -206,11 +206,12 @@ class Publisher:
         now = stats.recent_mean
         if w.baseline is None or not (now < w.baseline * (1 - self.drop)
                                       and w.baseline - now >= self.min_gap):
-            self._watch = None
+            self._end_watch(version)  # it holds up
             return
         reason = f"live acceptance fell from {w.baseline:.2f} to {now:.2f} tokens per drafting step"
+        # A suspect before asking: the verdict may come back before the judge call returns.
+        w.suspect, w.deadline = reason, stats.steps + self.verdict_steps
         if self.judge is not None and self.judge(version, int(w.previous.version)):
-            w.suspect, w.deadline = reason, stats.steps + self.verdict_steps
             log.info("draft version %d: %s; asking for a paired verdict", version, reason)
         elif self._end_watch(version):
             self.rollback(reason)
