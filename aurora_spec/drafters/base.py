@@ -21,7 +21,9 @@ class Drafter(Protocol):
     ``free_depth = True`` the engine calls ``propose(..., k, params, limit=L)`` on every step,
     also when k = 0, where L is the most draft depth the request's budget and context allow;
     ``policy_part(request_id, result)`` then returns (depth, accepted) of the part the engine's
-    draft-length policy sized (``result`` None: the depth only), and the policy learns from that.
+    draft-length policy sized (``result`` None: the depth only), and the policy learns from that;
+    ``last_costly_s`` is the seconds that part took in the last ``propose``: what the policy's
+    draft cost per depth is measured on (the free part's bookkeeping is paid whatever k is).
     """
 
     name: str

@@ -26,6 +26,7 @@ the learned head still trains on every emitted token and every rejected node.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -109,6 +110,7 @@ class LookupHybrid:
         self.prior_acceptance = getattr(learned, "prior_acceptance", None)
         self.counters = SourceCounters()
         self._pending: dict[str, _Step] = {}
+        self.last_costly_s = 0.0  # the head's share of the last propose (the engine's cost model)
 
     # ---- what the flywheel and the engine read from the learned drafter ----
 
@@ -140,7 +142,9 @@ class LookupHybrid:
                 limit: int | None = None) -> Proposal:
         """The head's draft of depth ``k`` (0: none) merged with a lookup chain of at most
         ``limit`` tokens (default ``k``; the engine passes the request's limit)."""
+        start = time.perf_counter()
         head = self.learned.propose(request_id, tokens, k, params)
+        self.last_costly_s = time.perf_counter() - start
         depth = max(head.depths(), default=0)
         limit = k if limit is None else limit
         if limit <= 0 or head.draft_probs is not None:

@@ -285,7 +285,10 @@ class Engine:
             # a long backlog is a one-off cost, not what each drafted token costs.
             if getattr(d, "last_catch_up", 0) <= self.cfg.policy.max_draft + 1:
                 depth, _ = self._policy_part(seq, prop, None)  # siblings share one head step
-                self.costs.observe_draft(depth, time.perf_counter() - t0)
+                # A drafter with free nodes times its costly part (the policy sizes only that).
+                costly = getattr(d, "last_costly_s", None) if free else None
+                seconds = time.perf_counter() - t0 if costly is None else costly
+                self.costs.observe_draft(depth, seconds)
             proposals.append(prop)
         return proposals
 

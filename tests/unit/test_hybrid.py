@@ -146,3 +146,25 @@ def test_head_is_judged_on_its_own_part() -> None:
     assert outcomes and all(own == (0, 0) for own, _, _ in outcomes)
     assert sum(acc for _, acc, _ in outcomes) > 0  # the lookup chain was accepted
     assert drafter.stats()["accepted_head"] == 0
+
+
+def test_draft_cost_is_the_heads_time_not_the_lookup_bookkeeping() -> None:
+    """The policy sizes the head's draft, so its cost per depth is timed on the head alone: the
+    lookup chain's work is paid on every step whatever k is, and counted in would make every
+    depth look dearer (here a lookup slowed to 30 ms a step)."""
+    import time
+
+    model, _ = tiny_target("llama", seed=5)
+    drafter = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32"), model)
+    lookup_propose = drafter.lookup.propose
+
+    def slow_lookup(*a, **kw):
+        time.sleep(0.03)
+        return lookup_propose(*a, **kw)
+
+    drafter.lookup.propose = slow_lookup
+    engine = _engine(model, drafter, fixed=4)
+    engine.costs.draft_token_s = 1e-3  # a known start (no calibration in these engines)
+    engine.generate(_prompts(2)[0], SamplingParams(max_tokens=40))
+    assert 0 < drafter.last_costly_s < 0.03
+    assert engine.costs.draft_token_s < 3e-3  # 30 ms / 4 per depth would have been 7.5 ms
