@@ -35,7 +35,8 @@ class Verdict:
 
     def as_dict(self) -> dict:
         return {"keep": self.keep, "new": round(self.new, 4),
-                "previous": round(self.previous, 4), "positions": self.positions}
+                "previous": round(self.previous, 4), "positions": self.positions,
+                "detail": self.detail}
 
 
 def judge_swap(trainer: Trainer, new: Eagle3Head, previous: Eagle3Head) -> Verdict:

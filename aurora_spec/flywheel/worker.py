@@ -6,8 +6,8 @@ imported here (two torch processes with spinning OpenMP threads slow each other 
 2-core machine, DESIGN.md section 4).
 
 Parent -> trainer (``inbox``): ("traces", payload) | ("live", version) | ("refused", version) |
-("rollback", version, head_payload) | ("judge", new_version, previous_version) | ("pause",) | ("resume",) | ("publish_now",) | ("reset", head_payload) |
-("stop",).
+("rollback", version, head_payload) | ("judge", new_version, previous_version) | ("pause",) |
+("resume",) | ("publish_now",) | ("reset", head_payload) | ("stop",).
 Trainer -> parent (``outbox``): ("want", max_bytes) | ("candidate", version, path, gate) |
 ("verdict", version, keep, detail) | ("status", dict) | ("log", level, text).
 
@@ -54,8 +54,7 @@ def _judge(trainer: Any, published: dict, new_version: int, previous_version: in
         return {"version": new_version, "keep": None,
                 "detail": f"the trainer does not hold versions {new_version} and "
                           f"{previous_version}"}
-    v = judge_swap(trainer, new, previous)
-    return {"version": new_version, **v.as_dict(), "detail": v.detail}
+    return {"version": new_version, **judge_swap(trainer, new, previous).as_dict()}
 
 
 def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
