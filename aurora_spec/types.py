@@ -178,6 +178,10 @@ class GenerationStats:
     accepted_per_depth: list[int] = field(default_factory=list)
     proposed_per_depth: list[int] = field(default_factory=list)
     draft_versions: set[int] = field(default_factory=set)
+    # The draft-length policy's state when the request started and when it ended
+    # (drafters/policy.py PolicySnapshot.as_dict); None without a drafter.
+    policy_start: dict[str, object] | None = None
+    policy_end: dict[str, object] | None = None
 
     @property
     def tau(self) -> float:

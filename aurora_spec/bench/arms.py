@@ -47,6 +47,8 @@ class ArmOutput:
     tau_head: float | None = None
     tau_lookup: float | None = None
     threads: int | None = None  # serving threads, when the arm changes them (online arms)
+    # The draft-length policy at the request's start and end (PolicySnapshot.as_dict).
+    policy: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -91,7 +93,9 @@ class EngineArm:
                          s.emitted, s.decode_s, s.prefill_s, s.tau,
                          max(s.draft_versions, default=0),
                          s.proposed if speculates else None, s.accepted if speculates else None,
-                         tau_head, tau_lookup)
+                         tau_head, tau_lookup,
+                         policy=({"start": s.policy_start, "end": s.policy_end}
+                                 if s.policy_start is not None else None))
 
     def status(self) -> dict[str, Any]:
         """The drafter's own counters, when it keeps any (ngram, eagle3 + lookup)."""

@@ -96,6 +96,8 @@ def make_record(arm: Arm, index: int, req: BenchRequest, out: ArmOutput, order: 
     if out.tau_head is not None:  # a drafter with a lookup chain: each source's share
         rec["tau_head"] = round(out.tau_head, 4)
         rec["tau_lookup"] = None if out.tau_lookup is None else round(out.tau_lookup, 4)
+    if out.policy is not None:  # why the request drafted what it drafted
+        rec["policy"] = out.policy
     if save_ids:
         rec["token_ids"] = list(out.token_ids)
     return rec

@@ -217,6 +217,9 @@ class Engine:
                 self.drafter.finish(seq.request_id, seq.tokens)
             seq.slot = -1
         seq.stats.decode_s = time.perf_counter() - seq.started_at if seq.started_at else 0.0
+        if seq.policy is not None and self.drafter is not None:
+            seq.stats.policy_end = seq.policy.snapshot().as_dict()
+            seq.policy.finish()  # the request's acceptance moves the global estimates
         if seq.on_update is not None:
             seq.on_update(seq, [])
 
@@ -225,6 +228,8 @@ class Engine:
         seq.generator = None if seq.params.greedy else make_generator(
             seq.params.seed, self.runner.device)
         seq.policy = DraftLengthPolicy(self.policy.cfg, self.costs, parent=self.policy)
+        if self.drafter is not None:
+            seq.stats.policy_start = seq.policy.snapshot().as_dict()
         out = self.runner.prefill(seq.slot, seq.prompt_ids)
         first = self._pick(out.logits[0, -1], seq)
         if self.drafter is not None:
@@ -314,7 +319,7 @@ class Engine:
                       result: VerifyResult) -> None:
         part = self._policy_part(seq, proposal, result) if len(proposal) else (0, 0)
         if len(proposal):
-            _policy(seq).observe(*part)  # updates the global policy too
+            _policy(seq).observe(*part)
         trace = StepTrace(seq.request_id, self.runner.length(seq.slot) - 1 - result.num_accepted,
                           seq.output[-1], proposal, result, out.fused_hidden[0],
                           out.final_hidden[0], seq.domain, part)

@@ -153,12 +153,8 @@ class Publisher:
         new = per_depth(alpha or prior, n)
         running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
         for p in [policy, *running]:
-            if p is not None and hasattr(p, "alpha"):
-                p.alpha[:] = new
-            probe = getattr(p, "probe", None)
-            if probe is not None:  # a new head: probe at the next drafting decision
-                probe.interval = policy.cfg.probe_every
-                probe.steps_since = probe.interval - 1
+            if p is not None:  # the new head's estimates, its own counts; probe at once
+                p.restart(new)
         return old
 
     def _run_between_steps(self, fn: Callable[[], None]) -> None:

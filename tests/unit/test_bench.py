@@ -361,6 +361,40 @@ def test_engine_and_hf_arms_agree_on_tiny_model() -> None:
         assert r["finish_reason"] in ("stop", "length")
 
 
+def test_records_show_the_draft_length_policy_at_each_requests_start_and_end() -> None:
+    """Why a request drafted what it drafted: its record carries the policy's estimates, costs
+    and chosen length when it started and when it ended; the global estimates (the next
+    request's start) learn from the finished request."""
+    from aurora_spec.drafters.eagle3 import Eagle3Drafter
+    from aurora_spec.engine.engine import Engine, EngineConfig
+    from aurora_spec.models.runner import CacheConfig, TargetRunner
+    from tests.tiny_models import tiny_target
+    from tests.unit.test_flywheel_losses import head_for
+
+    model, _ = tiny_target("llama", seed=4)
+    drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
+    engine = Engine(TargetRunner(model, CacheConfig(1, 256)), drafter,
+                    EngineConfig(calibrate=False))
+    target_only = Engine(TargetRunner(model, CacheConfig(1, 256)), None,
+                         EngineConfig(calibrate=False))
+    arms = [EngineArm("none", "none", target_only, ()), EngineArm("head", "static", engine, ())]
+    reqs = [BenchRequest(_planned(i), [5, 6, 7, 8] * 3) for i in range(2)]
+    out = run_interleaved(arms, reqs, [], 24, progress=False)
+    by = {(r["arm"], r["index"]): r for r in out.records}
+    assert "policy" not in by[("none", 0)]
+    first, second = by[("head", 0)]["policy"], by[("head", 1)]["policy"]
+    assert set(first) == {"start", "end"}
+    assert set(first["start"]) == {"alpha", "draft_ms", "verify_ms", "best_length",
+                                   "probe_interval"}
+    assert first["start"]["alpha"] == [0.5, 0.5, 0.5]  # the prior: nothing measured yet
+    assert first["end"]["alpha"] != first["start"]["alpha"]  # a random head: rejections
+    # The second request starts from the global estimates, moved by the first by one request's
+    # weight (0.1 at most), not all the way to the first request's own estimates.
+    moved = [abs(a - b) for a, b in zip(second["start"]["alpha"], first["start"]["alpha"],
+                                        strict=True)]
+    assert 0 < max(moved) <= 0.1 * 0.5 + 1e-3
+
+
 def test_online_arm_at_partial_load_leaves_the_trainer_idle_time() -> None:
     """--load 0.25: after each request the arm waits 3x the request's time with its learner
     resumed (serving idle), then pauses it."""

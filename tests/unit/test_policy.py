@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from aurora_spec.drafters.policy import CostModel, DraftLengthPolicy, PolicyConfig
 
 
@@ -88,14 +90,67 @@ def test_failed_probes_back_off_per_request_and_success_resets() -> None:
             gaps.append(since)
             since = 0
             child.observe(k, 0)  # every probe fails
-    assert gaps[:4] == [4, 8, 16, 16]
+    assert gaps[:4] == [1, 8, 16, 16]  # a request's first decision probes
     # A new request (another kind of content) is not silenced by the first one's failures: it
     # probes on its own schedule, from the shared acceptance estimates.
     other = DraftLengthPolicy(cfg, parent=root)
     assert child.probe.interval == 16 and other.probe.interval == 4
-    assert [other.choose(8) for _ in range(4)] == [0, 0, 0, 1]
+    assert [other.choose(8) for _ in range(5)] == [1, 0, 0, 0, 1]
     other.observe(1, 1)  # an accepted probe
-    assert other.probe.interval == 4 and root.alpha[0] > 0.0 and other.alpha[0] > 0.0
+    assert other.probe.interval == 4 and other.alpha[0] > 0.0
+    assert root.alpha[0] == 0.0  # the global estimates learn from finished requests
+    other.finish()
+    assert root.alpha[0] > 0.0
+
+
+def serve(root: DraftLengthPolicy, acceptance: float, steps: int, rng: random.Random) -> int:
+    """One simulated request: each drafted depth is accepted with probability ``acceptance``
+    (given the one before was); returns the steps that drafted."""
+    req = DraftLengthPolicy(root.cfg, parent=root)
+    drafted = 0
+    for _ in range(steps):
+        k = req.choose(8)
+        if k:
+            drafted += 1
+            accepted = 0
+            while accepted < k and rng.random() < acceptance:
+                accepted += 1
+            req.observe(k, accepted)
+    req.finish()
+    return drafted
+
+
+def test_one_bad_request_does_not_turn_drafting_off_for_the_next() -> None:
+    """Acceptance depends on the request: on one code stream a code head accepted 80-99% of
+    depth-1 drafts on MBPP prompts and 0-10% on arena-hard ones. A request the head cannot
+    draft for stops drafting itself; the next request, one the head suits, drafts from its
+    first step (measured before this: it started with drafting off, the global estimates being
+    the last request's rate, and waited for a probe)."""
+    rng = random.Random(0)
+    root = DraftLengthPolicy(PolicyConfig(max_draft=8, probe_every=16), costs(0.05, 0.003))
+    assert serve(root, 0.8, 64, rng) >= 60
+    assert serve(root, 0.0, 64, rng) <= 20  # stops drafting within the request
+    assert root.best_length(8) > 0  # one request is one sample of the global estimates
+    good = DraftLengthPolicy(root.cfg, parent=root)
+    assert good.choose(8) > 0
+
+
+def test_mixed_requests_draft_where_the_head_suits_them() -> None:
+    """Alternating requests the head suits (80%) and does not (2%): the good ones draft on
+    nearly every step, the bad ones stop after a few; a stream of only bad requests turns
+    drafting off at the start of every request (probes only)."""
+    rng = random.Random(1)
+    root = DraftLengthPolicy(PolicyConfig(max_draft=8, probe_every=16), costs(0.05, 0.003))
+    good, bad = [], []
+    for _ in range(20):
+        good.append(serve(root, 0.8, 64, rng))
+        bad.append(serve(root, 0.02, 64, rng))
+    assert sum(good) >= 0.9 * 20 * 64
+    assert sum(bad) <= 0.3 * 20 * 64
+    for _ in range(40):
+        serve(root, 0.02, 64, rng)
+    assert root.best_length(8) == 0
+    assert serve(root, 0.02, 64, rng) <= 3  # probes only
 
 
 def test_noisy_costs_never_make_more_tokens_cheaper() -> None:
