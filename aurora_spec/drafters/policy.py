@@ -227,6 +227,13 @@ class DraftLengthPolicy:
             return min(self.cfg.probe_length, limit)
         return 0
 
+    def capped(self, drafted: int) -> None:
+        """The batch plan drafted ``drafted`` tokens where choose() asked for more: a probe
+        that was not drafted is not a failed probe; it runs at the next decision instead."""
+        if self._probing and not drafted:
+            self._probing = False
+            self.probe.steps_since = self.probe.interval - 1
+
     def observe(self, max_depth: int, accepted: int) -> None:
         """Update alpha_i for the depths that were drafted: depth i (1-based) was accepted iff
         i <= accepted; depths below a rejection carry no information about alpha_i."""

@@ -272,6 +272,9 @@ class Engine:
             rate = tokens / (self.costs.verify_time(nodes + batch, batch) + c * sum(ks))
             if rate > best_rate:
                 best_cap, best_rate = cap, rate
+        for seq, want in zip(seqs, wants, strict=True):
+            if want > best_cap:
+                _policy(seq).capped(best_cap)
         return [min(w, best_cap) for w in wants]
 
     def _draft(self, seqs: list[Sequence]) -> list[Proposal]:

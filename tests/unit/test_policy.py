@@ -207,3 +207,18 @@ def test_the_first_observation_is_taken_as_it_is() -> None:
     c.observe_verify(4, 0.5)
     c.observe_draft(1, 0.2)
     assert c.times[4] == 0.5 and c.draft_token_s == 0.2
+
+
+def test_a_probe_the_batch_plan_left_out_runs_at_the_next_step() -> None:
+    """In a batch the plan may cap every request's draft to 0 (verification of the whole batch
+    too dear): a probe that was not drafted neither counts as failed nor waits another
+    interval."""
+    cfg = PolicyConfig(max_draft=8, probe_every=16)
+    root = DraftLengthPolicy(cfg, costs(0.3))
+    root.alpha = [0.0] * 8
+    req = DraftLengthPolicy(cfg, parent=root)
+    assert req.choose(8) == 1  # the first decision probes
+    req.capped(0)
+    assert req.choose(8) == 1 and req.probe.interval == 16
+    req.observe(1, 0)  # drafted this time, and rejected: a failed probe
+    assert req.probe.interval == 32
