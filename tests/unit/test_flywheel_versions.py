@@ -365,6 +365,9 @@ def test_paired_judge_compares_both_heads_on_traffic_neither_trained_on():
     up = judge_swap(trainer, trained, worse)
     assert up.keep is True and (up.new, up.previous) == (down.previous, down.new)
     assert "fresh positions" in up.detail
+    # A drop within the gate's margin is noise, not a worse head: the new one stays.
+    trainer.cfg = dataclasses.replace(trainer.cfg, gate_margin=down.previous - down.new + 0.01)
+    assert judge_swap(trainer, worse, trained).keep is True
     trainer.store.unseen_pairs = 40  # bounded: the newest windows are kept
     collect_windows(model, trainer, prompts, copy.deepcopy(trained))
     scored = [w.scored_pairs for w in trainer.store.unseen]
