@@ -171,16 +171,18 @@ class DraftLengthPolicy:
                                    else per_depth(cfg.prior_alpha, cfg.max_draft))
         self.probe = ProbeState.starting(cfg.probe_every)
         self._probing = False  # the last choice was a probe (per request: batches interleave)
-        # This request's own counts per depth, folded into the parent's estimates by finish().
-        self.hits = [0] * cfg.max_draft
-        self.trials = [0] * cfg.max_draft
+        self._forget_counts()
 
-    def restart(self, alpha: Sequence[float]) -> None:
-        """A new head went live: take its acceptance estimates, forget the counts measured on
-        the old one, and probe at the next decision."""
+    def _forget_counts(self) -> None:
+        # This request's own counts per depth, folded into the parent's estimates by finish().
+        self.hits = [0] * self.cfg.max_draft
+        self.trials = [0] * self.cfg.max_draft
+
+    def restart(self, alpha: float | Sequence[float]) -> None:
+        """A new head went live: take its acceptance estimates (one value, or one per depth),
+        forget the counts measured on the old one, and probe at the next decision."""
         self.alpha[:] = per_depth(alpha, len(self.alpha))
-        self.hits = [0] * len(self.hits)
-        self.trials = [0] * len(self.trials)
+        self._forget_counts()
         self.probe = ProbeState.starting(self.cfg.probe_every)
 
     def expected_tokens(self, k: int) -> float:
@@ -260,5 +262,4 @@ class DraftLengthPolicy:
             if trials:
                 weight = self.cfg.request_ema * min(1.0, trials / full)
                 target[i] += weight * (hits / trials - target[i])
-        self.hits = [0] * len(self.hits)  # finishing twice counts once
-        self.trials = [0] * len(self.trials)
+        self._forget_counts()  # finishing twice counts once

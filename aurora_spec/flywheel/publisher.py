@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from aurora_spec.drafters.eagle3_head import Eagle3Head
-from aurora_spec.drafters.policy import per_depth
 from aurora_spec.flywheel.checkpoints import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -145,12 +144,10 @@ class Publisher:
         running request) to ``alpha`` (None: the prior) and restart probing; returns the old
         global estimates."""
         policy = getattr(self.engine, "policy", None)
-        if policy is None or not hasattr(policy, "alpha"):
+        if policy is None:
             return None
         old = list(policy.alpha)
-        n = len(policy.alpha)
-        prior: float | Sequence[float] = getattr(policy.cfg, "prior_alpha", 0.5)
-        new = per_depth(alpha or prior, n)
+        new = alpha or policy.cfg.prior_alpha
         running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
         for p in [policy, *running]:
             if p is not None:  # the new head's estimates, its own counts; probe at once
