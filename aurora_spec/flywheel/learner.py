@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from aurora_spec.threads import single_thread_kernels
+
 from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_to_payload
 from aurora_spec.flywheel.config import LearnerConfig
 from aurora_spec.flywheel.publisher import Publisher
@@ -400,6 +402,9 @@ class OnlineLearner:
         return self._send(("judge", new_version, previous_version))
 
     def _bridge_loop(self) -> None:
+        # Its kernels (packing trace rows, preparing a new head) stay on this thread: a team of
+        # its own would slow serving's (aurora_spec/threads.py).
+        single_thread_kernels()
         next_check = time.monotonic()
         while not self._stopping.is_set():
             try:
