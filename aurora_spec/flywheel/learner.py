@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 
-from aurora_spec.threads import single_thread_kernels
-
 from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_to_payload
 from aurora_spec.flywheel.config import LearnerConfig
 from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step
+from aurora_spec.threads import single_thread_kernels
 from aurora_spec.types import PrefillTrace, StepTrace
 
 log = logging.getLogger(__name__)
