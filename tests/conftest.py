@@ -11,6 +11,18 @@ import torch
 # must not fight over the machine's two cores with servers or trainers they start.
 torch.set_num_threads(1)
 
+
+
+@pytest.fixture
+def two_threads():
+    """The calling (serving) thread on 2 torch threads, as the learner splits them; restored
+    afterwards."""
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(outer)
+
+
 # ---- models ---------------------------------------------------------------------------------
 
 

@@ -114,15 +114,6 @@ def test_killing_the_trainer_keeps_serving_and_restarts_it(online):
     assert drafter.head.version >= version
 
 
-@pytest.fixture
-def two_threads():
-    """Serving starts on 2 torch threads (what the learner splits); restored afterwards."""
-    outer = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(outer)
-
-
 def tiny_eagle3_engine(version: int = 0):
     """A tiny target with an eagle3 engine; ``version`` > 0 stands for a trained head."""
     model, _ = tiny_target("llama", seed=0)

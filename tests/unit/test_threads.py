@@ -26,14 +26,6 @@ def _in_thread(fn):
     return out
 
 
-@pytest.fixture
-def two_threads():
-    outer = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(outer)
-
-
 def test_a_helper_threads_kernels_start_no_team_and_leave_other_threads_alone(two_threads):
     big = torch.randn(1 << 21)  # far above torch's grain size: a parallel kernel on 2 threads
 
