@@ -12,7 +12,6 @@ import torch
 torch.set_num_threads(1)
 
 
-
 @pytest.fixture
 def two_threads():
     """The calling (serving) thread on 2 torch threads, as the learner splits them; restored
