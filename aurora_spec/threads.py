@@ -1,4 +1,8 @@
-"""Torch CPU kernels on one core in helper threads (the flywheel's bridge to its trainer).
+"""Which threads run torch CPU kernels, on how many cores; OS thread names.
+
+Torch CPU kernels on one core in helper threads (the flywheel's bridge to its trainer, the
+server's HTTP thread); all of the server's real torch work on its engine thread
+(aurora_spec/engine/loop.py).
 
 Why: torch runs a CPU kernel on an OpenMP team of the calling thread. A helper thread that runs
 one parallel kernel (a ``torch.cat`` of trace rows, the weight reorder of a new head) gets a team
@@ -62,3 +66,17 @@ def single_thread_kernels() -> bool:
     if not done:
         log.debug("cannot limit this helper thread's torch kernels to one thread")
     return done
+
+
+_PR_SET_NAME = 15  # prctl(2)
+
+
+def name_os_thread(name: str) -> None:
+    """Name the calling OS thread (Linux keeps 15 bytes), as ``top -H``, py-spy and /proc show
+    it; threads it starts later, its OpenMP workers among them, inherit the name. A no-op
+    where prctl is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

@@ -32,7 +32,7 @@ from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_t
 from aurora_spec.flywheel.config import LearnerConfig
 from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step
-from aurora_spec.threads import single_thread_kernels
+from aurora_spec.threads import name_os_thread, single_thread_kernels
 from aurora_spec.types import PrefillTrace, StepTrace
 
 log = logging.getLogger(__name__)
@@ -404,6 +404,7 @@ class OnlineLearner:
         # Its kernels (packing trace rows, preparing a new head) stay on this thread: a team of
         # its own would slow serving's (aurora_spec/threads.py).
         single_thread_kernels()
+        name_os_thread("aurora-flywheel")
         next_check = time.monotonic()
         while not self._stopping.is_set():
             try:

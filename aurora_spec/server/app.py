@@ -1,6 +1,7 @@
 """The FastAPI application: ``create_app(runtime, learner, settings)``.
 
-Lifecycle: the app starts the engine thread and the learner when it starts serving; on shutdown
+Lifecycle: the app starts the learner and then the engine loop, both on the engine thread that
+loaded the model (engine/loop.py: one thread for all of the server's torch work); on shutdown
 (uvicorn turns SIGTERM into one) it refuses new requests, lets in-flight ones finish, stops the
 engine thread, then stops the learner with ``save=True`` so the live draft is kept.
 """
@@ -30,9 +31,11 @@ from aurora_spec.server.tracelog import TraceLog
 log = logging.getLogger(__name__)
 
 
-def create_app(runtime: Runtime, learner: Learner, settings: ServerSettings) -> FastAPI:
+def create_app(runtime: Runtime, learner: Learner, settings: ServerSettings,
+               loop: EngineLoop | None = None) -> FastAPI:
+    """``loop``: the engine thread that loaded ``runtime`` (server/cli.py); a new one if None."""
     learner.attach(runtime.engine)
-    st = ServerState.build(runtime, learner, settings)
+    st = ServerState.build(runtime, learner, settings, loop or EngineLoop())
     app = FastAPI(title="aurora-spec", version=aurora_spec.__version__, lifespan=_lifespan,
                   description="OpenAI-compatible speculative decoding server whose draft "
                               "model learns online from live traffic.")
@@ -92,8 +95,8 @@ async def _lifespan(app: FastAPI):
     tracelog: TraceLog | None = app.state.tracelog
     if tracelog is not None:
         tracelog.start()  # before the engine thread, so no step waits long in the queue
-    st.loop = EngineLoop(st.engine).start()
-    st.learner.start()
+    st.loop.call(st.learner.start)  # serving's thread: the learner reads its thread count
+    st.loop.start(st.engine)
     log.info("serving %s (learning %s)", st.settings.model_name,
              "on" if st.settings.learn else "off")
     try:
@@ -103,7 +106,11 @@ async def _lifespan(app: FastAPI):
         st.loop.stop(timeout=10)
         if tracelog is not None:
             tracelog.stop()  # after the engine thread: every recorded step is written
-        st.learner.stop(save=True)
+        if st.loop.alive:  # a step that never ended holds the engine thread
+            st.learner.stop(save=True)
+        else:
+            st.loop.call(st.learner.stop, save=True)
+        st.loop.close()
         log.info("stopped (learner asked to save the live draft)")
 
 
@@ -121,7 +128,7 @@ async def _drain(st: ServerState) -> None:
 async def health(request: Request) -> JSONResponse:
     """Liveness: 200 while the engine thread runs; 503 once it is gone."""
     st = server_state(request)
-    alive = st.loop is not None and st.loop.alive
+    alive = st.loop.alive
     status = st.status()
     body = {"status": "ok" if alive else "unavailable", "model": st.settings.model_name,
             "live_version": status.get("live_version", 0),

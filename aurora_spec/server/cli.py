@@ -140,21 +140,28 @@ def build_app(a: argparse.Namespace,
     """Load the model, build the learner and the app (no sockets yet).
 
     ``learner_factory(args, runtime)`` gets the loaded runtime because a learner needs the
-    target model (its lm_head and embeddings are the training targets)."""
+    target model (its lm_head and embeddings are the training targets). Both are built on the
+    engine thread, which later decodes: one OpenMP team in the process (engine/loop.py); the
+    main thread, left to HTTP, runs whatever torch kernel it meets on one core."""
     from aurora_spec.drafters.policy import PolicyConfig
     from aurora_spec.engine.engine import EngineConfig
+    from aurora_spec.engine.loop import EngineLoop
     from aurora_spec.runtime import build_runtime
     from aurora_spec.server.app import create_app
+    from aurora_spec.threads import single_thread_kernels
 
     a.drafter = default_drafter(a)
     server_settings(a)  # validate flags before the slow model load
     mcfg, dcfg = model_config(a, max_slots=a.max_slots), drafter_config(a)
-    runtime = build_runtime(mcfg, dcfg, EngineConfig(PolicyConfig(max_draft=a.max_draft)))
-    learner = learner_factory(a, runtime)
+    single_thread_kernels()
+    loop = EngineLoop()
+    runtime = loop.call(build_runtime, mcfg, dcfg,
+                        EngineConfig(PolicyConfig(max_draft=a.max_draft)))
+    learner = loop.call(learner_factory, a, runtime)
     runtime.engine.trace_sink = learner.trace_sink  # before the engine thread starts
     runtime.engine.prefill_sink = learner.prefill_sink
     settings = server_settings(a, learn=not isinstance(learner, NullLearner))
-    return create_app(runtime, learner, settings)
+    return create_app(runtime, learner, settings, loop)
 
 
 def configure_logging(level: str) -> None:

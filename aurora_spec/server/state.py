@@ -29,17 +29,19 @@ class ServerState:
     metrics: Metrics
     history: History
     stop_ids: tuple[int, ...]
-    loop: EngineLoop | None = None
+    loop: EngineLoop
     draining: bool = False
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def build(cls, runtime: Runtime, learner: Learner, settings: ServerSettings) -> ServerState:
+    def build(cls, runtime: Runtime, learner: Learner, settings: ServerSettings,
+              loop: EngineLoop) -> ServerState:
         engine = runtime.engine
         admission = Admission(engine.runner.max_slots + settings.max_queue)
         return cls(runtime, learner, settings, admission,
                    Metrics(engine, learner, admission, settings.max_domains),
-                   History(settings.history), stop_token_ids(runtime.info, runtime.tokenizer))
+                   History(settings.history), stop_token_ids(runtime.info, runtime.tokenizer),
+                   loop)
 
     @property
     def engine(self) -> Any:
