@@ -63,6 +63,12 @@ class TrainerConfig:
     # (bench, one thread of two), so a head that stopped improving should be trained rarely.
     # A wake on new windows alone is a probe: one judged gate without a better candidate ends it.
     rest_after_rejections: int = 2
+    # A candidate that beats the live head by less than this share of the live head's
+    # acceptance is published (serving gets the better head) but counts as a gate without
+    # progress for resting and for the backoff. Why: a sharing trainer costs serving ~25% of
+    # its tokens/s while it trains (one thread of two), and a head gaining a few per cent per
+    # candidate has stopped paying for that (0: any pass counts as progress).
+    rest_progress: float = 0.05
     rest_wake_drop: float = 0.25
     rest_wake_coverage: float = 0.95
     rest_min_windows: int = 16

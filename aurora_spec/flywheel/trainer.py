@@ -61,9 +61,11 @@ class TrainerStats:
     step_ms: float = 0.0
     gates: int = 0
     gate_rejections: int = 0
-    rejections_in_row: int = 0  # judged gates (slice big enough) failed since the last pass
+    # judged gates (slice big enough) without progress since the last one with: refused, or
+    # passed by less than TrainerConfig.rest_progress
+    rejections_in_row: int = 0
     rests: int = 0
-    rests_since_pass: int = 0  # rests since a candidate last passed: each rest lasts twice as long
+    rests_since_pass: int = 0  # rests since a gate with progress: each rest lasts twice as long
     wakes: int = 0
     last_wake: str = ""
     wake_kinds: dict[str, int] = field(default_factory=dict)  # served | coverage | held-out | windows
@@ -288,11 +290,11 @@ class Trainer:
             res = GateResult(True, cand, live, n, alpha=alpha)
         self.stats.gates += 1
         self.stats.gate_rejections += 0 if res.passed else 1
-        if res.passed:
+        if res.passed and cand >= live * (1 + c.rest_progress):
             self.stats.rejections_in_row = 0
             self.stats.rests_since_pass = 0
             self._rest_needs = c.rest_after_rejections
-        elif n >= c.gate_min_positions:
+        elif n >= c.gate_min_positions:  # refused, or passed by too little to train on for
             self.stats.rejections_in_row += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
                                 "live": round(live, 4), "positions": n, "reason": res.reason}
@@ -316,8 +318,8 @@ class Trainer:
     # ---- rest ------------------------------------------------------------------------------
     def maybe_rest(self) -> bool:
         """Stop training (``resting``) after ``rest_after_rejections`` judged gates in a row
-        without a better candidate (one after a probe, see ``maybe_wake``); returns True when it
-        just started resting."""
+        without progress, i.e. without a candidate better by ``rest_progress`` (one after a
+        probe, see ``maybe_wake``); returns True when it just started resting."""
         c, s = self.cfg, self.stats
         if self.resting or not c.rest_after_rejections or s.rejections_in_row < self._rest_needs:
             return False
@@ -326,8 +328,8 @@ class Trainer:
         # mixed traffic.
         self._start_rest(self.offline_acceptance(self.live, self.store.holdout_slice())[0])
         log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
-                 " head (held-out acceptance %.3f)", self.rest_windows, s.rejections_in_row,
-                 self._rest_level)
+                 " head by %.0f%% (held-out acceptance %.3f)", self.rest_windows,
+                 s.rejections_in_row, 100 * c.rest_progress, self._rest_level)
         return True
 
     def _start_rest(self, held_out_level: float | None) -> None:
@@ -346,7 +348,7 @@ class Trainer:
     @property
     def rest_windows(self) -> int:
         """New training windows a rest lasts without other evidence: rest_min_windows, doubled
-        for each rest since a candidate last passed (a head that stopped improving is trained
+        for each rest since a gate with progress (a head that stopped improving is trained
         less and less often), at most rest_max_windows."""
         c = self.cfg
         doublings = max(self.stats.rests_since_pass - 1, 0)
