@@ -68,7 +68,7 @@ class TrainerConfig:
     # progress for resting and for the backoff. Why: a sharing trainer costs serving ~25% of
     # its tokens/s while it trains (one thread of two), and a head gaining a few per cent per
     # candidate has stopped paying for that (0: any pass counts as progress).
-    rest_progress: float = 0.05
+    rest_progress: float = 0.10
     rest_wake_drop: float = 0.25
     rest_wake_coverage: float = 0.95
     rest_min_windows: int = 16
