@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import logging
 
+import pytest
 import torch
 
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
@@ -178,6 +179,23 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     trainer.head = copy.deepcopy(got[0]).train()
     trainer.set_live(head_for(model, std=0.3, seed=9, draft_vocab=64))
     assert trainer.propose_candidate() is not None and trainer.rest_windows == 3
+
+
+def test_a_pass_by_less_than_rest_progress_is_published_but_is_no_progress():
+    """A candidate the gate passes goes live; whether it keeps the trainer training depends on
+    by how much it beats the live head (rest_progress: a share of the live head's acceptance).
+    A gate margin below zero lets a copy of the live head pass: a pass with no gain at all."""
+    for progress, rests in ((0.10, True), (0.0, False)):
+        _, _, trainer = trained_trainer(rest_after_rejections=1, gate_margin=-1.0,
+                                        rest_progress=progress)
+        first = trainer.propose_candidate()  # beats the day-0 head (acceptance 0): progress
+        assert first is not None and trainer.stats.rejections_in_row == 0
+        trainer.set_live(first[0])
+        trainer.head = copy.deepcopy(first[0]).train()
+        again = trainer.propose_candidate()
+        assert again is not None and again[0].version == 2  # published either way ...
+        assert again[1].candidate == pytest.approx(again[1].live)
+        assert trainer.maybe_rest() is rests  # ... but only progress keeps it training
 
 
 def test_trained_head_rests_from_the_start_and_wakes_when_served_acceptance_falls():
