@@ -14,7 +14,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aurora_spec.server.testing import chromium_render, free_port  # noqa: E402
+from aurora_spec.server.testing import chromium_render, free_port, wait_healthy  # noqa: E402
 
 PROMPTS = [
     ("chat", "Explain speculative decoding in two sentences."),
@@ -37,20 +36,6 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "aurora_spec.cli", "serve", "--port", str(port),
            "--threads", env["OMP_NUM_THREADS"], *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"aurora serve exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("aurora serve did not become healthy")
 
 
 def send_requests(url: str, n: int, max_tokens: int) -> None:

@@ -20,24 +20,12 @@ import time
 import httpx
 
 from aurora_spec.bench.traffic import load_domain, resolve_traffic_dir
-from aurora_spec.server.testing import free_port
+from aurora_spec.server.testing import free_port, wait_healthy
 
 
 def cpu_times() -> list[int]:
     with open("/proc/stat") as f:
         return [int(x) for x in f.readline().split()[1:]]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("aurora serve did not start")
 
 
 def thread_names(pid: int) -> dict[str, int]:

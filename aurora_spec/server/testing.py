@@ -15,6 +15,22 @@ import httpx
 import uvicorn
 
 
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Poll ``url``/health until it answers 200; RuntimeError if ``proc`` (the server process,
+    when there is one) exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"aurora serve exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05 if proc is None else 0.5)
+    raise RuntimeError(f"the server at {url} did not become healthy in {timeout:.0f} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,15 +52,8 @@ class ServerThread:
 
     def __enter__(self) -> str:
         self.thread.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server at {self.url} did not start")
+        wait_healthy(self.url, timeout=self.startup_timeout)
+        return self.url
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

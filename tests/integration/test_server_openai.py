@@ -23,6 +23,7 @@ import pytest
 from aurora_spec.cli import encode_prompt, stop_token_ids
 from aurora_spec.config import DrafterConfig, ModelConfig
 from aurora_spec.engine.engine import EngineConfig
+from aurora_spec.server import testing
 from aurora_spec.server.testing import chromium_binary, chromium_render, free_port
 from aurora_spec.types import SamplingParams
 
@@ -61,17 +62,10 @@ def server(smollm2_dir, tmp_path_factory):
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"aurora serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"aurora serve did not start:\n{log.read_text()[-3000:]}")
+    try:
+        testing.wait_healthy(url, proc, timeout)
+    except RuntimeError as e:
+        pytest.fail(f"{e}:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
