@@ -48,6 +48,14 @@ class TrainerConfig:
     publish_every: int = 25  # optimizer steps between candidate evaluations
     gate_depth: int = 4  # draft length of the offline acceptance measure
     gate_positions: int = 512  # the newest held-out positions the gate judges on
+    # After a traffic shift (the served acceptance of whatever head is live, over the newest
+    # rest_wake_steps drafting steps, falls by rest_wake_drop below its peak) the gate judges on
+    # the newest max(this, positions held out since the shift) positions, until gate_positions
+    # of them arrived since. Why: at 1 request in holdout_every, gate_positions are ~64 requests
+    # of traffic, so for ~30 requests after a shift the gate judged mostly on the old domain and
+    # no version went live; 256 positions for good measured 1.21x the static head after shifts
+    # (1.15x at 512) but cost day 0 its speed (a noisier gate kept the trainer training). 0: off.
+    gate_shift_positions: int = 256
     gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage

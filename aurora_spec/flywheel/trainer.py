@@ -23,6 +23,7 @@ from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
 from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
 from aurora_spec.flywheel.replay import WindowStore
+from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
 from aurora_spec.flywheel.vocab import VocabBuilder
 
@@ -105,6 +106,8 @@ class Trainer:
         self._served_since_rest = 0
         self._served_level: float | None = None  # ... their mean at rest (None: not known yet)
         self._rest_needs = cfg.rest_after_rejections  # judged gates without a pass before a rest
+        self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
+        self._shift_mark: int | None = None  # store.holdout_added at the last shift, until judged
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
                                                    and bf16_autocast_ok(self.device))
@@ -132,9 +135,12 @@ class Trainer:
         for rec in records:
             self.records += 1
             self.vocab.observe(rec.tokens[1:], emitted=not rec.prompt)
-            if rec.head[0] > 0 and rec.version == self.live.version and not rec.prompt:
-                self._served.append(rec.head[1])
-                self._served_since_rest += 1
+            if rec.head[0] > 0 and not rec.prompt:
+                if rec.version == self.live.version:
+                    self._served.append(rec.head[1])
+                    self._served_since_rest += 1
+                if self.shift.observe(rec.head[1]):
+                    self._on_shift()
             for win in self.assembler.add(rec):
                 self.store.add(win)
 
@@ -256,11 +262,31 @@ class Trainer:
         self.last_alpha = [(reached[d] + 1) / (reached[d - 1] + 2) for d in range(1, depth + 1)]
         return (total / n if n else 0.0), n
 
+    def _on_shift(self) -> None:
+        self._shift_mark = self.store.holdout_added
+        log.info("traffic shift: served acceptance fell to %.3f per step; the gate judges on "
+                 "traffic held out from now on (at least %d positions)", self.shift.level or 0.0,
+                 self.cfg.gate_shift_positions)
+
+    def gate_size(self) -> int:
+        """Held-out positions the gate judges on: ``gate_positions``, or after a shift only as
+        many as arrived since (at least ``gate_shift_positions``) until that many did."""
+        c = self.cfg
+        if self._shift_mark is None or not c.gate_shift_positions:
+            return c.gate_positions
+        holdout = self.store.holdout_slice()
+        new = min(self.store.holdout_added - self._shift_mark, len(holdout))
+        since = sum(w.scored_pairs for w in holdout[len(holdout) - new:])
+        if since >= c.gate_positions:
+            self._shift_mark = None  # the usual slice is all new traffic now
+            return c.gate_positions
+        return max(since, min(c.gate_shift_positions, c.gate_positions))
+
     def gate_windows(self) -> list[Window]:
-        """The newest held-out windows, about ``gate_positions`` pairs in all."""
-        out, n = [], 0
+        """The newest held-out windows, about ``gate_size()`` pairs in all."""
+        out, n, size = [], 0, self.gate_size()
         for w in reversed(self.store.holdout_slice()):
-            if n >= self.cfg.gate_positions:
+            if n >= size:
                 break
             out.append(w)
             n += w.scored_pairs
@@ -458,6 +484,7 @@ class Trainer:
                 "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
                 "rest_windows": self.rest_windows,
                 "served_acceptance": rnd(self.served_acceptance),
+                "shifts": self.shift.shifts, "gate_size": self.gate_size(),
                 "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
                 "data_bytes": self.store.nbytes}
 

@@ -18,6 +18,7 @@ from aurora_spec.flywheel.checkpoints import CheckpointStore
 from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead
 from aurora_spec.flywheel.publisher import Publisher
+from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.trainer import Trainer
 from aurora_spec.flywheel.traces import record_step
 from aurora_spec.models.runner import CacheConfig, TargetRunner
@@ -505,3 +506,44 @@ def test_a_loaded_head_seeds_the_policy_with_its_heldout_acceptance(tmp_path):
     assert learner.resume_from_checkpoints() == 3
     engine.step()  # the swap runs between steps
     assert drafter.head.version == 3 and engine.policy.alpha == [0.8, 0.6, 0.6, 0.6]
+
+
+def test_shift_watch_fires_once_per_fall_below_the_peak():
+    watch = ShiftWatch(steps=4, drop=0.25)
+    assert not any(watch.observe(a) for a in (2, 2, 2, 2, 3, 3, 3, 3))  # rising: a new peak
+    assert watch.peak == 3.0
+    fired = [watch.observe(a) for a in (1, 1, 1, 1, 1, 1)]  # 3 -> 2.5 -> 2.0 < 3 * 0.75
+    assert fired == [False, True, False, False, False, False] and watch.shifts == 1
+    # The fall went on (2.0 -> 1.0) without a second shift: the window restarted at the shift,
+    # and its first full mean (1.0, four steps later) is the new peak.
+    assert watch.level == 1.0 and watch.peak == 1.0
+    assert not watch.observe(0)  # 0.75: not below 1.0 * 0.75
+    assert watch.observe(0) and watch.shifts == 2  # 0.5: a second shift
+    assert not ShiftWatch(steps=0, drop=0.25).observe(0)  # off
+
+
+def test_after_a_shift_the_gate_judges_on_traffic_held_out_since():
+    """A fall of the served acceptance (any live version) marks a shift: the gate then judges on
+    the held-out positions that arrived since (at least gate_shift_positions of them), not on
+    the newest gate_positions, which are mostly the old traffic; once gate_positions arrived
+    since, it is the usual slice again."""
+    model, _, fitted = trained_trainer(rest_wake_steps=24, gate_shift_positions=8)
+    got = fitted.propose_candidate()
+    assert got is not None
+    trained = got[0]
+    fitted.set_live(trained)
+    g = torch.Generator().manual_seed(0)
+    seen = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)]
+    collect_windows(model, fitted, seen * 2, trained)  # the traffic it was trained on
+    assert fitted.status()["shifts"] == 0 and fitted.gate_size() == fitted.cfg.gate_positions
+    before = len(fitted.gate_windows())
+    new = [torch.randint(3, 96, (6,), generator=torch.Generator().manual_seed(s)).tolist()
+           for s in range(10, 13)]
+    collect_windows(model, fitted, new, trained)  # traffic it has never seen
+    st = fitted.status()
+    assert st["shifts"] == 1 and 8 <= st["gate_size"] < fitted.cfg.gate_positions
+    windows = fitted.gate_windows()
+    assert 0 < len(windows) < before
+    assert sum(w.scored_pairs for w in windows[:-1]) < st["gate_size"]  # the newest, no more
+    fitted.cfg = dataclasses.replace(fitted.cfg, gate_positions=st["gate_size"])
+    assert fitted.gate_size() == st["gate_size"] and fitted._shift_mark is None  # judged
