@@ -64,7 +64,7 @@ class TrainerStats:
     gate_rejections: int = 0
     # judged gates (slice big enough) without progress since the last one with: refused, or
     # passed by less than TrainerConfig.rest_progress
-    rejections_in_row: int = 0
+    gates_without_progress: int = 0
     rests: int = 0
     rests_since_pass: int = 0  # rests since a gate with progress: each rest lasts twice as long
     wakes: int = 0
@@ -317,11 +317,11 @@ class Trainer:
         self.stats.gates += 1
         self.stats.gate_rejections += 0 if res.passed else 1
         if res.passed and cand >= live * (1 + c.rest_progress):
-            self.stats.rejections_in_row = 0
+            self.stats.gates_without_progress = 0
             self.stats.rests_since_pass = 0
             self._rest_needs = c.rest_after_rejections
         elif n >= c.gate_min_positions:  # refused, or passed by too little to train on for
-            self.stats.rejections_in_row += 1
+            self.stats.gates_without_progress += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
                                 "live": round(live, 4), "positions": n, "reason": res.reason}
         return res
@@ -347,7 +347,7 @@ class Trainer:
         without progress, i.e. without a candidate better by ``rest_progress`` (one after a
         probe, see ``maybe_wake``); returns True when it just started resting."""
         c, s = self.cfg, self.stats
-        if self.resting or not c.rest_after_rejections or s.rejections_in_row < self._rest_needs:
+        if self.resting or not c.rest_after_rejections or s.gates_without_progress < self._rest_needs:
             return False
         # The baseline a held-out wake compares with: the whole held-out slice (tens of
         # requests), not the gate's newest few, whose domain mix alone swings the score by 20% on
@@ -355,7 +355,7 @@ class Trainer:
         self._start_rest(self.offline_acceptance(self.live, self.store.holdout_slice())[0])
         log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
                  " head by %.0f%% (held-out acceptance %.3f)", self.rest_windows,
-                 s.rejections_in_row, 100 * c.rest_progress, self._rest_level)
+                 s.gates_without_progress, 100 * c.rest_progress, self._rest_level)
         return True
 
     def _start_rest(self, held_out_level: float | None) -> None:
@@ -402,7 +402,7 @@ class Trainer:
         if not reason:
             return False
         self.resting = False
-        self.stats.rejections_in_row = 0
+        self.stats.gates_without_progress = 0
         # Nothing says the traffic changed: one gate without a better candidate ends the probe.
         self._rest_needs = 1 if kind == "windows" else c.rest_after_rejections
         self.stats.wakes += 1
@@ -462,7 +462,7 @@ class Trainer:
         self._make_optimizer()
         self.set_live(head)
         self.resting = False  # the live head changed under it: judge afresh
-        self.stats.rejections_in_row = 0
+        self.stats.gates_without_progress = 0
         self.stats.rests_since_pass = 0
         self._rest_needs = self.cfg.rest_after_rejections
 

@@ -190,7 +190,7 @@ def test_a_pass_by_less_than_rest_progress_is_published_but_is_no_progress():
         _, _, trainer = trained_trainer(rest_after_rejections=1, gate_margin=-1.0,
                                         rest_progress=progress)
         first = trainer.propose_candidate()  # beats the day-0 head (acceptance 0): progress
-        assert first is not None and trainer.stats.rejections_in_row == 0
+        assert first is not None and trainer.stats.gates_without_progress == 0
         trainer.set_live(first[0])
         trainer.head = copy.deepcopy(first[0]).train()
         again = trainer.propose_candidate()
