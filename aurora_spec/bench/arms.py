@@ -196,6 +196,11 @@ class ArmOptions:
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
     rollback_paired: bool = True  # online arms: a suspect swap is judged on the same traffic
+    # Online arms: the gate follows traffic shifts (TrainerConfig.gate_shift_positions; False:
+    # always the newest gate_positions) and, if set, holds out 1 in N requests after one
+    # (TrainerConfig.holdout_every_shift).
+    shift_gate: bool = True
+    holdout_every_shift: int | None = None
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -287,21 +292,27 @@ class ArmSpec:
     trainer_threads: int | None = None  # ``@tN`` (online arms): the trainer's threads
     trainer_rests: bool | None = None  # ``@rest`` / ``@norest`` (online arms); None: auto
     rollback_paired: bool | None = None  # ``@paired`` / ``@unpaired`` (online arms)
+    shift_gate: bool | None = None  # ``@shiftgate`` / ``@noshiftgate`` (online arms)
+    holdout_every_shift: int | None = None  # ``@hN`` (online arms)
 
 
 _OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
-              "rollback_paired")
-_TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired"}
-_SUFFIX = re.compile(r"@(w\d+|t\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired)$")
+              "rollback_paired", "shift_gate", "holdout_every_shift")
+_TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired", "shift_gate",
+            "holdout_every_shift"}
+_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired"
+                     r"|shiftgate|noshiftgate)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
           "paired": ("rollback_paired", True), "unpaired": ("rollback_paired", False),
-          "lookup": ("lookup", True), "nolookup": ("lookup", False)}
+          "lookup": ("lookup", True), "nolookup": ("lookup", False),
+          "shiftgate": ("shift_gate", True), "noshiftgate": ("shift_gate", False)}
 
 
 def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
     """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` /
-    ``@rest`` / ``@norest`` / ``@paired`` / ``@unpaired`` suffixes (any order) off one arm: the
+    ``@rest`` / ``@norest`` / ``@paired`` / ``@unpaired`` / ``@shiftgate`` / ``@noshiftgate`` /
+    ``@hN`` suffixes (any order) off one arm: the
     body and the ArmSpec overrides they set."""
     over: dict[str, Any] = {}
     body = part
@@ -310,16 +321,18 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
         if tag in _FLAGS:
             key, value = _FLAGS[tag]
             over[key] = value
-        else:  # @wN / @tN: the regex guarantees digits
+        else:  # @wN / @tN / @hN: the regex guarantees digits
             if int(tag[1:]) < 1:
                 raise BenchError(f"arm {part!r}: the number after @{tag[0]} must be >= 1")
-            over["tree_width" if tag[0] == "w" else "trainer_threads"] = int(tag[1:])
+            key = {"w": "tree_width", "t": "trainer_threads", "h": "holdout_every_shift"}[tag[0]]
+            over[key] = int(tag[1:])
         body = body[:m.start()]
     return body, over
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]``
+    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
+    [@shiftgate|@noshiftgate][@hN]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,static:DIR``."""
     out: list[ArmSpec] = []
@@ -333,9 +346,10 @@ def parse_arms(spec: str) -> list[ArmSpec]:
             raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
                              f"some take an argument: kind:ARG)")
         if _TRAINER & set(over) and not kind.startswith("online"):
-            raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired and "
-                             f"@unpaired are for online arms (they set their trainer's CPU "
-                             f"priority, threads, rests and rollback test)")
+            raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired, "
+                             f"@unpaired, @shiftgate, @noshiftgate and @hN are for online arms "
+                             f"(they set their trainer's CPU priority, threads, rests, rollback "
+                             f"test and gate)")
         out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")

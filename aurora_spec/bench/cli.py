@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "candidates stop beating the live head (default: a sharing trainer rests, "
                    "an idle-class one does not), and @unpaired rolls a new version back on a "
                    "live acceptance drop alone instead of on the trainer's paired verdict "
-                   "(@paired, default)")
+                   "(@paired, default); @noshiftgate keeps an online arm's gate on the newest "
+                   "held-out positions after a traffic shift instead of those since it "
+                   "(@shiftgate, default), and @hN holds out 1 in N requests after a shift")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

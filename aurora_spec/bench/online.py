@@ -72,6 +72,10 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
 
     inner = engine_arm(target, name, "online", "eagle3", weights, o)
     trainer = TrainerConfig()
+    if not o.shift_gate:
+        trainer = dataclasses.replace(trainer, gate_shift_positions=0)
+    if o.holdout_every_shift is not None:
+        trainer = dataclasses.replace(trainer, holdout_every_shift=o.holdout_every_shift)
     if lambda_discard is not None:
         trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
     learner = OnlineLearner(target.model, inner.engine,

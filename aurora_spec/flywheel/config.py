@@ -56,6 +56,9 @@ class TrainerConfig:
     # no version went live; 256 positions for good measured 1.21x the static head after shifts
     # (1.15x at 512) but cost day 0 its speed (a noisier gate kept the trainer training). 0: off.
     gate_shift_positions: int = 256
+    # ... and until then 1 in this many new requests is held out (0: holdout_every, the same
+    # as before the shift); e.g. 4 fills the slice of new traffic twice as fast.
+    holdout_every_shift: int = 0
     gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage

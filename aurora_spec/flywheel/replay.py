@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 
 from aurora_spec.flywheel.batch import Window
 
@@ -45,13 +45,21 @@ class WindowStore:
         self.unseen: deque[Window] = deque()
         self.unseen_pairs = unseen_pairs
         self._unseen_scored = 0
+        # The side each recent request landed on, so that a change of holdout_every (the trainer
+        # holds out more right after a traffic shift) never splits one request between sides.
+        self._sides: OrderedDict[str, bool] = OrderedDict()
 
     def held_out(self, request_id: str) -> bool:
-        """Whether a request belongs to the gate's slice: a hash of its id, so every window of
-        the request lands on the same side without remembering ids."""
-        if self.holdout_every <= 0:
-            return False
-        return zlib.crc32(f"{self.seed}:{request_id}".encode()) % self.holdout_every == 0
+        """Whether a request belongs to the gate's slice: a hash of its id at the rate in force
+        when its first window came, so every window of the request lands on the same side."""
+        side = self._sides.get(request_id)
+        if side is None:
+            every = self.holdout_every
+            side = every > 0 and zlib.crc32(f"{self.seed}:{request_id}".encode()) % every == 0
+            self._sides[request_id] = side
+            if len(self._sides) > 4096:  # requests long finished
+                self._sides.popitem(last=False)
+        return side
 
     def mark(self) -> None:
         """From now on ``unseen`` collects the windows that arrive."""
@@ -126,6 +134,7 @@ class WindowStore:
         self.recent.clear()
         self.reservoir.clear()
         self.holdout.clear()
+        self._sides.clear()
         self.mark()
         self.windows_seen = self.count = self.positions = self.holdout_added = 0
         self._bytes_seen = 0

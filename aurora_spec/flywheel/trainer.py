@@ -263,7 +263,10 @@ class Trainer:
         return (total / n if n else 0.0), n
 
     def _on_shift(self) -> None:
+        if not self.cfg.gate_shift_positions:
+            return
         self._shift_mark = self.store.holdout_added
+        self.store.holdout_every = self.cfg.holdout_every_shift or self.cfg.holdout_every
         log.info("traffic shift: served acceptance fell to %.3f per step; the gate judges on "
                  "traffic held out from now on (at least %d positions)", self.shift.level or 0.0,
                  self.cfg.gate_shift_positions)
@@ -279,6 +282,7 @@ class Trainer:
         since = sum(w.scored_pairs for w in holdout[len(holdout) - new:])
         if since >= c.gate_positions:
             self._shift_mark = None  # the usual slice is all new traffic now
+            self.store.holdout_every = c.holdout_every
             return c.gate_positions
         return max(since, min(c.gate_shift_positions, c.gate_positions))
 

@@ -170,8 +170,9 @@ def test_parse_arms() -> None:
         ("online-from:/tmp/h@w2@idle", "online-from", "/tmp/h", 2, True),
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
-    with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired and "
-                                         "@unpaired are for online"):
+    with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired, "
+                                         "@unpaired, @shiftgate, @noshiftgate and @hN are for "
+                                         "online arms"):
         parse_arms("static:/tmp/h@idle")
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("eagle3@share")
@@ -191,6 +192,11 @@ def test_parse_arms() -> None:
         parse_arms("static:/tmp/h@t2")
     with pytest.raises(BenchError, match="number after @t must be >= 1"):
         parse_arms("online@t0")
+    gates = parse_arms("online-from:/tmp/h@idle@noshiftgate,online@h4,online@shiftgate,online")
+    assert [(s.shift_gate, s.holdout_every_shift) for s in gates] == [
+        (False, None), (None, 4), (True, None), (None, None)]
+    with pytest.raises(BenchError, match="are for online arms"):
+        parse_arms("static:/tmp/h@h4")
 
 
 class FakeArm:

@@ -453,6 +453,15 @@ def test_gate_holds_out_whole_requests():
     assert 0.17 < len(held) / 400 < 0.33  # about 1 in 4
     assert all(sum(w.request_id == r for w in store.holdout) == 3 for r in held)
     assert store.positions == 4 * 4 * len(trained)  # prompt windows of trained requests train
+    # A change of rate (after a shift the trainer holds out 1 in 4 instead of 1 in 8) applies to
+    # requests that start after it: one already under way stays on its side.
+    store.holdout_every = 0  # none held out ...
+    store.add(Window("req-new", "a", 0, [1] * 6, rows))
+    store.holdout_every = 1  # ... then every new request ...
+    store.add(Window("req-new", "a", 0, [1] * 6, rows))
+    assert not store.held_out("req-new")  # ... but not the second half of one under way
+    assert not any(w.request_id == "req-new" for w in store.holdout)
+    assert store.held_out("req-newer") and not store.held_out(sorted(trained)[0])
 
 
 def test_swap_resets_the_draft_length_policy(tmp_path):
@@ -525,9 +534,10 @@ def test_shift_watch_fires_once_per_fall_below_the_peak():
 def test_after_a_shift_the_gate_judges_on_traffic_held_out_since():
     """A fall of the served acceptance (any live version) marks a shift: the gate then judges on
     the held-out positions that arrived since (at least gate_shift_positions of them), not on
-    the newest gate_positions, which are mostly the old traffic; once gate_positions arrived
-    since, it is the usual slice again."""
-    model, _, fitted = trained_trainer(rest_wake_steps=24, gate_shift_positions=8)
+    the newest gate_positions, which are mostly the old traffic, and more new requests are held
+    out (holdout_every_shift); once gate_positions arrived since, it is the usual slice again."""
+    model, _, fitted = trained_trainer(rest_wake_steps=24, gate_shift_positions=8,
+                                       holdout_every_shift=2)
     got = fitted.propose_candidate()
     assert got is not None
     trained = got[0]
@@ -542,8 +552,10 @@ def test_after_a_shift_the_gate_judges_on_traffic_held_out_since():
     collect_windows(model, fitted, new, trained)  # traffic it has never seen
     st = fitted.status()
     assert st["shifts"] == 1 and 8 <= st["gate_size"] < fitted.cfg.gate_positions
+    assert fitted.store.holdout_every == 2  # new requests: 1 in 2 held out (1 in 3 before)
     windows = fitted.gate_windows()
     assert 0 < len(windows) < before
     assert sum(w.scored_pairs for w in windows[:-1]) < st["gate_size"]  # the newest, no more
     fitted.cfg = dataclasses.replace(fitted.cfg, gate_positions=st["gate_size"])
     assert fitted.gate_size() == st["gate_size"] and fitted._shift_mark is None  # judged
+    assert fitted.store.holdout_every == 3
