@@ -196,10 +196,10 @@ class ArmOptions:
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
     rollback_paired: bool = True  # online arms: a suspect swap is judged on the same traffic
-    # Online arms: the gate follows traffic shifts (TrainerConfig.gate_shift_positions; False:
-    # always the newest gate_positions) and, if set, holds out 1 in N requests after one
+    # Online arms: whether the gate follows traffic shifts (TrainerConfig.gate_shift_positions;
+    # None: the config's default, off) and, if set, holds out 1 in N requests after one
     # (TrainerConfig.holdout_every_shift).
-    shift_gate: bool = True
+    shift_gate: bool | None = None
     holdout_every_shift: int | None = None
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.

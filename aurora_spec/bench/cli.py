@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "candidates stop beating the live head (default: a sharing trainer rests, "
                    "an idle-class one does not), and @unpaired rolls a new version back on a "
                    "live acceptance drop alone instead of on the trainer's paired verdict "
-                   "(@paired, default); @noshiftgate keeps an online arm's gate on the newest "
-                   "held-out positions after a traffic shift instead of those since it "
-                   "(@shiftgate, default), and @hN holds out 1 in N requests after a shift")
+                   "(@paired, default); @shiftgate makes an online arm's gate judge on the "
+                   "held-out positions since a traffic shift instead of the newest ones "
+                   "(@noshiftgate, default), and @hN then holds out 1 in N requests")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

@@ -65,6 +65,10 @@ class OnlineArm(EngineArm):
         self.learner.stop(save=False)
 
 
+# What ``@shiftgate`` sets TrainerConfig.gate_shift_positions to: the value measured (README).
+SHIFT_GATE_POSITIONS = 256
+
+
 def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
            lambda_discard: float | None = None) -> OnlineArm:
     from aurora_spec.flywheel.config import LearnerConfig, TrainerConfig
@@ -72,8 +76,9 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
 
     inner = engine_arm(target, name, "online", "eagle3", weights, o)
     trainer = TrainerConfig()
-    if not o.shift_gate:
-        trainer = dataclasses.replace(trainer, gate_shift_positions=0)
+    if o.shift_gate is not None:
+        positions = SHIFT_GATE_POSITIONS if o.shift_gate else 0
+        trainer = dataclasses.replace(trainer, gate_shift_positions=positions)
     if o.holdout_every_shift is not None:
         trainer = dataclasses.replace(trainer, holdout_every_shift=o.holdout_every_shift)
     if lambda_discard is not None:

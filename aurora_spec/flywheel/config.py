@@ -48,14 +48,14 @@ class TrainerConfig:
     publish_every: int = 25  # optimizer steps between candidate evaluations
     gate_depth: int = 4  # draft length of the offline acceptance measure
     gate_positions: int = 512  # the newest held-out positions the gate judges on
-    # After a traffic shift (the served acceptance of whatever head is live, over the newest
-    # rest_wake_steps drafting steps, falls by rest_wake_drop below its peak) the gate judges on
-    # the newest max(this, positions held out since the shift) positions, until gate_positions
-    # of them arrived since. Why: at 1 request in holdout_every, gate_positions are ~64 requests
-    # of traffic, so for ~30 requests after a shift the gate judged mostly on the old domain and
-    # no version went live; 256 positions for good measured 1.21x the static head after shifts
-    # (1.15x at 512) but cost day 0 its speed (a noisier gate kept the trainer training). 0: off.
-    gate_shift_positions: int = 256
+    # If > 0: after a traffic shift (the served acceptance of whatever head is live, over the
+    # newest rest_wake_steps drafting steps, falls by rest_wake_drop below its peak) the gate
+    # judges on the newest max(this, positions held out since the shift) positions, until
+    # gate_positions of them arrived since. Off by default: at 256, on the wide shift measured
+    # side by side with it off, it served 1.01x the static head after the shifts where off
+    # served 1.04x (a 256-position slice passed candidates on noise), and 1.05x with
+    # holdout_every_shift 4 (README, "Domain shift"; bench suffixes @shiftgate, @hN).
+    gate_shift_positions: int = 0
     # ... and until then 1 in this many new requests is held out (0: holdout_every, the same
     # as before the shift); e.g. 4 fills the slice of new traffic twice as fast.
     holdout_every_shift: int = 0
