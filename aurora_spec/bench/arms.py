@@ -201,6 +201,7 @@ class ArmOptions:
     # (TrainerConfig.holdout_every_shift).
     shift_gate: bool | None = None
     holdout_every_shift: int | None = None
+    recent_ratio: float | None = None  # online arms: TrainerConfig.recent_ratio (None: default)
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -294,13 +295,14 @@ class ArmSpec:
     rollback_paired: bool | None = None  # ``@paired`` / ``@unpaired`` (online arms)
     shift_gate: bool | None = None  # ``@shiftgate`` / ``@noshiftgate`` (online arms)
     holdout_every_shift: int | None = None  # ``@hN`` (online arms)
+    recent_ratio: float | None = None  # ``@rN`` (online arms): N% of a batch from the newest
 
 
 _OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
-              "rollback_paired", "shift_gate", "holdout_every_shift")
+              "rollback_paired", "shift_gate", "holdout_every_shift", "recent_ratio")
 _TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired", "shift_gate",
-            "holdout_every_shift"}
-_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired"
+            "holdout_every_shift", "recent_ratio"}
+_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired"
                      r"|shiftgate|noshiftgate)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
@@ -312,7 +314,7 @@ _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
 def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
     """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` /
     ``@rest`` / ``@norest`` / ``@paired`` / ``@unpaired`` / ``@shiftgate`` / ``@noshiftgate`` /
-    ``@hN`` suffixes (any order) off one arm: the
+    ``@hN`` / ``@rN`` suffixes (any order) off one arm: the
     body and the ArmSpec overrides they set."""
     over: dict[str, Any] = {}
     body = part
@@ -321,6 +323,10 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
         if tag in _FLAGS:
             key, value = _FLAGS[tag]
             over[key] = value
+        elif tag[0] == "r":  # @rN: a percentage
+            if int(tag[1:]) > 100:
+                raise BenchError(f"arm {part!r}: @rN takes a percentage, 0 to 100")
+            over["recent_ratio"] = int(tag[1:]) / 100
         else:  # @wN / @tN / @hN: the regex guarantees digits
             if int(tag[1:]) < 1:
                 raise BenchError(f"arm {part!r}: the number after @{tag[0]} must be >= 1")
@@ -332,7 +338,7 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 def parse_arms(spec: str) -> list[ArmSpec]:
     """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
-    [@shiftgate|@noshiftgate][@hN]``
+    [@shiftgate|@noshiftgate][@hN][@rN]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,static:DIR``."""
     out: list[ArmSpec] = []
@@ -347,9 +353,9 @@ def parse_arms(spec: str) -> list[ArmSpec]:
                              f"some take an argument: kind:ARG)")
         if _TRAINER & set(over) and not kind.startswith("online"):
             raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired, "
-                             f"@unpaired, @shiftgate, @noshiftgate and @hN are for online arms "
-                             f"(they set their trainer's CPU priority, threads, rests, rollback "
-                             f"test and gate)")
+                             f"@unpaired, @shiftgate, @noshiftgate, @hN and @rN are for online "
+                             f"arms (they set their trainer's CPU priority, threads, rests, "
+                             f"rollback test, gate and batches)")
         out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")

@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "live acceptance drop alone instead of on the trainer's paired verdict "
                    "(@paired, default); @shiftgate makes an online arm's gate judge on the "
                    "held-out positions since a traffic shift instead of the newest ones "
-                   "(@noshiftgate, default), and @hN then holds out 1 in N requests")
+                   "(@noshiftgate, default), and @hN then holds out 1 in N requests; @rN draws "
+                   "N%% of an online arm's training batches from the newest windows "
+                   "(default 50)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

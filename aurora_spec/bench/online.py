@@ -81,6 +81,8 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
         trainer = dataclasses.replace(trainer, gate_shift_positions=positions)
     if o.holdout_every_shift is not None:
         trainer = dataclasses.replace(trainer, holdout_every_shift=o.holdout_every_shift)
+    if o.recent_ratio is not None:
+        trainer = dataclasses.replace(trainer, recent_ratio=o.recent_ratio)
     if lambda_discard is not None:
         trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
     learner = OnlineLearner(target.model, inner.engine,

@@ -171,8 +171,8 @@ def test_parse_arms() -> None:
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
     with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired, "
-                                         "@unpaired, @shiftgate, @noshiftgate and @hN are for "
-                                         "online arms"):
+                                         "@unpaired, @shiftgate, @noshiftgate, @hN and @rN are "
+                                         "for online arms"):
         parse_arms("static:/tmp/h@idle")
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("eagle3@share")
@@ -197,6 +197,10 @@ def test_parse_arms() -> None:
         (False, None), (None, 4), (True, None), (None, None)]
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("static:/tmp/h@h4")
+    ratios = parse_arms("online@r80,online@idle@r0,online")
+    assert [s.recent_ratio for s in ratios] == [0.8, 0.0, None]
+    with pytest.raises(BenchError, match="a percentage"):
+        parse_arms("online@r101")
 
 
 class FakeArm:
