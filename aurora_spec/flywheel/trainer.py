@@ -351,7 +351,8 @@ class Trainer:
         without progress, i.e. without a candidate better by ``rest_progress`` (one after a
         probe, see ``maybe_wake``); returns True when it just started resting."""
         c, s = self.cfg, self.stats
-        if self.resting or not c.rest_after_rejections or s.gates_without_progress < self._rest_needs:
+        if (self.resting or not c.rest_after_rejections
+                or s.gates_without_progress < self._rest_needs):
             return False
         # The baseline a held-out wake compares with: the whole held-out slice (tens of
         # requests), not the gate's newest few, whose domain mix alone swings the score by 20% on
