@@ -75,16 +75,14 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
     from aurora_spec.flywheel.learner import OnlineLearner
 
     inner = engine_arm(target, name, "online", "eagle3", weights, o)
-    trainer = TrainerConfig()
+    over: dict[str, Any] = {}  # the arm's suffixes (None: TrainerConfig's default)
     if o.shift_gate is not None:
-        positions = SHIFT_GATE_POSITIONS if o.shift_gate else 0
-        trainer = dataclasses.replace(trainer, gate_shift_positions=positions)
-    if o.holdout_every_shift is not None:
-        trainer = dataclasses.replace(trainer, holdout_every_shift=o.holdout_every_shift)
-    if o.recent_ratio is not None:
-        trainer = dataclasses.replace(trainer, recent_ratio=o.recent_ratio)
-    if lambda_discard is not None:
-        trainer = dataclasses.replace(trainer, lambda_discard=lambda_discard)
+        over["gate_shift_positions"] = SHIFT_GATE_POSITIONS if o.shift_gate else 0
+    for key, value in (("holdout_every_shift", o.holdout_every_shift),
+                       ("recent_ratio", o.recent_ratio), ("lambda_discard", lambda_discard)):
+        if value is not None:
+            over[key] = value
+    trainer = TrainerConfig(**over)
     learner = OnlineLearner(target.model, inner.engine,
                             LearnerConfig(trainer=trainer, trainer_threads=o.trainer_threads,
                                           trainer_idle=o.trainer_idle,

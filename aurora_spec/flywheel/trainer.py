@@ -143,10 +143,12 @@ class Trainer:
                     self._on_shift()
             for win in self.assembler.add(rec):
                 self.store.add(win)
+        self._end_shift_when_judged()
 
     def add_windows(self, windows: list[Window]) -> None:
         for win in windows:
             self.store.add(win)
+        self._end_shift_when_judged()
 
     def flush(self) -> None:
         """Close every open window (no more steps are coming soon)."""
@@ -271,20 +273,29 @@ class Trainer:
                  "traffic held out from now on (at least %d positions)", self.shift.level or 0.0,
                  self.cfg.gate_shift_positions)
 
+    def _positions_since_shift(self) -> int | None:
+        """Scored held-out positions that arrived since the shift being followed (None: none)."""
+        if self._shift_mark is None:
+            return None
+        holdout = self.store.holdout_slice()
+        new = min(self.store.holdout_added - self._shift_mark, len(holdout))
+        return sum(w.scored_pairs for w in holdout[len(holdout) - new:])
+
+    def _end_shift_when_judged(self) -> None:
+        """Once gate_positions arrived since the shift, the usual slice is all new traffic."""
+        since = self._positions_since_shift()
+        if since is not None and since >= self.cfg.gate_positions:
+            self._shift_mark = None
+            self.store.holdout_every = self.cfg.holdout_every
+
     def gate_size(self) -> int:
         """Held-out positions the gate judges on: ``gate_positions``, or after a shift only as
         many as arrived since (at least ``gate_shift_positions``) until that many did."""
         c = self.cfg
-        if self._shift_mark is None or not c.gate_shift_positions:
+        since = self._positions_since_shift()
+        if since is None:
             return c.gate_positions
-        holdout = self.store.holdout_slice()
-        new = min(self.store.holdout_added - self._shift_mark, len(holdout))
-        since = sum(w.scored_pairs for w in holdout[len(holdout) - new:])
-        if since >= c.gate_positions:
-            self._shift_mark = None  # the usual slice is all new traffic now
-            self.store.holdout_every = c.holdout_every
-            return c.gate_positions
-        return max(since, min(c.gate_shift_positions, c.gate_positions))
+        return min(max(since, c.gate_shift_positions), c.gate_positions)
 
     def gate_windows(self) -> list[Window]:
         """The newest held-out windows, about ``gate_size()`` pairs in all."""

@@ -557,5 +557,6 @@ def test_after_a_shift_the_gate_judges_on_traffic_held_out_since():
     assert 0 < len(windows) < before
     assert sum(w.scored_pairs for w in windows[:-1]) < st["gate_size"]  # the newest, no more
     fitted.cfg = dataclasses.replace(fitted.cfg, gate_positions=st["gate_size"])
+    fitted.flush()  # the check runs as windows arrive
     assert fitted.gate_size() == st["gate_size"] and fitted._shift_mark is None  # judged
     assert fitted.store.holdout_every == 3
