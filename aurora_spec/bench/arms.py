@@ -196,12 +196,10 @@ class ArmOptions:
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
     rollback_paired: bool = True  # online arms: a suspect swap is judged on the same traffic
-    # Online arms: whether the gate follows traffic shifts (TrainerConfig.gate_shift_positions;
-    # None: the config's default, off) and, if set, holds out 1 in N requests after one
-    # (TrainerConfig.holdout_every_shift).
-    shift_gate: bool | None = None
-    holdout_every_shift: int | None = None
-    recent_ratio: float | None = None  # online arms: TrainerConfig.recent_ratio (None: default)
+    # Online arms: (field, value) overrides of their TrainerConfig and TraceConfig, from the
+    # arm's ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` suffixes (and the short aliases).
+    trainer_config: tuple[tuple[str, Any], ...] = ()
+    trace_config: tuple[tuple[str, Any], ...] = ()
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -293,54 +291,104 @@ class ArmSpec:
     trainer_threads: int | None = None  # ``@tN`` (online arms): the trainer's threads
     trainer_rests: bool | None = None  # ``@rest`` / ``@norest`` (online arms); None: auto
     rollback_paired: bool | None = None  # ``@paired`` / ``@unpaired`` (online arms)
-    shift_gate: bool | None = None  # ``@shiftgate`` / ``@noshiftgate`` (online arms)
-    holdout_every_shift: int | None = None  # ``@hN`` (online arms)
-    recent_ratio: float | None = None  # ``@rN`` (online arms): N% of a batch from the newest
+    trainer_config: tuple[tuple[str, Any], ...] | None = None  # ``@trainer.FIELD=VALUE`` ...
+    trace_config: tuple[tuple[str, Any], ...] | None = None  # ``@trace.FIELD=VALUE`` (online)
 
 
 _OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
-              "rollback_paired", "shift_gate", "holdout_every_shift", "recent_ratio")
-_TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired", "shift_gate",
-            "holdout_every_shift", "recent_ratio"}
+              "rollback_paired", "trainer_config", "trace_config")
+_TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired",
+            "trainer_config", "trace_config"}
 _SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired"
-                     r"|shiftgate|noshiftgate)$")
+                     r"|shiftgate|noshiftgate|(?:trainer|trace)\.\w+=[^@]+)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
           "paired": ("rollback_paired", True), "unpaired": ("rollback_paired", False),
-          "lookup": ("lookup", True), "nolookup": ("lookup", False),
-          "shiftgate": ("shift_gate", True), "noshiftgate": ("shift_gate", False)}
+          "lookup": ("lookup", True), "nolookup": ("lookup", False)}
+# Short names for config overrides measured in the README: ``@shiftgate`` is the gate that
+# follows shifts at the value measured (256 positions), ``@hN`` holds out 1 in N requests
+# after a shift, ``@rN`` draws N% of each batch from the newest windows.
+_ALIASES = {"shiftgate": "trainer.gate_shift_positions=256",
+            "noshiftgate": "trainer.gate_shift_positions=0"}
+
+
+def _expand(part: str, tag: str) -> str:
+    """A suffix's canonical form: aliases spelled out as ``trainer.FIELD=VALUE``."""
+    if tag in _ALIASES:
+        return _ALIASES[tag]
+    if tag[0] in "wth" and tag[1:].isdigit() and int(tag[1:]) < 1:
+        raise BenchError(f"arm {part!r}: the number after @{tag[0]} must be >= 1")
+    if tag[0] == "h" and tag[1:].isdigit():
+        return f"trainer.holdout_every_shift={tag[1:]}"
+    if tag[0] == "r" and tag[1:].isdigit():
+        if int(tag[1:]) > 100:
+            raise BenchError(f"arm {part!r}: @rN takes a percentage, 0 to 100")
+        return f"trainer.recent_ratio={int(tag[1:]) / 100}"
+    return tag
+
+
+def _config_value(part: str, config: type, field: str, text: str) -> Any:
+    """``text`` as the type of ``config``'s ``field`` (its default's type)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if field not in fields:
+        raise BenchError(f"arm {part!r}: {config.__name__} has no field {field!r} "
+                         f"(fields: {', '.join(fields)})")
+    default = fields[field].default  # MISSING (a factory's field): not settable below
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if isinstance(default, (int, float, str)):
+            return type(default)(text)
+    except ValueError:
+        raise BenchError(f"arm {part!r}: {config.__name__}.{field} must be of type "
+                         f"{type(default).__name__} (got {text!r})") from None
+    raise BenchError(f"arm {part!r}: {config.__name__}.{field} cannot be set from an arm suffix")
+
+
+def _config_override(part: str, tag: str) -> tuple[str, str, Any]:
+    """``trainer.FIELD=VALUE`` / ``trace.FIELD=VALUE``: (which, field, typed value)."""
+    from aurora_spec.flywheel.config import TraceConfig, TrainerConfig
+
+    lhs, _, text = tag.partition("=")
+    which, _, field = lhs.partition(".")
+    config = TrainerConfig if which == "trainer" else TraceConfig
+    return which, field, _config_value(part, config, field, text)
 
 
 def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
-    """Strip ``@wN`` / ``@tN`` / ``@lookup`` / ``@nolookup`` / ``@idle`` / ``@share`` /
-    ``@rest`` / ``@norest`` / ``@paired`` / ``@unpaired`` / ``@shiftgate`` / ``@noshiftgate`` /
-    ``@hN`` / ``@rN`` suffixes (any order) off one arm: the
-    body and the ArmSpec overrides they set."""
+    """Strip the ``@...`` suffixes (any order; see parse_arms) off one arm: the body and the
+    ArmSpec overrides they set."""
     over: dict[str, Any] = {}
+    configs: dict[str, dict[str, Any]] = {"trainer": {}, "trace": {}}
     body = part
     while (m := _SUFFIX.search(body)) is not None:
-        tag = m.group(1)
+        tag = _expand(part, m.group(1))
         if tag in _FLAGS:
             key, value = _FLAGS[tag]
             over[key] = value
-        elif tag[0] == "r":  # @rN: a percentage
-            if int(tag[1:]) > 100:
-                raise BenchError(f"arm {part!r}: @rN takes a percentage, 0 to 100")
-            over["recent_ratio"] = int(tag[1:]) / 100
-        else:  # @wN / @tN / @hN: the regex guarantees digits
-            if int(tag[1:]) < 1:
-                raise BenchError(f"arm {part!r}: the number after @{tag[0]} must be >= 1")
-            key = {"w": "tree_width", "t": "trainer_threads", "h": "holdout_every_shift"}[tag[0]]
-            over[key] = int(tag[1:])
+        elif tag.startswith(("trainer.", "trace.")):
+            which, field, value = _config_override(part, tag)
+            configs[which].setdefault(field, value)  # the rightmost suffix wins
+        else:  # @wN / @tN: the regex guarantees digits
+            over[{"w": "tree_width", "t": "trainer_threads"}[tag[0]]] = int(tag[1:])
         body = body[:m.start()]
+    for which, values in configs.items():
+        if values:
+            over[f"{which}_config"] = tuple(sorted(values.items()))
     return body, over
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
     """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
-    [@shiftgate|@noshiftgate][@hN][@rN]``
+    [@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@shiftgate|@noshiftgate][@hN][@rN]``
     separated by commas, e.g.
-    ``none,online,online@w3,online@nolookup,online@idle@t1,static:DIR``."""
+    ``none,online,online@w3,online@nolookup,online@idle@t1,online@trainer.lr=0.003,static:DIR``.
+    ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` set one field of an online arm's
+    TrainerConfig / TraceConfig (flywheel/config.py); ``@shiftgate`` is
+    ``@trainer.gate_shift_positions=256``, ``@hN`` ``@trainer.holdout_every_shift=N`` and
+    ``@rN`` ``@trainer.recent_ratio=N/100``."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
         part = part.strip()
@@ -353,9 +401,9 @@ def parse_arms(spec: str) -> list[ArmSpec]:
                              f"some take an argument: kind:ARG)")
         if _TRAINER & set(over) and not kind.startswith("online"):
             raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired, "
-                             f"@unpaired, @shiftgate, @noshiftgate, @hN and @rN are for online "
-                             f"arms (they set their trainer's CPU priority, threads, rests, "
-                             f"rollback test, gate and batches)")
+                             f"@unpaired, @trainer.*, @trace.*, @shiftgate, @noshiftgate, @hN "
+                             f"and @rN are for online arms (they set their trainer's CPU "
+                             f"priority, threads, rests, rollback test and configuration)")
         out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")

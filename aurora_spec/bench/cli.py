@@ -33,11 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "candidates stop beating the live head (default: a sharing trainer rests, "
                    "an idle-class one does not), and @unpaired rolls a new version back on a "
                    "live acceptance drop alone instead of on the trainer's paired verdict "
-                   "(@paired, default); @shiftgate makes an online arm's gate judge on the "
-                   "held-out positions since a traffic shift instead of the newest ones "
-                   "(@noshiftgate, default), and @hN then holds out 1 in N requests; @rN draws "
-                   "N%% of an online arm's training batches from the newest windows "
-                   "(default 50)")
+                   "(@paired, default); @trainer.FIELD=VALUE / @trace.FIELD=VALUE set one "
+                   "field of an online arm's TrainerConfig / TraceConfig "
+                   "(aurora_spec/flywheel/config.py), e.g. online@trainer.batch_tokens=128; "
+                   "short forms: @shiftgate makes the gate judge on the held-out positions "
+                   "since a traffic shift instead of the newest ones (@noshiftgate, default), "
+                   "@hN then holds out 1 in N requests, @rN draws N%% of the training batches "
+                   "from the newest windows (default 50)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

@@ -65,26 +65,19 @@ class OnlineArm(EngineArm):
         self.learner.stop(save=False)
 
 
-# What ``@shiftgate`` sets TrainerConfig.gate_shift_positions to: the value measured (README).
-SHIFT_GATE_POSITIONS = 256
-
-
 def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
            lambda_discard: float | None = None) -> OnlineArm:
-    from aurora_spec.flywheel.config import LearnerConfig, TrainerConfig
+    from aurora_spec.flywheel.config import LearnerConfig, TraceConfig, TrainerConfig
     from aurora_spec.flywheel.learner import OnlineLearner
 
     inner = engine_arm(target, name, "online", "eagle3", weights, o)
-    over: dict[str, Any] = {}  # the arm's suffixes (None: TrainerConfig's default)
-    if o.shift_gate is not None:
-        over["gate_shift_positions"] = SHIFT_GATE_POSITIONS if o.shift_gate else 0
-    for key, value in (("holdout_every_shift", o.holdout_every_shift),
-                       ("recent_ratio", o.recent_ratio), ("lambda_discard", lambda_discard)):
-        if value is not None:
-            over[key] = value
-    trainer = TrainerConfig(**over)
+    over = dict(o.trainer_config)  # the arm's suffixes (absent: TrainerConfig's default)
+    if lambda_discard is not None:
+        over["lambda_discard"] = lambda_discard
     learner = OnlineLearner(target.model, inner.engine,
-                            LearnerConfig(trainer=trainer, trainer_threads=o.trainer_threads,
+                            LearnerConfig(trace=TraceConfig(**dict(o.trace_config)),
+                                          trainer=TrainerConfig(**over),
+                                          trainer_threads=o.trainer_threads,
                                           trainer_idle=o.trainer_idle,
                                           trainer_rests=o.trainer_rests,
                                           rollback_paired=o.rollback_paired))

@@ -171,8 +171,8 @@ def test_parse_arms() -> None:
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
     with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired, "
-                                         "@unpaired, @shiftgate, @noshiftgate, @hN and @rN are "
-                                         "for online arms"):
+                                         "@unpaired, @trainer.*, @trace.*, @shiftgate, "
+                                         "@noshiftgate, @hN and @rN are for online arms"):
         parse_arms("static:/tmp/h@idle")
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("eagle3@share")
@@ -193,14 +193,39 @@ def test_parse_arms() -> None:
     with pytest.raises(BenchError, match="number after @t must be >= 1"):
         parse_arms("online@t0")
     gates = parse_arms("online-from:/tmp/h@idle@noshiftgate,online@h4,online@shiftgate,online")
-    assert [(s.shift_gate, s.holdout_every_shift) for s in gates] == [
-        (False, None), (None, 4), (True, None), (None, None)]
+    assert [s.trainer_config for s in gates] == [
+        (("gate_shift_positions", 0),), (("holdout_every_shift", 4),),
+        (("gate_shift_positions", 256),), None]
     with pytest.raises(BenchError, match="are for online arms"):
         parse_arms("static:/tmp/h@h4")
     ratios = parse_arms("online@r80,online@idle@r0,online")
-    assert [s.recent_ratio for s in ratios] == [0.8, 0.0, None]
+    assert [s.trainer_config for s in ratios] == [(("recent_ratio", 0.8),),
+                                                  (("recent_ratio", 0.0),), None]
     with pytest.raises(BenchError, match="a percentage"):
         parse_arms("online@r101")
+
+
+def test_arm_suffixes_set_any_trainer_or_trace_field() -> None:
+    """``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` reach an online arm's configs, typed
+    as the field's default; the rightmost of two settings of one field wins."""
+    (a,) = parse_arms("online-from:/tmp/h@idle@trainer.lr=0.003@trainer.batch_tokens=128"
+                      "@trace.prompt_rows=64@trainer.lr=0.002@shiftgate@trainer.autocast=off"
+                      "@trainer.rest_when_trained=false")
+    assert (a.kind, a.arg, a.trainer_idle) == ("online-from", "/tmp/h", True)
+    assert a.trainer_config == (("autocast", "off"), ("batch_tokens", 128),
+                                ("gate_shift_positions", 256), ("lr", 0.002),
+                                ("rest_when_trained", False))
+    assert a.trace_config == (("prompt_rows", 64),)
+    with pytest.raises(BenchError, match="TrainerConfig has no field 'learning_rate'"):
+        parse_arms("online@trainer.learning_rate=0.1")
+    with pytest.raises(BenchError, match="TrainerConfig.batch_tokens must be of type int \\(got 'big'\\)"):
+        parse_arms("online@trainer.batch_tokens=big")
+    with pytest.raises(BenchError, match="TrainerConfig.rest_when_trained must be of type bool"):
+        parse_arms("online@trainer.rest_when_trained=maybe")
+    with pytest.raises(BenchError, match="cannot be set from an arm suffix"):
+        parse_arms("online@trainer.depth_weights=1")
+    with pytest.raises(BenchError, match="are for online arms"):
+        parse_arms("static:/tmp/h@trace.prompt_rows=0")
 
 
 class FakeArm:
