@@ -9,6 +9,7 @@ between kernels (aurora_spec/threads.py). Prints tokens/s and the CPU idle share
 import statistics
 import threading
 
+import psutil
 import torch
 
 from aurora_spec.bench.arms import ArmOptions, BenchTarget, build_arm, parse_arms
@@ -16,11 +17,6 @@ from aurora_spec.bench.traffic import load_domain, resolve_traffic_dir
 from aurora_spec.cli import encode_prompt, resolve_chat, stop_token_ids
 from aurora_spec.config import ModelConfig
 from aurora_spec.runtime import load_target
-
-
-def cpu_times() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
 
 
 def main() -> None:
@@ -33,12 +29,11 @@ def main() -> None:
     none = build_arm(target, parse_arms("none")[0], ArmOptions())
 
     def timed(label: str) -> None:
-        before = cpu_times()
+        psutil.cpu_times_percent(interval=None)  # the idle share below is measured from here
         tps = [none.run(ids[i % len(ids)], 64, "code", f"{label}{i}").tokens_per_s
                for i in range(6)]
-        d = [b - a for a, b in zip(before, cpu_times(), strict=True)]
-        print(f"{label:14s} {statistics.median(tps):.1f} tokens/s, CPU idle {d[3] / sum(d):.0%}",
-              flush=True)
+        idle = psutil.cpu_times_percent(interval=None).idle / 100
+        print(f"{label:14s} {statistics.median(tps):.1f} tokens/s, CPU idle {idle:.0%}", flush=True)
 
     for _ in range(2):
         timed("main thread")

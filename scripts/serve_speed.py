@@ -18,14 +18,10 @@ import tempfile
 import time
 
 import httpx
+import psutil
 
 from aurora_spec.bench.traffic import load_domain, resolve_traffic_dir
 from aurora_spec.server.testing import free_port, wait_healthy
-
-
-def cpu_times() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
 
 
 def thread_names(pid: int) -> dict[str, int]:
@@ -51,7 +47,8 @@ def main() -> None:
     try:
         wait_healthy(url, proc)
         prompts = load_domain(resolve_traffic_dir(None), "code")[:a.requests]
-        speeds, before = [], cpu_times()
+        speeds: list[float] = []
+        psutil.cpu_times_percent(interval=None)  # the idle share below is measured from here
         for p in prompts:
             t = time.perf_counter()
             r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
@@ -59,11 +56,11 @@ def main() -> None:
                 "max_tokens": a.max_tokens, "temperature": 0})
             r.raise_for_status()
             speeds.append(r.json()["usage"]["completion_tokens"] / (time.perf_counter() - t))
-        d = [y - x for x, y in zip(before, cpu_times(), strict=True)]
+        idle = psutil.cpu_times_percent(interval=None).idle / 100
         print(json.dumps({"serve_args": serve_args,
                           "median_tokens_per_s": round(statistics.median(speeds), 1),
                           "tokens_per_s": [round(s, 1) for s in speeds],
-                          "cpu_idle_share": round(d[3] / sum(d), 2),
+                          "cpu_idle_share": round(idle, 2),
                           "threads": thread_names(proc.pid), "server_log": log.name}))
     finally:
         proc.send_signal(signal.SIGTERM)

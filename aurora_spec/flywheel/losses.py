@@ -147,7 +147,10 @@ class LossOut:
 
 def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Embedder,
                   depth: int, depth_weights: tuple[float, ...],
-                  lambda_discard: float) -> LossOut:
+                  lambda_discard: float, with_top1: bool = True) -> LossOut:
+    """The weighted loss and its parts. ``with_top1``: also the draft's top-1 agreement per
+    depth (for status only: an argmax over the draft vocabulary per depth, ~5% of a CPU step,
+    so the trainer asks for it now and then); NaN without it."""
     with_b = lambda_discard > 0 and batch.n_branch > 0
     un = unrolled_forward(head, batch, embed, depth, with_branches=with_b)
     d2t = head.d2t
@@ -167,6 +170,9 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
         total = total + weights[d] * kl
         wsum += weights[d]
         kls.append(float(kl.detach()))
+        if not with_top1:
+            top1.append(float("nan"))
+            continue
         with torch.no_grad():
             top1.append(float((d2t[lg[valid].argmax(-1)] == batch.truth_c[valid]).float().mean()))
     total = total / max(wsum, 1e-9)

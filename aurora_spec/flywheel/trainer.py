@@ -4,7 +4,8 @@ Runs wherever it is put: in the trainer process (flywheel/worker.py), or in-proc
 fitting (``aurora train``) and tests. Owns a float32 copy of the head, AdamW, the windows
 (recent + replay reservoir + held-out slice), the draft-vocabulary builder, and the gate: a
 candidate is offered only when its offline acceptance on the held-out slice beats the live
-version's.
+version's. When to stop stepping and start again is flywheel/rest.py (a mixin of Trainer); the
+traffic-shift detector is flywheel/shift.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import copy
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
 from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
 from aurora_spec.flywheel.replay import WindowStore
+from aurora_spec.flywheel.rest import Resting
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
 from aurora_spec.flywheel.vocab import VocabBuilder
@@ -74,7 +75,7 @@ class TrainerStats:
     candidates: int = 0
 
 
-class Trainer:
+class Trainer(Resting):
     def __init__(self, head: Eagle3Head, target: TargetHead, embed: Embedder,
                  cfg: TrainerConfig | None = None, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg = cfg or TrainerConfig()
@@ -95,17 +96,7 @@ class Trainer:
         self.records = 0
         self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float, int] | None = None
-        self.resting = False
-        # The live head's acceptance on the whole held-out slice at rest (None: not known yet)
-        self._rest_level: float | None = 0.0
-        self._rest_windows = 0  # store.windows_seen when it rested
-        self._checked_holdout = 0  # store.holdout_added at the last wake check
-        self._since_rest = (0.0, 0)  # (accepted tokens, draft points) held out since the rest
-        # The live head's own accepted tokens per drafting step, newest served steps (all traffic)
-        self._served: deque[int] = deque(maxlen=max(cfg.rest_wake_steps, 1))
-        self._served_since_rest = 0
-        self._served_level: float | None = None  # ... their mean at rest (None: not known yet)
-        self._rest_needs = cfg.rest_after_rejections  # judged gates without a pass before a rest
+        self._init_rest(cfg)
         self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
         self._shift_mark: int | None = None  # store.holdout_added at the last shift, until judged
         torch.manual_seed(cfg.seed)
@@ -206,7 +197,8 @@ class Trainer:
         self.head.train()
         with self._autocast():
             out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth,
-                                c.depth_weights, c.lambda_discard)
+                                c.depth_weights, c.lambda_discard,
+                                with_top1=self.stats.steps % c.publish_every == 0)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if c.grad_clip > 0:
@@ -216,7 +208,9 @@ class Trainer:
         s.steps += 1
         s.trained_pairs += batch.n_committed
         s.loss = float(out.loss.detach())
-        s.accepted_kl, s.discard_kl, s.top1 = out.accepted_kl, out.discard_kl, out.top1
+        s.accepted_kl, s.discard_kl = out.accepted_kl, out.discard_kl
+        if not all(math.isnan(x) for x in out.top1):
+            s.top1 = out.top1
         ms = (time.perf_counter() - t0) * 1e3
         s.step_ms = ms if s.steps == 1 else 0.9 * s.step_ms + 0.1 * ms
         return s.loss
@@ -355,109 +349,6 @@ class Trainer:
         self.store.mark()  # what arrives from now on, no published head has trained on
         self.stats.candidates += 1
         return cand, res
-
-    # ---- rest ------------------------------------------------------------------------------
-    def maybe_rest(self) -> bool:
-        """Stop training (``resting``) after ``rest_after_rejections`` judged gates in a row
-        without progress, i.e. without a candidate better by ``rest_progress`` (one after a
-        probe, see ``maybe_wake``); returns True when it just started resting."""
-        c, s = self.cfg, self.stats
-        if (self.resting or not c.rest_after_rejections
-                or s.gates_without_progress < self._rest_needs):
-            return False
-        # The baseline a held-out wake compares with: the whole held-out slice (tens of
-        # requests), not the gate's newest few, whose domain mix alone swings the score by 20% on
-        # mixed traffic.
-        self._start_rest(self.offline_acceptance(self.live, self.store.holdout_slice())[0])
-        log.info("trainer resting for %d new windows: %d candidates in a row did not beat the live"
-                 " head by %.0f%% (held-out acceptance %.3f)", self.rest_windows,
-                 s.gates_without_progress, 100 * c.rest_progress, self._rest_level)
-        return True
-
-    def _start_rest(self, held_out_level: float | None) -> None:
-        """Rest from now; a level left None is measured on the first traffic of the rest."""
-        self.resting = True
-        self._rest_level = held_out_level
-        self._rest_windows = self.store.windows_seen
-        self._checked_holdout = self.store.holdout_added
-        self._since_rest = (0.0, 0)
-        enough = len(self._served) >= max(self.cfg.rest_wake_steps // 2, 1)
-        self._served_level = self.served_acceptance if enough else None
-        self._served_since_rest = 0
-        self.stats.rests += 1
-        self.stats.rests_since_pass += 1
-
-    @property
-    def rest_windows(self) -> int:
-        """New training windows a rest lasts without other evidence: rest_min_windows, doubled
-        for each rest since a gate with progress (a head that stopped improving is trained
-        less and less often), at most rest_max_windows."""
-        c = self.cfg
-        doublings = max(self.stats.rests_since_pass - 1, 0)
-        return min(c.rest_min_windows << min(doublings, 30), c.rest_max_windows)
-
-    def maybe_wake(self) -> bool:
-        """While resting: wake on new evidence (see TrainerConfig.rest_*); True when it woke."""
-        if not self.resting:
-            return False
-        c = self.cfg
-        reason, kind = self._served_drop(), "served"
-        if not reason and (len(self.vocab.recent) >= c.vocab_min_tokens  # a few say little
-                           and self.coverage < c.rest_wake_coverage):  # new tokens: learn them
-            reason, kind = f"draft vocabulary coverage fell to {self.coverage:.3f}", "coverage"
-        if not reason and self.store.holdout_added != self._checked_holdout:  # new held-out
-            live, n = self._acceptance_since_rest()
-            if n >= c.gate_positions:
-                if self._rest_level is None:  # resting from the start: this is the level
-                    self._rest_level, self._since_rest = live, (0.0, 0)
-                elif live < self._rest_level * (1 - c.rest_wake_drop):
-                    reason = f"held-out acceptance fell from {self._rest_level:.3f} to {live:.3f}"
-                    kind = "held-out"
-        if not reason and self.store.windows_seen - self._rest_windows >= self.rest_windows:
-            reason, kind = f"{self.rest_windows} new training windows", "windows"
-        if not reason:
-            return False
-        self.resting = False
-        self.stats.gates_without_progress = 0
-        # Nothing says the traffic changed: one gate without a better candidate ends the probe.
-        self._rest_needs = 1 if kind == "windows" else c.rest_after_rejections
-        self.stats.wakes += 1
-        self.stats.wake_kinds[kind] = self.stats.wake_kinds.get(kind, 0) + 1
-        self.stats.last_wake = reason
-        log.info("trainer awake: %s", reason)
-        return True
-
-    def _served_drop(self) -> str:
-        """Why to wake when the live head's served acceptance over the newest rest_wake_steps
-        steps (all of them since the rest) fell by rest_wake_drop of its level at rest; ""."""
-        n = self.cfg.rest_wake_steps
-        if not n or self._served_since_rest < n:
-            return ""
-        now = self.served_acceptance or 0.0
-        if self._served_level is None:  # not enough served steps at rest: these set the level
-            self._served_level, self._served_since_rest = now, 0
-            return ""
-        if now < self._served_level * (1 - self.cfg.rest_wake_drop):
-            return f"served acceptance fell from {self._served_level:.3f} to {now:.3f} per step"
-        return ""
-
-    @property
-    def served_acceptance(self) -> float | None:
-        """The live head's own accepted tokens per drafting step over the newest served steps
-        (None before any)."""
-        return sum(self._served) / len(self._served) if self._served else None
-
-    def _acceptance_since_rest(self) -> tuple[float, int]:
-        """The live head's acceptance on the held-out windows added since it rested, scored once
-        each as they arrive: a resting trainer's checks must cost serving next to nothing."""
-        new = min(self.store.holdout_added - self._checked_holdout, self.cfg.holdout_windows)
-        self._checked_holdout = self.store.holdout_added
-        if new > 0:
-            acc, n = self.offline_acceptance(self.live, self.store.holdout_slice()[-new:])
-            total, count = self._since_rest
-            self._since_rest = (total + acc * n, count + n)
-        total, count = self._since_rest
-        return (total / count if count else 0.0), count
 
     def set_live(self, head: Eagle3Head) -> None:
         """The gate's baseline becomes ``head`` (after a swap or a rollback)."""

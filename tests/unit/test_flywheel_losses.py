@@ -169,6 +169,10 @@ def test_loss_decreases_and_discard_term_is_optional():
     assert out.discard_kl == out.discard_kl  # not NaN: branches were used
     off = flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.0)
     assert off.discard_kl != off.discard_kl  # NaN: discard part off
+    assert all(0.0 <= t <= 1.0 for t in off.top1)
+    quick = flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.0, with_top1=False)
+    assert all(t != t for t in quick.top1)  # NaN: not computed
+    assert torch.equal(quick.loss, off.loss)  # the stat changes nothing that is trained
 
 
 def test_trace_buffer_is_bounded_and_drops_oldest():
