@@ -1,0 +1,143 @@
+"""How fast does a trained head catch up after a traffic shift? An offline proxy for the wide-shift
+benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is worth benching.
+
+    python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
+    python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
+        --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64]
+
+``collect`` generates target-only greedy answers (64 tokens, chat template) for a stream of
+domains (default code:10,summarization:40,translation:40) and keeps the trace records serving
+would (every verify step, the last 512 prompt positions; no rejected branches: target-only
+decoding drafts nothing). ``fit`` starts the online trainer from ``--init`` and feeds it the
+stream in order, the last ``--held`` requests of each domain after the first held out; after
+each request it trains for ``--seconds`` of wall time (equal CPU time for settings whose steps
+cost differently; ``--steps`` instead gives a fixed number of steps). Every 5 requests it scores
+the current head on the current domain's held-out requests (the gate's measure: mean accepted
+tokens of a greedy 4-token chain) and prints one JSON line with the curves and their mean.
+Run settings one at a time on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+
+def _stream(text: str) -> list[tuple[str, int]]:
+    return [(d, int(n)) for d, n in (part.split(":") for part in text.split(","))]
+
+
+def collect(a: argparse.Namespace) -> None:
+    from aurora_spec.cli import encode_prompt, stop_token_ids
+    from aurora_spec.engine.engine import Engine, EngineConfig
+    from aurora_spec.flywheel.offline import collect as collect_traces
+    from aurora_spec.flywheel.offline import read_traffic
+    from aurora_spec.models.runner import CacheConfig, TargetRunner
+    from aurora_spec.runtime import ModelConfig, load_target
+
+    mcfg = ModelConfig(model=a.model)
+    info, tok, model = load_target(mcfg)
+    engine = Engine(TargetRunner(model, CacheConfig(1, mcfg.max_context)), None,
+                    EngineConfig(calibrate=False))
+    out: dict[str, list[dict]] = {}
+    for domain, n in _stream(a.stream):
+        rows = read_traffic(a.traffic, [domain])[a.skip:a.skip + n]
+        prompts = ((encode_prompt(tok, r["prompt"], None)[-1500:], domain) for r in rows)
+        got = collect_traces(engine, prompts, a.max_tokens, stop_token_ids(info, tok))
+        out[domain] = [dataclasses.asdict(r) for r in got.records]
+        print(f"{domain}: {n} requests, {got.output_tokens} tokens, {got.seconds:.0f} s", flush=True)
+    torch.save({"stream": a.stream, "records": out}, a.out)
+
+
+def _requests(records: list[dict], prompt_rows: int) -> list[list]:
+    """Trace records grouped by request (in order), prompt records cut to their last
+    ``prompt_rows`` positions."""
+    from aurora_spec.flywheel.traces import TraceRecord
+
+    by: dict[str, list[TraceRecord]] = {}
+    for d in records:
+        r = TraceRecord(**d)
+        cut = len(r.tokens) - 1 - prompt_rows
+        if r.prompt and cut > 0:
+            if prompt_rows == 0:
+                continue
+            r = dataclasses.replace(r, pos=r.pos + cut, tokens=r.tokens[cut:], rows=r.rows[cut:])
+        by.setdefault(r.request_id, []).append(r)
+    return list(by.values())
+
+
+def fit(a: argparse.Namespace) -> None:
+    from aurora_spec.drafters.eagle3_head import Eagle3Head
+    from aurora_spec.flywheel.batch import WindowAssembler
+    from aurora_spec.flywheel.config import TrainerConfig
+    from aurora_spec.flywheel.losses import Embedder, TargetHead
+    from aurora_spec.flywheel.trainer import Trainer
+    from aurora_spec.runtime import ModelConfig, load_target
+
+    _, _, model = load_target(ModelConfig(model=a.model))
+    data = torch.load(a.traces, weights_only=False)
+    domains = [d for d, _ in _stream(data["stream"])]
+    reqs = {d: _requests(data["records"][d], a.prompt_rows) for d in domains}
+    held = {}
+    for d in domains[1:]:  # scored on answers only, as serving drafts there
+        asm = WindowAssembler(128)
+        wins = [w for q in reqs[d][-a.held:] for r in q if not r.prompt for w in asm.add(r)]
+        held[d] = wins + asm.flush()
+        reqs[d] = reqs[d][:-a.held]
+    # No hold-out from the stream and no rest: the proxy measures learning, not the gate.
+    cfg = TrainerConfig(**{"holdout_every": 1 << 30, "rest_after_rejections": 0,
+                           **json.loads(a.trainer)})
+    head = Eagle3Head.load(a.init, dtype=torch.float32)
+    trainer = Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg)
+    curves: dict[str, list[float]] = {d: [] for d in held}
+    owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
+    for d in domains:
+        for i, request in enumerate(reqs[d]):
+            if d in held and i % 5 == 0:
+                curves[d].append(round(trainer.offline_acceptance(trainer.head, held[d])[0], 4))
+            trainer.ingest(request)
+            trainer.flush()
+            end, owed = time.perf_counter() + a.seconds, owed + a.steps
+            while trainer.can_train() and (time.perf_counter() < end if a.seconds else owed >= 1):
+                trainer.train_step()
+                owed -= 1
+    for d in held:
+        curves[d].append(round(trainer.offline_acceptance(trainer.head, held[d])[0], 4))
+    points = [x for c in curves.values() for x in c[:-1]]  # the catch-up, not the end state
+    print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
+                      "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
+                      "curves": curves, "mean": round(sum(points) / max(len(points), 1), 4)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--traffic", default="../shared/data/traffic")
+    c.add_argument("--stream", default="code:10,summarization:40,translation:40")
+    c.add_argument("--skip", type=int, default=100,
+                   help="skip this many prompts per domain (runs/head-code saw the first 100 "
+                   "code prompts)")
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--out", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("traces")
+    f.add_argument("--init", required=True, help="the trained head to start from")
+    f.add_argument("--held", type=int, default=10, help="held-out requests per later domain")
+    f.add_argument("--seconds", type=float, default=1.45, help="training time per request")
+    f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")
+    f.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
+    f.add_argument("--prompt-rows", type=int, default=512)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    collect(a) if a.cmd == "collect" else fit(a)
+
+
+if __name__ == "__main__":
+    main()
