@@ -61,10 +61,10 @@ def _requests(records: list[dict], prompt_rows: int) -> list[list]:
     by: dict[str, list[TraceRecord]] = {}
     for d in records:
         r = TraceRecord(**d)
-        cut = len(r.tokens) - 1 - prompt_rows
+        if r.prompt and prompt_rows == 0:
+            continue
+        cut = len(r.tokens) - 1 - prompt_rows  # prompt positions beyond the last prompt_rows
         if r.prompt and cut > 0:
-            if prompt_rows == 0:
-                continue
             r = dataclasses.replace(r, pos=r.pos + cut, tokens=r.tokens[cut:], rows=r.rows[cut:])
         by.setdefault(r.request_id, []).append(r)
     return list(by.values())

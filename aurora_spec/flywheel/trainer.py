@@ -195,10 +195,10 @@ class Trainer(Resting):
         if batch.n_committed == 0 and batch.n_branch == 0:
             return None
         self.head.train()
+        with_top1 = self.stats.steps % c.publish_every == 0  # a status stat: now and then
         with self._autocast():
             out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth,
-                                c.depth_weights, c.lambda_discard,
-                                with_top1=self.stats.steps % c.publish_every == 0)
+                                c.depth_weights, c.lambda_discard, with_top1=with_top1)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if c.grad_clip > 0:
@@ -209,7 +209,7 @@ class Trainer(Resting):
         s.trained_pairs += batch.n_committed
         s.loss = float(out.loss.detach())
         s.accepted_kl, s.discard_kl = out.accepted_kl, out.discard_kl
-        if not all(math.isnan(x) for x in out.top1):
+        if with_top1:
             s.top1 = out.top1
         ms = (time.perf_counter() - t0) * 1e3
         s.step_ms = ms if s.steps == 1 else 0.9 * s.step_ms + 0.1 * ms
