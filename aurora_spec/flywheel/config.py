@@ -59,6 +59,12 @@ class TrainerConfig:
     # ... and until then 1 in this many new requests is held out (0: holdout_every, the same
     # as before the shift); e.g. 4 fills the slice of new traffic twice as fast.
     holdout_every_shift: int = 0
+    # Prequential gate: each candidate is frozen and judged on the gate_positions scored
+    # positions of all traffic that arrives after that (held out or not; neither it nor the
+    # live head trained on them), then published if it passes. After a shift the slice is new
+    # traffic within ~8 requests where the held-out one takes ~64; the price: a published head
+    # is that much traffic older than the weights in training.
+    gate_prequential: bool = False
     gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage

@@ -21,8 +21,12 @@ from __future__ import annotations
 import random
 import zlib
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
 from aurora_spec.flywheel.batch import Window
+
+if TYPE_CHECKING:
+    from aurora_spec.drafters.eagle3_head import Eagle3Head
 
 
 class WindowStore:
@@ -145,3 +149,34 @@ class WindowStore:
         for w in (*self.recent, *self.reservoir, *self.holdout, *self.unseen):
             seen[id(w)] = w
         return sum(w.nbytes for w in seen.values())
+
+
+class FreshSlice:
+    """A frozen candidate and the windows that arrive after it was frozen, up to ``pairs``
+    scored positions: neither it nor the live head (published before it was frozen) trained on
+    them, so they are a held-out slice in time, of the newest traffic, that costs no training
+    data (TrainerConfig.gate_prequential)."""
+
+    def __init__(self, pairs: int) -> None:
+        self.pairs = pairs
+        self.candidate: Eagle3Head | None = None
+        self.windows: list[Window] = []
+        self.scored = 0
+        self.serial = 0  # bumped at each freeze: names the slice for cached scores
+
+    def freeze(self, candidate: Eagle3Head) -> None:
+        self.candidate, self.windows, self.scored = candidate, [], 0
+        self.serial += 1
+
+    def clear(self) -> None:
+        self.candidate, self.windows, self.scored = None, [], 0
+
+    def add(self, win: Window) -> None:
+        if self.candidate is not None and not self.ready and win.scored_pairs > 0:
+            self.windows.append(win)
+            self.scored += win.scored_pairs
+
+    @property
+    def ready(self) -> bool:
+        """The candidate has a full slice to be judged on."""
+        return self.candidate is not None and self.scored >= self.pairs

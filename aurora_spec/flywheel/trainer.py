@@ -22,7 +22,7 @@ from aurora_spec.drafters.eagle3_head import Eagle3Head
 from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
 from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
-from aurora_spec.flywheel.replay import WindowStore
+from aurora_spec.flywheel.replay import FreshSlice, WindowStore
 from aurora_spec.flywheel.rest import Resting
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
@@ -60,7 +60,8 @@ class TrainerStats:
     accepted_kl: list[float] = field(default_factory=list)
     discard_kl: float = float("nan")
     top1: list[float] = field(default_factory=list)
-    step_ms: float = 0.0
+    step_ms: float = 0.0  # wall time per step (moving average): includes time other processes ran
+    step_cpu_ms: float = 0.0  # this process's CPU time per step: the step's cost on a shared machine
     gates: int = 0
     gate_rejections: int = 0
     # judged gates (slice big enough) without progress since the last one with: refused, or
@@ -88,6 +89,7 @@ class Trainer(Resting):
         self.store = WindowStore(cfg.recent_windows, cfg.reservoir_windows, cfg.holdout_every,
                                  cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes,
                                  unseen_pairs=4 * cfg.gate_positions)
+        self.fresh = FreshSlice(cfg.gate_positions)  # the prequential gate's candidate and slice
         c = self.head.config
         self.vocab = VocabBuilder(c.target_vocab_size, c.draft_vocab_size,
                                   cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
@@ -132,13 +134,12 @@ class Trainer(Resting):
                     self._served_since_rest += 1
                 if self.shift.observe(rec.head[1]):
                     self._on_shift()
-            for win in self.assembler.add(rec):
-                self.store.add(win)
-        self._end_shift_when_judged()
+            self.add_windows(self.assembler.add(rec))
 
     def add_windows(self, windows: list[Window]) -> None:
         for win in windows:
             self.store.add(win)
+            self.fresh.add(win)
         self._end_shift_when_judged()
 
     def flush(self) -> None:
@@ -189,7 +190,7 @@ class Trainer(Resting):
             return None
         c = self.cfg
         self.maybe_rebuild_vocab()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         windows = self.store.sample(c.batch_tokens, c.recent_ratio)
         batch = pack_windows(windows, with_branches=c.lambda_discard > 0).to(self.device)
         if batch.n_committed == 0 and batch.n_branch == 0:
@@ -212,7 +213,9 @@ class Trainer(Resting):
         if with_top1:
             s.top1 = out.top1
         ms = (time.perf_counter() - t0) * 1e3
+        cpu_ms = (time.process_time() - cpu0) * 1e3
         s.step_ms = ms if s.steps == 1 else 0.9 * s.step_ms + 0.1 * ms
+        s.step_cpu_ms = cpu_ms if s.steps == 1 else 0.9 * s.step_cpu_ms + 0.1 * cpu_ms
         return s.loss
 
     def _autocast(self):
@@ -301,18 +304,22 @@ class Trainer(Resting):
             n += w.scored_pairs
         return out
 
-    def live_acceptance(self, windows: list[Window]) -> tuple[float, int]:
-        """The live head's offline acceptance on ``windows`` (the gate's slice), cached until the
-        live head or the held-out slice changes: gates in a row with neither changed score the
-        live head once."""
-        key = (self.live.version, id(self.live), self.store.holdout_added, len(windows))
+    def live_acceptance(self, windows: list[Window], source: tuple) -> tuple[float, int]:
+        """The live head's offline acceptance on ``windows`` (the gate's slice, named by
+        ``source``), cached until the live head or the slice changes: gates in a row with
+        neither changed score the live head once."""
+        key = (self.live.version, id(self.live), source, len(windows))
         if self._live_score is None or self._live_score[0] != key:
             self._live_score = (key, *self.offline_acceptance(self.live, windows))
         return self._live_score[1], self._live_score[2]
 
-    def gate(self, candidate: Eagle3Head) -> GateResult:
-        windows = self.gate_windows()
-        live, n = self.live_acceptance(windows)
+    def gate(self, candidate: Eagle3Head, windows: list[Window] | None = None,
+             source: tuple = ()) -> GateResult:
+        """Judge ``candidate`` against the live head on ``windows`` (default: the newest
+        held-out slice)."""
+        if windows is None:
+            windows, source = self.gate_windows(), ("held-out", self.store.holdout_added)
+        live, n = self.live_acceptance(windows, source)
         cand, _ = self.offline_acceptance(candidate, windows)
         alpha = [round(a, 4) for a in self.last_alpha]  # the candidate's (evaluated last)
         c = self.cfg
@@ -336,11 +343,29 @@ class Trainer(Resting):
         return res
 
     def propose_candidate(self) -> tuple[Eagle3Head, GateResult] | None:
-        """A frozen copy of the current weights with the next version, if it passes the gate."""
+        """A frozen copy of the current weights with the next version, if it passes the gate;
+        with the prequential gate, the copy frozen last time, once the traffic since has come."""
+        if self.cfg.gate_prequential:
+            return self._propose_prequential()
+        cand = self._frozen_copy()
+        return self._publish(cand, self.gate(cand))
+
+    def _frozen_copy(self) -> Eagle3Head:
         cand = copy.deepcopy(self.head).eval()
         for p in cand.parameters():
             p.requires_grad_(False)
-        res = self.gate(cand)
+        return cand
+
+    def _propose_prequential(self) -> tuple[Eagle3Head, GateResult] | None:
+        if self.fresh.candidate is not None and not self.fresh.ready:
+            return None  # its slice is still arriving; the weights train on meanwhile
+        judged, windows, serial = self.fresh.candidate, self.fresh.windows, self.fresh.serial
+        self.fresh.freeze(self._frozen_copy())  # the next candidate, judged on what comes next
+        if judged is None:
+            return None
+        return self._publish(judged, self.gate(judged, windows, ("fresh", serial)))
+
+    def _publish(self, cand: Eagle3Head, res: GateResult) -> tuple[Eagle3Head, GateResult] | None:
         if not res.passed:
             log.info("gate: candidate not published: %s", res.reason)
             return None
@@ -368,6 +393,7 @@ class Trainer(Resting):
                                               dtype=torch.bool), norm=True)
         self._make_optimizer()
         self.set_live(head)
+        self.fresh.clear()  # a candidate frozen from the weights given up
         self.resting = False  # the live head changed under it: judge afresh
         self.stats.gates_without_progress = 0
         self.stats.rests_since_pass = 0
@@ -382,7 +408,8 @@ class Trainer(Resting):
         return {"trainer_step": s.steps, "loss": rnd(s.loss), "accepted_kl": [rnd(x) for x in
                                                                             s.accepted_kl],
                 "discard_kl": rnd(s.discard_kl), "top1": [rnd(x) for x in s.top1],
-                "step_ms": round(s.step_ms, 1), "trained_pairs": s.trained_pairs,
+                "step_ms": round(s.step_ms, 1), "step_cpu_ms": round(s.step_cpu_ms, 1),
+                "trained_pairs": s.trained_pairs,
                 "ingested_pairs": self.store.positions, "records": self.records,
                 "windows": len(self.store.reservoir), "holdout_windows": len(self.store.holdout),
                 "vocab_coverage": round(self.coverage, 4), "vocab_rebuilds": self.vocab.rebuilds,

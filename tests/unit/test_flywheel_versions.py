@@ -138,6 +138,36 @@ def test_gate_refuses_a_worse_candidate():
     assert all(0.0 < a < 1.0 for a in trainer.last_alpha), trainer.last_alpha
 
 
+def test_prequential_gate_judges_a_frozen_candidate_on_the_traffic_after_it():
+    """With gate_prequential a candidate is frozen first and judged later, against the live
+    head, on the windows that arrived after it was frozen (all of them, held out or not); it is
+    published if it passes, a worse one is refused, and training goes on meanwhile."""
+    model, head, trainer = trained_trainer(gate_prequential=True, gate_positions=64)
+    g = torch.Generator().manual_seed(0)  # the stream it trained on, again
+    prompts = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(3)]
+    assert trainer.propose_candidate() is None  # frozen; what came before it does not count
+    good = trainer.fresh.candidate
+    assert good is not None and trainer.fresh.scored == 0 and trainer.stats.gates == 0
+    trainer.train_step()  # the weights train on; the frozen copy does not move
+    assert not torch.equal(good.fc.weight, trainer.head.fc.weight)
+    assert trainer.propose_candidate() is None and trainer.fresh.candidate is good  # filling
+    collect_windows(model, trainer, prompts, head)
+    assert trainer.fresh.ready
+    assert any(not trainer.store.held_out(w.request_id) for w in trainer.fresh.windows)
+    trainer.head = head_for(model, std=0.3, seed=9, draft_vocab=64)  # worse weights from here
+    got = trainer.propose_candidate()  # judges `good` (beats the day-0 live head): published
+    assert got is not None and got[0] is good and got[0].version == 1
+    assert got[1].positions >= 64 and got[1].candidate > got[1].live
+    worse = trainer.fresh.candidate  # frozen from the worse weights, judged on the next slice
+    assert worse is not None and worse is not good and trainer.fresh.scored == 0
+    trainer.set_live(good)
+    collect_windows(model, trainer, prompts, head)
+    assert trainer.propose_candidate() is None
+    gate = trainer.stats.last_gate
+    assert gate["passed"] is False and gate["candidate"] < gate["live"] and gate["positions"] >= 64
+    assert trainer.next_version == 2 and trainer.stats.gates == 2
+
+
 def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     """After rest_after_rejections judged gates in a row without a better candidate the trainer
     stops stepping (its core goes to serving); a drop of the live head's held-out acceptance,
