@@ -75,19 +75,21 @@ def test_the_trainer_judges_a_swap_on_traffic_served_since(online):
     frozen and sends its verdict back (serving ignores it here: nothing is suspect)."""
     learner, engine, drafter, prompts, want = online
     learner.pause()  # no new candidate meanwhile: the live version stays the newest
-    live, previous = learner.live_version, learner.publisher.previous
-    assert previous is not None and previous.version < live
-    for p in prompts:
-        assert list(engine.generate(p, PARAMS).token_ids) == want[tuple(p)]
-    time.sleep(1.5)  # the trainer closes the open windows after a second without traffic
-    assert learner.publisher.judge is not None
-    assert learner.publisher.judge(live, previous.version)
-    assert learner.wait_for(lambda st: (st.get("last_verdict") or {}).get("version") == live, 60)
-    v = learner.status()["last_verdict"]
-    assert v["keep"] is not None and v["positions"] >= 16, v
-    assert v["keep"] == (v["new"] >= v["previous"]) and "fresh positions" in v["detail"]
-    assert learner.live_version == live and learner.status()["rollbacks"] == 0
-    learner.resume()
+    try:
+        live, previous = learner.live_version, learner.publisher.previous
+        assert previous is not None and previous.version < live
+        for p in prompts:
+            assert list(engine.generate(p, PARAMS).token_ids) == want[tuple(p)]
+        time.sleep(1.5)  # the trainer closes the open windows after a second without traffic
+        assert learner.publisher.judge is not None
+        assert learner.publisher.judge(live, previous.version)
+        assert learner.wait_for(lambda st: (st.get("last_verdict") or {}).get("version") == live, 60)
+        v = learner.status()["last_verdict"]
+        assert v["keep"] is not None and v["positions"] >= 16, v
+        assert v["keep"] == (v["new"] >= v["previous"]) and "fresh positions" in v["detail"]
+        assert learner.live_version == live and learner.status()["rollbacks"] == 0
+    finally:  # the next test needs a trainer that trains, whatever happened here
+        learner.resume()
 
 
 def test_killing_the_trainer_keeps_serving_and_restarts_it(online):
