@@ -24,7 +24,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_decoder(resolve_model(args.model), getattr(torch, args.dtype), cpu_kernels=False)
-    weights = [p for n, p in model.named_parameters() if p.dim() == 2 and n != "embed.weight"]
+    weights: list[torch.Tensor] = [p for n, p in model.named_parameters()
+                                   if p.dim() == 2 and n != "embed.weight"]
     weights.append(model.lm_head.weight)
     packed = [CpuLinear(w) for w in weights]
     rows_list = (1, 2, 3, 4, 8, 16)

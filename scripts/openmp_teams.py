@@ -30,7 +30,7 @@ def main() -> None:
 
     def timed(label: str) -> None:
         psutil.cpu_times_percent(interval=None)  # the idle share below is measured from here
-        tps = [none.run(ids[i % len(ids)], 64, "code", f"{label}{i}").tokens_per_s
+        tps = [none.run(ids[i % len(ids)], 64, "code", f"{label}{i}").tokens_per_s or 0.0
                for i in range(6)]
         idle = psutil.cpu_times_percent(interval=None).idle / 100
         print(f"{label:14s} {statistics.median(tps):.1f} tokens/s, CPU idle {idle:.0%}", flush=True)

@@ -25,7 +25,7 @@ from aurora_spec.server.testing import free_port, wait_healthy
 
 
 def thread_names(pid: int) -> dict[str, int]:
-    names = collections.Counter()
+    names: collections.Counter[str] = collections.Counter()
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/comm") as f:
             names[f.read().strip()] += 1
@@ -49,10 +49,10 @@ def main() -> None:
         prompts = load_domain(resolve_traffic_dir(None), "code")[:a.requests]
         speeds: list[float] = []
         psutil.cpu_times_percent(interval=None)  # the idle share below is measured from here
-        for p in prompts:
+        for prompt in prompts:
             t = time.perf_counter()
             r = httpx.post(url + "/v1/chat/completions", timeout=600, json={
-                "model": "smollm2-135m", "messages": [{"role": "user", "content": p.prompt}],
+                "model": "smollm2-135m", "messages": [{"role": "user", "content": prompt.prompt}],
                 "max_tokens": a.max_tokens, "temperature": 0})
             r.raise_for_status()
             speeds.append(r.json()["usage"]["completion_tokens"] / (time.perf_counter() - t))
