@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from aurora_spec.bench.plots import plot_requests
+
 # The figures issue 2 asks for (README quotes the check lines).
 ENGINE_VS_HF_MIN = 1.3  # target-only engine vs transformers generate(), float32
 NGRAM_SUMMARIZATION_MIN = 1.5  # ngram vs target-only on summarization
@@ -271,6 +273,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += over_time_lines(results)
     lines += recovery_lines(results)
+    lines += trainer_lines(results)
     lines += ["", "## Checks", "", "```"] + check_lines(results) + ["```", ""]
     extra = [k for k in results if k not in ("config", "arms", "checks", "requests")]
     if extra:
@@ -294,35 +297,73 @@ def request_ranges(recs: list[dict[str, Any]], block: int = 50) -> list[tuple[st
         rows = [(f"{lo}-{min(lo + block, n) - 1}", lo, min(lo + block, n))
                 for lo in range(0, n, block)]
     rows = [(f"first 10 (0-{min(10, n) - 1})", 0, min(10, n))] + rows
+    if len(spans) > 2:  # the domain-shift goal's range: every segment after the first
+        first_change = sorted(spans.values())[1][0]
+        rows.append((f"after the first change ({first_change}-{n - 1})", first_change, n))
     if n > block and (n - block, n) not in {(lo, hi) for _, lo, hi in rows}:
         rows.append((f"last {block} ({n - block}-{n - 1})", n - block, n))
     return rows + [(f"all (0-{n - 1})", 0, n)]
 
 
+def reference_arm(names: Sequence[str]) -> str | None:
+    """The arm the over-time table compares with: ``none`` (target-only) when the run has it,
+    else the first static head (the domain-shift goal's baseline)."""
+    if "none" in names:
+        return "none"
+    return next((a for a in names if a.startswith("static:")), None)
+
+
 def over_time_lines(results: dict[str, Any]) -> list[str]:
     """Per arm, tau (the head alone's, for eagle3 + lookup), median tokens/s and its ratio to
-    ``none`` over ranges of request indices: how an online arm's speed develops."""
+    the reference arm over ranges of request indices: how an online arm's speed develops."""
     recs = results.get("requests") or []
     names = list(results["arms"])
     if not recs or max(r["index"] for r in recs) < 20:
         return []
+    ref_arm = reference_arm(names)
     lines = ["", "## Requests over time", "",
-             "Per arm: mean tau (mean tau of the learned head alone), median tokens/s, ratio to "
-             "`none` over the same requests.", "",
+             "Per arm: mean tau (mean tau of the learned head alone), median tokens/s"
+             + (f", ratio to `{ref_arm}` over the same requests." if ref_arm else "."), "",
              "| requests | " + " | ".join(f"`{a}`" for a in names) + " |",
              "|" + "---|" * (len(names) + 1)]
     for label, lo, hi in request_ranges(recs):
         cells = []
-        ref = _stats([r for r in recs if r["arm"] == "none" and lo <= r["index"] < hi])
+        ref = _stats([r for r in recs if r["arm"] == ref_arm and lo <= r["index"] < hi])
         for a in names:
             mine = [r for r in recs if r["arm"] == a and lo <= r["index"] < hi]
             st = _stats(mine)
             head = _mean([r["tau_head"] for r in mine if r.get("tau_head") is not None])
             cells.append(f"{_f(st['tau'], 2)}" + (f" ({_f(head, 2)})" if head else "")
                          + f" · {_f(st['tokens_per_s'])}"
-                         + ("" if a == "none" or not ref["requests"]
+                         + ("" if a == ref_arm or not ref["requests"]
                             else f" · {_x(_ratio(st['tokens_per_s'], ref['tokens_per_s']))}"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def trainer_lines(results: dict[str, Any]) -> list[str]:
+    """Per online arm, its trainer at the end of the run (``arm_status``): what it cost and what
+    it put live."""
+    status = {a: st for a, st in (results.get("arm_status") or {}).items()
+              if "trainer_step" in st}
+    if not status:
+        return []
+
+    def cell(st: dict[str, Any], key: str) -> str:
+        return "-" if st.get(key) is None else f"{st[key]:g}"
+
+    lines = ["", "## Trainers", "",
+             "Per online arm at the end of the run: optimizer steps; the trainer process's CPU "
+             "time and wall time per step (moving averages; the wall time includes time "
+             "serving ran meanwhile); versions swapped in, rolled back; gates judged (refused); "
+             "rests.", "",
+             "| arm | steps | CPU ms / step | wall ms / step | swaps | rollbacks | gates "
+             "(refused) | rests |", "|" + "---|" * 8]
+    for a, st in status.items():
+        lines.append(f"| `{a}` | " + " | ".join([
+            cell(st, "trainer_step"), cell(st, "step_cpu_ms"), cell(st, "step_ms"),
+            cell(st, "swaps"), cell(st, "rollbacks"),
+            f"{cell(st, 'gates')} ({cell(st, 'gate_rejections')})", cell(st, "rests")]) + " |")
     return lines
 
 
@@ -378,77 +419,6 @@ def recovery_lines(results: dict[str, Any], share: float = 0.9, before: int = 50
             cells.append(parts[0] + (f" ({parts[1]})" if len(parts) > 1 else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
-
-
-def swap_indices(recs: list[dict[str, Any]]) -> list[int]:
-    """Request indices where an arm's draft version changed. Only requests that drafted say which
-    head was live: one that never drafted reports version 0 and would mark two false swaps."""
-    versions = [(r["index"], r.get("draft_version")) for r in recs if r.get("proposed", 1)]
-    return [i1 for (_, v0), (i1, v1) in zip(versions, versions[1:])
-            if v0 is not None and v1 is not None and v1 != v0]
-
-
-def _rolling(ys: Sequence[float], w: int = 10) -> list[float]:
-    """Mean of the last ``w`` values at each point (the plots' smoothed line)."""
-    return [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-
-
-def plot_requests(results: dict[str, Any], path: Path) -> None:
-    """tau and tokens/s against request index, one line per arm; stream segment boundaries and
-    draft version changes (swaps) marked."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = results["requests"]
-    fig, (ax_tau, ax_tps) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    for k, name in enumerate(results["arms"]):
-        color = colors[k % len(colors)]
-        mine = sorted((r for r in recs if r["arm"] == name), key=lambda r: r["index"])
-        for ax, key in ((ax_tau, "tau"), (ax_tps, "tokens_per_s")):
-            pts = [(r["index"], r[key]) for r in mine if r.get(key) is not None]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            many = len(xs) >= 20
-            ax.plot(xs, ys, color=color, alpha=0.3 if many else 0.9, lw=1,
-                    marker=None if many else "o", ms=3, label=None if many else name)
-            if many:
-                ax.plot(xs, _rolling(ys), color=color, lw=2, label=name)
-        head = [(r["index"], r["tau_head"]) for r in mine if r.get("tau_head") is not None]
-        if len(head) >= 20:  # eagle3 + lookup: what the learned head alone would have reached
-            xs, ys = zip(*head)
-            ax_tau.plot(xs, _rolling(ys), color=color, lw=1.5, ls="--",
-                        label=f"{name}: head alone")
-            ax_tau.legend(loc="upper left", fontsize=8)
-        for i in swap_indices(mine):
-            for ax in (ax_tau, ax_tps):
-                ax.axvline(i, color="grey", ls=":", lw=0.8)
-    if results["config"].get("mode") == "stream":
-        by_index = {r["index"]: r for r in recs}
-        prev = None
-        for i in sorted(by_index):
-            seg = by_index[i].get("segment")
-            if seg != prev:
-                for ax in (ax_tau, ax_tps):
-                    if prev is not None:
-                        ax.axvline(i - 0.5, color="black", ls="--", lw=0.8)
-                ax_tau.annotate(by_index[i]["domain"], (i, 1), xycoords=("data", "axes fraction"),
-                                va="top", fontsize=8)
-                prev = seg
-    ax_tau.set_ylabel("tau (tokens / verify step)")
-    ax_tps.set_ylabel("decode tokens/s")
-    ax_tps.set_xlabel("request index")
-    ax_tps.legend(loc="best", fontsize=8)
-    cfg = results["config"]
-    fig.suptitle(f"{cfg.get('model')} {cfg.get('dtype')}, {cfg.get('threads')} thread(s), "
-                 f"{cfg.get('max_tokens')} max new tokens", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(out_dir: Path, results: dict[str, Any], plot: bool = True) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aurora_spec.bench import report
+from aurora_spec.bench import plots, report
 from aurora_spec.bench.arms import (
     ArmOutput,
     BenchError,
@@ -466,7 +466,7 @@ def _planned(i: int):
 def test_swap_markers_ignore_requests_that_did_not_draft() -> None:
     recs = [{"index": i, "draft_version": v, "proposed": p}
             for i, (v, p) in enumerate([(1, 3), (1, 2), (0, 0), (1, 4), (2, 3), (0, 0), (2, 1)])]
-    assert report.swap_indices(recs) == [4]
+    assert plots.swap_indices(recs) == [4]
 
 
 def test_requests_over_time_table() -> None:
@@ -490,6 +490,30 @@ def test_requests_over_time_table() -> None:
     labels = [r[0] for r in report.request_ranges(recs)]
     assert labels[1:3] == ["segment 0: chat (0-29)", "segment 1: code (30-59)"]
     assert report.over_time_lines({"arms": {"none": {}}, "requests": recs[:20]}) == []
+    # Three segments: a row for all after the first change (the shift goal's range); without a
+    # none arm the ratios are to the first static head.
+    for r in recs:
+        r["segment"] = min(r["index"] // 20, 2)
+        if r["arm"] == "none":
+            r["arm"] = "static:h"
+    labels = [r[0] for r in report.request_ranges(recs)]
+    assert labels[4] == "after the first change (20-59)", labels
+    lines = report.over_time_lines({"arms": {"static:h": {}, "online": {}}, "requests": recs})
+    assert any("ratio to `static:h`" in line for line in lines)
+    assert "| after the first change (20-59) | 1.00 · 10.0 | 2.00 (1.50) · 10.0 · 1.00x |" in lines
+    assert "| segment 2: code (40-59) | 1.00 · 10.0 | 2.00 (1.50) · 20.0 · 2.00x |" in lines
+
+
+def test_report_has_a_row_per_trainer() -> None:
+    """The report's Trainers section: one row per arm whose status has a trainer, from the
+    statuses the bench saves (arm_status); none without one."""
+    status = {"trainer_step": 1187, "step_cpu_ms": 627.4, "step_ms": 1464.2, "swaps": 8,
+              "rollbacks": 0, "gates": 47, "gate_rejections": 39, "rests": 0}
+    results = {"arm_status": {"online-from:h@idle": status, "eagle3": {"draft_versions": 1}}}
+    lines = report.trainer_lines(results)
+    assert "| `online-from:h@idle` | 1187 | 627.4 | 1464.2 | 8 | 0 | 47 (39) | 0 |" in lines
+    assert not any("eagle3" in line for line in lines)
+    assert report.trainer_lines({"arm_status": {"eagle3": {}}}) == []
 
 
 def test_recovery_after_a_domain_change() -> None:
