@@ -134,13 +134,18 @@ class Trainer(Resting):
                     self._served_since_rest += 1
                 if self.shift.observe(rec.head[1]):
                     self._on_shift()
-            self.add_windows(self.assembler.add(rec))
+            for win in self.assembler.add(rec):
+                self._add_window(win)
+        self._end_shift_when_judged()
 
     def add_windows(self, windows: list[Window]) -> None:
         for win in windows:
-            self.store.add(win)
-            self.fresh.add(win)
+            self._add_window(win)
         self._end_shift_when_judged()
+
+    def _add_window(self, win: Window) -> None:
+        self.store.add(win)
+        self.fresh.add(win)
 
     def flush(self) -> None:
         """Close every open window (no more steps are coming soon)."""
@@ -313,12 +318,9 @@ class Trainer(Resting):
             self._live_score = (key, *self.offline_acceptance(self.live, windows))
         return self._live_score[1], self._live_score[2]
 
-    def gate(self, candidate: Eagle3Head, windows: list[Window] | None = None,
-             source: tuple = ()) -> GateResult:
-        """Judge ``candidate`` against the live head on ``windows`` (default: the newest
-        held-out slice)."""
-        if windows is None:
-            windows, source = self.gate_windows(), ("held-out", self.store.holdout_added)
+    def gate(self, candidate: Eagle3Head, windows: list[Window], source: tuple) -> GateResult:
+        """Judge ``candidate`` against the live head on ``windows``, the slice named by
+        ``source`` (the name keys the cached live score)."""
         live, n = self.live_acceptance(windows, source)
         cand, _ = self.offline_acceptance(candidate, windows)
         alpha = [round(a, 4) for a in self.last_alpha]  # the candidate's (evaluated last)
@@ -348,7 +350,8 @@ class Trainer(Resting):
         if self.cfg.gate_prequential:
             return self._propose_prequential()
         cand = self._frozen_copy()
-        return self._publish(cand, self.gate(cand))
+        return self._publish(cand, self.gate(cand, self.gate_windows(),
+                                             ("held-out", self.store.holdout_added)))
 
     def _frozen_copy(self) -> Eagle3Head:
         cand = copy.deepcopy(self.head).eval()
