@@ -95,7 +95,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
 
     def send_status() -> None:
         st = trainer.status()
-        st.update(paused=paused, pid=os.getpid(), pending_candidate=pending, priority=priority,
+        st.update(trainer_paused=paused, pid=os.getpid(),
+                  pending_candidate=None if pending is None else pending[0], priority=priority,
                   trainer_threads=torch.get_num_threads(), last_verdict=last_verdict)
         outbox.put(("status", st))
 
@@ -141,6 +142,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
                 outbox.put(("verdict", msg[1], last_verdict["keep"], last_verdict["detail"]))
             elif kind == "pause":
                 paused = True
+                send_status()  # from now on no candidate is proposed: say so at once
             elif kind == "resume":
                 paused = False
                 if trainer.maybe_wake():

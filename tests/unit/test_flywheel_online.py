@@ -76,6 +76,9 @@ def test_the_trainer_judges_a_swap_on_traffic_served_since(online):
     learner, engine, drafter, prompts, want = online
     learner.pause()  # no new candidate meanwhile: the live version stays the newest
     try:
+        # ... once the trainer has taken the pause and a candidate it sent before is settled
+        assert learner.wait_for(lambda st: st.get("trainer_paused")
+                                and st.get("pending_candidate") is None, 60)
         live, previous = learner.live_version, learner.publisher.previous
         assert previous is not None and previous.version < live
         for p in prompts:
