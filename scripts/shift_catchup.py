@@ -4,6 +4,8 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
         --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64]
+    python scripts/shift_catchup.py speed runs/catchup/traces.pt --init runs/head-code \
+        [--trainer '{"batch_tokens": 128}'] [--profile]
 
 ``collect`` generates target-only greedy answers (64 tokens, chat template) for a stream of
 domains (default code:10,summarization:40,translation:40) and keeps the trace records serving
@@ -14,6 +16,8 @@ each request it trains for ``--seconds`` of wall time (equal CPU time for settin
 cost differently; ``--steps`` instead gives a fixed number of steps). Every 5 requests it scores
 the current head on the current domain's held-out requests (the gate's measure: mean accepted
 tokens of a greedy 4-token chain) and prints one JSON line with the curves and their mean.
+``speed`` times the trainer's optimizer step (wall and CPU ms, after warm-up) on the first
+domains' traces, and with ``--profile`` prints torch.profiler's table of where a step goes.
 Run settings one at a time on an otherwise idle machine.
 """
 
@@ -70,15 +74,52 @@ def _requests(records: list[dict], prompt_rows: int) -> list[list]:
     return list(by.values())
 
 
-def fit(a: argparse.Namespace) -> None:
+def _trainer(a: argparse.Namespace):
+    """The online trainer from ``--init`` with ``--trainer`` overrides; no hold-out from the
+    stream and no rest: the proxy measures learning, not the gate."""
     from aurora_spec.drafters.eagle3_head import Eagle3Head
-    from aurora_spec.flywheel.batch import WindowAssembler
     from aurora_spec.flywheel.config import TrainerConfig
     from aurora_spec.flywheel.losses import Embedder, TargetHead
     from aurora_spec.flywheel.trainer import Trainer
     from aurora_spec.runtime import ModelConfig, load_target
 
     _, _, model = load_target(ModelConfig(model=a.model))
+    cfg = TrainerConfig(**{"holdout_every": 1 << 30, "rest_after_rejections": 0,
+                           **json.loads(a.trainer)})
+    head = Eagle3Head.load(a.init, dtype=torch.float32)
+    return Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg)
+
+
+def speed(a: argparse.Namespace) -> None:
+    data = torch.load(a.traces, weights_only=False)
+    trainer = _trainer(a)
+    for d in [d for d, _ in _stream(data["stream"])][:2]:
+        for request in _requests(data["records"][d], a.prompt_rows)[:20]:
+            trainer.ingest(request)
+    trainer.flush()
+    torch.manual_seed(0)
+    for _ in range(3):  # warm-up: allocator, autocast weight casts, optimizer state
+        trainer.train_step()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(a.steps):
+        trainer.train_step()
+    print(json.dumps({"trainer": json.loads(a.trainer), "threads": torch.get_num_threads(),
+                      "steps": a.steps,
+                      "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
+                      "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1)}))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(5):
+                trainer.train_step()
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
+
+
+def fit(a: argparse.Namespace) -> None:
+    from aurora_spec.flywheel.batch import WindowAssembler
+
     data = torch.load(a.traces, weights_only=False)
     domains = [d for d, _ in _stream(data["stream"])]
     reqs = {d: _requests(data["records"][d], a.prompt_rows) for d in domains}
@@ -88,11 +129,7 @@ def fit(a: argparse.Namespace) -> None:
         wins = [w for q in reqs[d][-a.held:] for r in q if not r.prompt for w in asm.add(r)]
         held[d] = wins + asm.flush()
         reqs[d] = reqs[d][:-a.held]
-    # No hold-out from the stream and no rest: the proxy measures learning, not the gate.
-    cfg = TrainerConfig(**{"holdout_every": 1 << 30, "rest_after_rejections": 0,
-                           **json.loads(a.trainer)})
-    head = Eagle3Head.load(a.init, dtype=torch.float32)
-    trainer = Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg)
+    trainer = _trainer(a)
     curves: dict[str, list[float]] = {d: [] for d in held}
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
     for d in domains:
@@ -134,9 +171,16 @@ def main() -> None:
     f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")
     f.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
     f.add_argument("--prompt-rows", type=int, default=512)
+    s = sub.add_parser("speed")
+    s.add_argument("traces")
+    s.add_argument("--init", required=True, help="the trained head to start from")
+    s.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
+    s.add_argument("--prompt-rows", type=int, default=512)
+    s.add_argument("--steps", type=int, default=15, help="timed steps (after 3 warm-up ones)")
+    s.add_argument("--profile", action="store_true", help="also profile 5 steps")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    collect(a) if a.cmd == "collect" else fit(a)
+    {"collect": collect, "fit": fit, "speed": speed}[a.cmd](a)
 
 
 if __name__ == "__main__":

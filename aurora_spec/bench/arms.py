@@ -235,6 +235,15 @@ def register_arm(kind: str, builder: ArmBuilder) -> None:
     ARM_BUILDERS[kind] = builder
 
 
+def arm_builders() -> dict[str, ArmBuilder]:
+    """Every arm kind, the online ones included: their module imports this one, so it registers
+    them when first imported, here at the latest (parse_arms("online") must not depend on
+    whether some caller happened to import bench.online first)."""
+    import aurora_spec.bench.online  # noqa: F401
+
+    return ARM_BUILDERS
+
+
 def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
                weights: str | None, opts: ArmOptions) -> EngineArm:
     from aurora_spec.config import DrafterConfig
@@ -396,8 +405,8 @@ def parse_arms(spec: str) -> list[ArmSpec]:
             continue
         body, over = _suffixes(part)
         kind, sep, arg = body.partition(":")
-        if kind not in ARM_BUILDERS:
-            raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(ARM_BUILDERS)}; "
+        if kind not in arm_builders():
+            raise BenchError(f"unknown arm {kind!r} (choose from {', '.join(arm_builders())}; "
                              f"some take an argument: kind:ARG)")
         if _TRAINER & set(over) and not kind.startswith("online"):
             raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired, "
@@ -416,4 +425,4 @@ def parse_arms(spec: str) -> list[ArmSpec]:
 def build_arm(target: BenchTarget, spec: ArmSpec, opts: ArmOptions) -> Arm:
     over = {k: v for k in _OVERRIDES if (v := getattr(spec, k)) is not None}
     opts = dataclasses.replace(opts, **over)
-    return ARM_BUILDERS[spec.kind](target, spec.name, spec.arg, opts)
+    return arm_builders()[spec.kind](target, spec.name, spec.arg, opts)

@@ -6,8 +6,7 @@ import argparse
 import shlex
 import sys
 
-import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
-from aurora_spec.bench.arms import ARM_BUILDERS
+from aurora_spec.bench.arms import arm_builders
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench", help="benchmark arms side by side on traffic prompts",
         description="Run prompts from the traffic data through every arm in one process, "
         "interleaved per request (batch 1, greedy), and write DIR/results.json, DIR/report.md "
-        "and DIR/bench.png. Arms: " + ", ".join(ARM_BUILDERS) + " (eagle3:DIR and static:DIR "
+        "and DIR/bench.png. Arms: " + ", ".join(arm_builders()) + " (eagle3:DIR and static:DIR "
         "load a trained head).")
     p.add_argument("--arms", default="none,ngram,eagle3,hf",
                    help="comma-separated arms (default: none,ngram,eagle3,hf); a suffix @wN "

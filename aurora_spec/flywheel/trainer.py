@@ -162,8 +162,10 @@ class Trainer(Resting):
     # ---- training --------------------------------------------------------------------------
     def _make_optimizer(self, keep_state: dict | None = None) -> None:
         c = self.cfg
+        # fused: one kernel for all parameters instead of a dozen per tensor (a CPU step 5%
+        # faster: scripts/shift_catchup.py speed, 287-295 -> 273-276 ms on 2 threads)
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=c.lr, betas=c.betas,
-                                     weight_decay=c.weight_decay)
+                                     weight_decay=c.weight_decay, fused=True)
         if keep_state:
             for p in self.head.parameters():
                 if p in keep_state:

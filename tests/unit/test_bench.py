@@ -162,8 +162,6 @@ def test_parse_arms() -> None:
         ("eagle3", None, None, None)]
     with pytest.raises(BenchError, match="unknown arm"):
         parse_arms("eagle3@lookups")
-    import aurora_spec.bench.online  # noqa: F401  (registers the online arms)
-
     idle = parse_arms("online@idle,online-from:/tmp/h@w2@idle,online,online-from:/tmp/h@share")
     assert [(s.name, s.kind, s.arg, s.tree_width, s.trainer_idle) for s in idle] == [
         ("online@idle", "online", None, None, True),
