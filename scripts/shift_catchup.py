@@ -4,7 +4,7 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
         --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64]
-    python scripts/shift_catchup.py speed runs/catchup/traces.pt --init runs/head-code \
+    python scripts/shift_catchup.py speed runs/catchup/traces.pt --init runs/head-code \\
         [--trainer '{"batch_tokens": 128}'] [--profile]
 
 ``collect`` generates target-only greedy answers (64 tokens, chat template) for a stream of
@@ -16,8 +16,9 @@ each request it trains for ``--seconds`` of wall time (equal CPU time for settin
 cost differently; ``--steps`` instead gives a fixed number of steps). Every 5 requests it scores
 the current head on the current domain's held-out requests (the gate's measure: mean accepted
 tokens of a greedy 4-token chain) and prints one JSON line with the curves and their mean.
-``speed`` times the trainer's optimizer step (wall and CPU ms, after warm-up) on the first
-domains' traces, and with ``--profile`` prints torch.profiler's table of where a step goes.
+``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
+first 20 requests of the stream's first two domains; with ``--profile`` it also prints
+torch.profiler's table of where a step goes.
 Run settings one at a time on an otherwise idle machine.
 """
 

@@ -162,7 +162,7 @@ class Trainer(Resting):
     # ---- training --------------------------------------------------------------------------
     def _make_optimizer(self, keep_state: dict | None = None) -> None:
         c = self.cfg
-        # fused: one kernel for all parameters instead of a dozen per tensor (a CPU step 5%
+        # fused: one kernel for all parameters instead of a dozen per tensor (a CPU step 6%
         # faster: scripts/shift_catchup.py speed, 287-295 -> 273-276 ms on 2 threads)
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=c.lr, betas=c.betas,
                                      weight_decay=c.weight_decay, fused=True)
