@@ -15,7 +15,9 @@ stream in order, the last ``--held`` requests of each domain after the first hel
 each request it trains for ``--seconds`` of wall time (equal CPU time for settings whose steps
 cost differently; ``--steps`` instead gives a fixed number of steps). Every 5 requests it scores
 the current head on the current domain's held-out requests (the gate's measure: mean accepted
-tokens of a greedy 4-token chain) and prints one JSON line with the curves and their mean.
+tokens of a greedy 4-token chain) and prints one JSON line with the curves, their mean, the
+``--init`` head's untrained score on each domain (``static``: what a static arm would serve) and
+the mean's ratio to it (``vs_static``).
 ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
 first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes.
@@ -131,6 +133,8 @@ def fit(a: argparse.Namespace) -> None:
         held[d] = wins + asm.flush()
         reqs[d] = reqs[d][:-a.held]
     trainer = _trainer(a)
+    # the --init head untrained on each domain: what the static arm would serve there
+    static = {d: round(trainer.offline_acceptance(trainer.head, w)[0], 4) for d, w in held.items()}
     curves: dict[str, list[float]] = {d: [] for d in held}
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
     for d in domains:
@@ -146,9 +150,12 @@ def fit(a: argparse.Namespace) -> None:
     for d in held:
         curves[d].append(round(trainer.offline_acceptance(trainer.head, held[d])[0], 4))
     points = [x for c in curves.values() for x in c[:-1]]  # the catch-up, not the end state
+    fixed = [static[d] for d, c in curves.items() for _ in c[:-1]]  # the same points, untrained
+    mean, static_mean = sum(points) / max(len(points), 1), sum(fixed) / max(len(fixed), 1)
     print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
-                      "curves": curves, "mean": round(sum(points) / max(len(points), 1), 4)}))
+                      "curves": curves, "static": static, "mean": round(mean, 4),
+                      "vs_static": round(mean / max(static_mean, 1e-9), 3)}))
 
 
 def main() -> None:
