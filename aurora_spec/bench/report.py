@@ -321,14 +321,19 @@ def over_time_lines(results: dict[str, Any]) -> list[str]:
     if not recs or max(r["index"] for r in recs) < 20:
         return []
     ref_arm = reference_arm(names)
+    # beside none, online arms are also compared with the static head (the shift goal's ratio)
+    static = next((a for a in names if a.startswith("static:")), None)
+    static = static if ref_arm == "none" else None
     lines = ["", "## Requests over time", "",
              "Per arm: mean tau (mean tau of the learned head alone), median tokens/s"
-             + (f", ratio to `{ref_arm}` over the same requests." if ref_arm else "."), "",
+             + (f", ratio to `{ref_arm}` over the same requests" if ref_arm else "")
+             + (f"; online arms also their ratio to `{static}`." if static else "."), "",
              "| requests | " + " | ".join(f"`{a}`" for a in names) + " |",
              "|" + "---|" * (len(names) + 1)]
     for label, lo, hi in request_ranges(recs):
         cells = []
         ref = _stats([r for r in recs if r["arm"] == ref_arm and lo <= r["index"] < hi])
+        st_static = _stats([r for r in recs if r["arm"] == static and lo <= r["index"] < hi])
         for a in names:
             mine = [r for r in recs if r["arm"] == a and lo <= r["index"] < hi]
             st = _stats(mine)
@@ -336,7 +341,10 @@ def over_time_lines(results: dict[str, Any]) -> list[str]:
             cells.append(f"{_f(st['tau'], 2)}" + (f" ({_f(head, 2)})" if head else "")
                          + f" · {_f(st['tokens_per_s'])}"
                          + ("" if a == ref_arm or not ref["requests"]
-                            else f" · {_x(_ratio(st['tokens_per_s'], ref['tokens_per_s']))}"))
+                            else f" · {_x(_ratio(st['tokens_per_s'], ref['tokens_per_s']))}")
+                         + (f" · {_x(_ratio(st['tokens_per_s'], st_static['tokens_per_s']))}"
+                            " vs static" if a.startswith("online") and st_static["requests"]
+                            else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

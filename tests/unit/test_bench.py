@@ -500,6 +500,13 @@ def test_requests_over_time_table() -> None:
     assert any("ratio to `static:h`" in line for line in lines)
     assert "| after the first change (20-59) | 1.00 · 10.0 | 2.00 (1.50) · 10.0 · 1.00x |" in lines
     assert "| segment 2: code (40-59) | 1.00 · 10.0 | 2.00 (1.50) · 20.0 · 2.00x |" in lines
+    # With none and a static head, online arms get both ratios: to none and to the static head.
+    recs += [{**r, "arm": "none", "tokens_per_s": 5.0} for r in recs if r["arm"] == "static:h"]
+    lines = report.over_time_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
+                                    "requests": recs})
+    assert any("also their ratio to `static:h`" in line for line in lines)
+    assert ("| segment 2: code (40-59) | 1.00 · 5.0 | 1.00 · 10.0 · 2.00x "
+            "| 2.00 (1.50) · 20.0 · 4.00x · 2.00x vs static |") in lines
 
 
 def test_report_has_a_row_per_trainer() -> None:
