@@ -308,8 +308,11 @@ def request_ranges(recs: list[dict[str, Any]], block: int = 50) -> list[tuple[st
 def reference_arm(names: Sequence[str]) -> str | None:
     """The arm the over-time table compares with: ``none`` (target-only) when the run has it,
     else the first static head (the domain-shift goal's baseline)."""
-    if "none" in names:
-        return "none"
+    return "none" if "none" in names else static_arm(names)
+
+
+def static_arm(names: Sequence[str]) -> str | None:
+    """The first static head of a run: the domain-shift goal's baseline."""
     return next((a for a in names if a.startswith("static:")), None)
 
 
@@ -322,29 +325,32 @@ def over_time_lines(results: dict[str, Any]) -> list[str]:
         return []
     ref_arm = reference_arm(names)
     # beside none, online arms are also compared with the static head (the shift goal's ratio)
-    static = next((a for a in names if a.startswith("static:")), None)
-    static = static if ref_arm == "none" else None
+    static = static_arm(names) if ref_arm == "none" else None
     lines = ["", "## Requests over time", "",
              "Per arm: mean tau (mean tau of the learned head alone), median tokens/s"
              + (f", ratio to `{ref_arm}` over the same requests" if ref_arm else "")
              + (f"; online arms also their ratio to `{static}`." if static else "."), "",
              "| requests | " + " | ".join(f"`{a}`" for a in names) + " |",
              "|" + "---|" * (len(names) + 1)]
+
+    def vs(st: dict[str, Any], base: dict[str, Any] | None, suffix: str = "") -> str:
+        if base is None or not base["requests"]:
+            return ""
+        return f" · {_x(_ratio(st['tokens_per_s'], base['tokens_per_s']))}{suffix}"
+
     for label, lo, hi in request_ranges(recs):
+        mine = {a: [r for r in recs if r["arm"] == a and lo <= r["index"] < hi] for a in names}
+        stats = {a: _stats(rs) for a, rs in mine.items()}
+        ref = stats[ref_arm] if ref_arm else None
+        base = stats[static] if static else None
         cells = []
-        ref = _stats([r for r in recs if r["arm"] == ref_arm and lo <= r["index"] < hi])
-        st_static = _stats([r for r in recs if r["arm"] == static and lo <= r["index"] < hi])
         for a in names:
-            mine = [r for r in recs if r["arm"] == a and lo <= r["index"] < hi]
-            st = _stats(mine)
-            head = _mean([r["tau_head"] for r in mine if r.get("tau_head") is not None])
+            st = stats[a]
+            head = _mean([r["tau_head"] for r in mine[a] if r.get("tau_head") is not None])
             cells.append(f"{_f(st['tau'], 2)}" + (f" ({_f(head, 2)})" if head else "")
                          + f" · {_f(st['tokens_per_s'])}"
-                         + ("" if a == ref_arm or not ref["requests"]
-                            else f" · {_x(_ratio(st['tokens_per_s'], ref['tokens_per_s']))}")
-                         + (f" · {_x(_ratio(st['tokens_per_s'], st_static['tokens_per_s']))}"
-                            " vs static" if a.startswith("online") and st_static["requests"]
-                            else ""))
+                         + ("" if a == ref_arm else vs(st, ref))
+                         + (vs(st, base, " vs static") if a.startswith("online") else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
