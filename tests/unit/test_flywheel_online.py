@@ -17,7 +17,7 @@ from aurora_spec.flywheel.learner import OnlineLearner
 from aurora_spec.types import SamplingParams
 from tests.tiny_models import tiny_target
 from tests.unit.test_flywheel_losses import head_for
-from tests.unit.test_flywheel_versions import make_engine
+from tests.flywheel_helpers import make_engine
 
 PARAMS = SamplingParams(max_tokens=48)
 
