@@ -3,7 +3,6 @@ on a repetitive stream."""
 
 from __future__ import annotations
 
-
 import torch
 
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
@@ -15,14 +14,13 @@ from aurora_spec.flywheel.trainer import Trainer
 from aurora_spec.flywheel.traces import record_step
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
-from tests.tiny_models import tiny_target
-from tests.unit.test_flywheel_losses import head_for
+from tests.tiny_models import head_for, tiny_target
+
 
 def make_engine(model, drafter, sink=None, k=4) -> Engine:
     runner = TargetRunner(model, CacheConfig(max_slots=2, capacity=256))
     return Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=k, fixed_draft=k),
                                                 calibrate=False), sink)
-
 
 
 def collect_windows(model, trainer, prompts, head):
@@ -33,7 +31,6 @@ def collect_windows(model, trainer, prompts, head):
         engine.generate(p, SamplingParams(max_tokens=48))
     trainer.ingest(recs)
     trainer.flush()
-
 
 
 def trained_trainer(**cfg_changes):

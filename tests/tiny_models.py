@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
+from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
 from aurora_spec.models.transformer import DecoderModel, from_hf_model
 
 
@@ -42,3 +43,10 @@ def tiny_hf_gemma3(seed: int = 0, vocab: int = 96, layers: int = 4,
 def tiny_target(kind: str = "llama", seed: int = 0, **kw) -> tuple[DecoderModel, torch.nn.Module]:
     hf = tiny_hf_llama(seed, **kw) if kind == "llama" else tiny_hf_gemma3(seed, **kw)
     return from_hf_model(hf), hf
+
+
+def head_for(model: DecoderModel, std: float = 0.3, seed: int = 0,
+             draft_vocab: int = 80) -> Eagle3Head:
+    """A random EAGLE-3 draft head sized for `model` (a tiny target), in eval mode."""
+    cfg = Eagle3Config.from_spec(model.spec, draft_vocab)
+    return Eagle3Head.random(cfg, seed=seed, std=std).eval()

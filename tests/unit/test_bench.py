@@ -401,8 +401,7 @@ def test_records_show_the_draft_length_policy_at_each_requests_start_and_end() -
     from aurora_spec.drafters.eagle3 import Eagle3Drafter
     from aurora_spec.engine.engine import Engine, EngineConfig
     from aurora_spec.models.runner import CacheConfig, TargetRunner
-    from tests.tiny_models import tiny_target
-    from tests.unit.test_flywheel_losses import head_for
+    from tests.tiny_models import head_for, tiny_target
 
     model, _ = tiny_target("llama", seed=4)
     drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
@@ -438,8 +437,7 @@ def test_online_arm_at_partial_load_leaves_the_trainer_idle_time() -> None:
     from aurora_spec.engine.engine import Engine, EngineConfig
     from aurora_spec.flywheel.learner import OnlineLearner
     from aurora_spec.models.runner import CacheConfig, TargetRunner
-    from tests.tiny_models import tiny_target
-    from tests.unit.test_flywheel_losses import head_for
+    from tests.tiny_models import head_for, tiny_target
 
     model, _ = tiny_target("llama", seed=4)
     drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)

@@ -13,7 +13,7 @@ from aurora_spec.flywheel.losses import Embedder, TargetHead
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.trainer import Trainer
 from tests.flywheel_helpers import collect_windows, trained_trainer
-from tests.unit.test_flywheel_losses import head_for
+from tests.tiny_models import head_for
 
 
 def test_gate_refuses_a_worse_candidate():

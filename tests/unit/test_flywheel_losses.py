@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
-from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
 from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
@@ -20,12 +19,7 @@ from aurora_spec.flywheel.losses import (
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step, unpack
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
-from tests.tiny_models import tiny_target
-
-
-def head_for(model, std: float = 0.3, seed: int = 0, draft_vocab: int = 80) -> Eagle3Head:
-    cfg = Eagle3Config.from_spec(model.spec, draft_vocab)
-    return Eagle3Head.random(cfg, seed=seed, std=std).eval()
+from tests.tiny_models import head_for, tiny_target
 
 
 def run_engine(model, head, prompt, max_tokens=40, k=4, tree=1, prompt_rows=0):

@@ -13,8 +13,7 @@ from aurora_spec.flywheel.export import export_eagle3
 from aurora_spec.flywheel.offline import collect, fit, read_traffic
 from aurora_spec.flywheel.vocab import VocabBuilder
 from aurora_spec.models.runner import CacheConfig, TargetRunner
-from tests.tiny_models import tiny_target
-from tests.unit.test_flywheel_losses import head_for
+from tests.tiny_models import head_for, tiny_target
 
 
 def test_read_traffic_interleaves_domains_and_filters(tmp_path):

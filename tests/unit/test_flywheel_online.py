@@ -15,8 +15,7 @@ from aurora_spec.drafters.eagle3 import Eagle3Drafter
 from aurora_spec.flywheel.config import LearnerConfig, TrainerConfig
 from aurora_spec.flywheel.learner import OnlineLearner
 from aurora_spec.types import SamplingParams
-from tests.tiny_models import tiny_target
-from tests.unit.test_flywheel_losses import head_for
+from tests.tiny_models import head_for, tiny_target
 from tests.flywheel_helpers import make_engine
 
 PARAMS = SamplingParams(max_tokens=48)

@@ -17,8 +17,7 @@ from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
 from tests.flywheel_helpers import collect_windows, make_engine, trained_trainer
-from tests.tiny_models import tiny_target
-from tests.unit.test_flywheel_losses import head_for
+from tests.tiny_models import head_for, tiny_target
 
 GREEDY = SamplingParams(max_tokens=40)
 

@@ -15,8 +15,7 @@ from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.runtime import make_drafter
 from aurora_spec.types import Proposal, SamplingParams
-from tests.tiny_models import tiny_target
-from tests.unit.test_flywheel_losses import head_for
+from tests.tiny_models import head_for, tiny_target
 
 
 def test_merge_chain_shares_prefixes_and_keeps_head_ids() -> None:
