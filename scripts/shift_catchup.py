@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +58,7 @@ def collect(a: argparse.Namespace) -> None:
         got = collect_traces(engine, prompts, a.max_tokens, stop_token_ids(info, tok))
         out[domain] = [dataclasses.asdict(r) for r in got.records]
         print(f"{domain}: {n} requests, {got.output_tokens} tokens, {got.seconds:.0f} s", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
     torch.save({"stream": a.stream, "records": out}, a.out)
 
 
