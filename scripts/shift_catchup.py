@@ -139,13 +139,16 @@ def fit(a: argparse.Namespace) -> None:
     static = {d: round(trainer.offline_acceptance(trainer.head, w)[0], 4) for d, w in held.items()}
     curves: dict[str, list[float]] = {d: [] for d in held}
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
+    burst_requests, burst_steps = (int(x) for x in (a.burst or "0:0").split(":"))
     for d in domains:
         for i, request in enumerate(reqs[d]):
             if d in held and i % 5 == 0:
                 curves[d].append(round(trainer.offline_acceptance(trainer.head, held[d])[0], 4))
             trainer.ingest(request)
             trainer.flush()
-            end, owed = time.perf_counter() + a.seconds, owed + a.steps
+            burst = d in held and i < burst_requests  # the first requests after a shift
+            end = time.perf_counter() + a.seconds
+            owed += burst_steps if burst else a.steps
             while trainer.can_train() and (time.perf_counter() < end if a.seconds else owed >= 1):
                 trainer.train_step()
                 owed -= 1
@@ -155,6 +158,7 @@ def fit(a: argparse.Namespace) -> None:
     fixed = [static[d] for d, c in curves.items() for _ in c[:-1]]  # the same points, untrained
     mean, static_mean = sum(points) / max(len(points), 1), sum(fixed) / max(len(fixed), 1)
     print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
+                      "burst": a.burst,
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
                       "curves": curves, "static": static, "mean": round(mean, 4),
                       "vs_static": round(mean / max(static_mean, 1e-9), 3)}))
@@ -181,6 +185,9 @@ def main() -> None:
     f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")
     f.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
     f.add_argument("--prompt-rows", type=int, default=512)
+    f.add_argument("--burst", default="", metavar="REQUESTS:STEPS",
+                   help="with --steps: STEPS steps per request instead for the first REQUESTS "
+                   "requests of each domain after the first (more compute right after a shift)")
     s = sub.add_parser("speed")
     s.add_argument("traces")
     s.add_argument("--init", required=True, help="the trained head to start from")

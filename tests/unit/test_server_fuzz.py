@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from aurora_spec.server.testing import ServerThread
-from tests.unit.test_server_app import tiny_app
+from tests.server_helpers import tiny_app
 
 pytestmark = pytest.mark.slow
 

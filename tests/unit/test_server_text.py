@@ -7,24 +7,7 @@ import random
 import pytest
 
 from aurora_spec.server.text import REPLACEMENT, IncrementalDetokenizer, StopMatcher
-
-
-class ByteTokenizer:
-    """Byte-level: id = byte + 3 (0..2 are special). Decoding a split character gives U+FFFD,
-    exactly the hazard of real byte-level BPE tokenizers."""
-
-    eos_token_id = 2
-    chat_template = "bytes"
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [b + 3 for b in text.encode("utf-8")]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-        return self.encode(text) if tokenize else text
+from tests.server_helpers import ByteTokenizer
 
 
 def stream(tok, ids: list[int], chunks: list[int]) -> list[str]:

@@ -151,7 +151,7 @@ def test_flags_and_defaults(tmp_path: Path) -> None:
 
 
 def test_server_writes_traces_except_opted_out_and_reports_metrics(tmp_path: Path) -> None:
-    from tests.unit.test_server_app import post, tiny_app
+    from tests.server_helpers import post, tiny_app
 
     d = tmp_path / "traces"
     app, learner = tiny_app(trace_dir=str(d))
@@ -174,7 +174,7 @@ def test_server_writes_traces_except_opted_out_and_reports_metrics(tmp_path: Pat
 
 
 def test_server_without_trace_dir_writes_nothing(tmp_path: Path, monkeypatch) -> None:
-    from tests.unit.test_server_app import tiny_app
+    from tests.server_helpers import tiny_app
 
     monkeypatch.chdir(tmp_path)
     app, _ = tiny_app()
