@@ -3,7 +3,7 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
 
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
-        --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64]
+        --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64] [--steps 5 --burst 20:10]
     python scripts/shift_catchup.py speed runs/catchup/traces.pt --init runs/head-code \\
         [--trainer '{"batch_tokens": 128}'] [--profile]
 
