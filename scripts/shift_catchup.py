@@ -35,6 +35,18 @@ from pathlib import Path
 import torch
 
 
+def _burst(text: str) -> tuple[int, int]:
+    """``--burst REQUESTS:STEPS`` as two non-negative ints, or a clear usage error."""
+    try:
+        requests, steps = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected REQUESTS:STEPS, e.g. 20:10, got {text!r}") from None
+    if requests < 0 or steps < 0:
+        raise argparse.ArgumentTypeError(f"REQUESTS and STEPS must be >= 0, got {text!r}")
+    return requests, steps
+
+
 def _stream(text: str) -> list[tuple[str, int]]:
     return [(d, int(n)) for d, n in (part.split(":") for part in text.split(","))]
 
@@ -139,7 +151,7 @@ def fit(a: argparse.Namespace) -> None:
     static = {d: round(trainer.offline_acceptance(trainer.head, w)[0], 4) for d, w in held.items()}
     curves: dict[str, list[float]] = {d: [] for d in held}
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
-    burst_requests, burst_steps = (int(x) for x in (a.burst or "0:0").split(":"))
+    burst_requests, burst_steps = a.burst or (0, 0)
     for d in domains:
         for i, request in enumerate(reqs[d]):
             if d in held and i % 5 == 0:
@@ -158,7 +170,7 @@ def fit(a: argparse.Namespace) -> None:
     fixed = [static[d] for d, c in curves.items() for _ in c[:-1]]  # the same points, untrained
     mean, static_mean = sum(points) / max(len(points), 1), sum(fixed) / max(len(fixed), 1)
     print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
-                      "burst": a.burst,
+                      "burst": a.burst and ":".join(map(str, a.burst)),
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
                       "curves": curves, "static": static, "mean": round(mean, 4),
                       "vs_static": round(mean / max(static_mean, 1e-9), 3)}))
@@ -185,7 +197,7 @@ def main() -> None:
     f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")
     f.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
     f.add_argument("--prompt-rows", type=int, default=512)
-    f.add_argument("--burst", default="", metavar="REQUESTS:STEPS",
+    f.add_argument("--burst", type=_burst, default=None, metavar="REQUESTS:STEPS",
                    help="with --steps: STEPS steps per request instead for the first REQUESTS "
                    "requests of each domain after the first (more compute right after a shift)")
     s = sub.add_parser("speed")
@@ -196,6 +208,8 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=15, help="timed steps (after 3 warm-up ones)")
     s.add_argument("--profile", action="store_true", help="also profile 5 steps")
     a = ap.parse_args()
+    if a.cmd == "fit" and a.burst and a.seconds:
+        ap.error("--burst counts steps: use it with --seconds 0 --steps N")
     torch.set_num_threads(a.threads)
     {"collect": collect, "fit": fit, "speed": speed}[a.cmd](a)
 
