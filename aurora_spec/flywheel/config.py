@@ -37,6 +37,11 @@ class TrainerConfig:
     depth_weights: tuple[float, ...] = (1.0, 0.8, 0.64, 0.51, 0.41, 0.33, 0.26, 0.21)
     lambda_discard: float = 0.3  # weight of the KL at rejected-branch contexts (0 = off)
     batch_tokens: int = 256  # committed positions per training step (packed)
+    # > 0: each step's KL over at least this many draft ids (every position's loss_top_k target
+    # tokens + uniformly sampled others, flywheel/losses.py loss_rows) instead of the whole draft
+    # vocabulary: a cheaper step (the draft lm_head dominates a CPU step); 0: the whole vocabulary.
+    loss_vocab: int = 0
+    loss_top_k: int = 16
     window: int = 128  # committed positions per training window (one request's slice)
     recent_ratio: float = 0.5  # share of a batch drawn from the newest windows, rest from replay
     recent_windows: int = 64  # "newest": the last N windows

@@ -206,7 +206,8 @@ class Trainer(Resting):
         with_top1 = self.stats.steps % c.publish_every == 0  # a status stat: now and then
         with self._autocast():
             out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth,
-                                c.depth_weights, c.lambda_discard, with_top1=with_top1)
+                                c.depth_weights, c.lambda_discard, with_top1=with_top1,
+                                loss_vocab=c.loss_vocab, loss_top_k=c.loss_top_k)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if c.grad_clip > 0:

@@ -14,6 +14,7 @@ from aurora_spec.flywheel.losses import (
     TargetHead,
     acceptance_lengths,
     flywheel_loss,
+    loss_rows,
     unrolled_forward,
 )
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step, unpack
@@ -167,6 +168,48 @@ def test_loss_decreases_and_discard_term_is_optional():
     quick = flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.0, with_top1=False)
     assert all(t != t for t in quick.top1)  # NaN: not computed
     assert torch.equal(quick.loss, off.loss)  # the stat changes nothing that is trained
+
+
+def test_loss_rows_keep_every_top_k_and_fill_with_others():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 100)
+    rows = loss_rows(logits, 40, 3)
+    assert len(rows) == 40 and torch.equal(rows, rows.unique())  # sorted, no repeats
+    assert set(logits.topk(3, -1).indices.flatten().tolist()) <= set(rows.tolist())
+    assert len(loss_rows(logits, 5, 3)) >= 7  # the top-k union is never cut to fit
+    assert torch.equal(loss_rows(logits, 500, 3), torch.arange(100))
+
+
+def test_loss_over_a_vocabulary_subset_is_the_full_logits_restricted_and_still_learns():
+    model, _ = tiny_target("llama", seed=1)
+    head = head_for(model, std=0.02)
+    seq, records, _, _ = run_engine(model, head_for(model, seed=5), [3, 4, 5], max_tokens=60)
+    asm = WindowAssembler(window=32)
+    batch = pack_windows([w for r in records for w in asm.add(r)] + asm.flush())
+    target = TargetHead(model.lm_head.weight)
+    embed = Embedder(model.embed.weight)
+    vd = len(head.d2t)
+    rows = torch.arange(0, vd, 3)
+    with torch.no_grad():
+        full = unrolled_forward(head, batch, embed, 3)
+        part = unrolled_forward(head, batch, embed, 3, vocab_rows=rows)
+    for a, b in zip(full.logits, part.logits):
+        torch.testing.assert_close(b, a[:, rows])
+    torch.testing.assert_close(part.logits_b, full.logits_b[:, rows])
+    # loss_vocab >= the draft vocabulary is the full loss, exactly.
+    same = flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.5, loss_vocab=vd)
+    assert torch.equal(same.loss, flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.5).loss)
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    before = float(flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.0).loss.detach())
+    for _ in range(30):
+        out = flywheel_loss(head, batch, target, embed, 3, (1.0, 0.8, 0.6), 0.5,
+                            loss_vocab=vd // 4, loss_top_k=2)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    after = float(flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.0).loss.detach())
+    assert after < 0.5 * before  # judged on the whole vocabulary
 
 
 def test_trace_buffer_is_bounded_and_drops_oldest():
