@@ -117,6 +117,11 @@ class TrainerConfig:
     init_from_target: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.loss_vocab < 0 or self.loss_top_k < 1:
+            raise ValueError(f"loss_vocab must be >= 0 (0: the whole draft vocabulary) and "
+                             f"loss_top_k >= 1, got {self.loss_vocab} and {self.loss_top_k}")
+
 
 @dataclass(frozen=True)
 class LearnerConfig:

@@ -3,11 +3,13 @@ reproduces the drafter's serving-time chains exactly; KL restricted to the draft
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
 from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
 from aurora_spec.flywheel.losses import (
     Embedder,
@@ -178,6 +180,10 @@ def test_loss_rows_keep_every_top_k_and_fill_with_others():
     assert set(logits.topk(3, -1).indices.flatten().tolist()) <= set(rows.tolist())
     assert len(loss_rows(logits, 5, 3)) >= 7  # the top-k union is never cut to fit
     assert torch.equal(loss_rows(logits, 500, 3), torch.arange(100))
+    with pytest.raises(ValueError, match="loss_top_k"):
+        TrainerConfig(loss_vocab=2048, loss_top_k=0)
+    with pytest.raises(ValueError, match="loss_vocab"):
+        TrainerConfig(loss_vocab=-1)
 
 
 def test_loss_over_a_vocabulary_subset_is_the_full_logits_restricted_and_still_learns():
