@@ -9,8 +9,8 @@ import torch
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
 from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
-from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
+from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import (
     Embedder,
     TargetHead,
