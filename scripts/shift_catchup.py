@@ -20,7 +20,8 @@ tokens of a greedy 4-token chain) and prints one JSON line with the curves, thei
 the mean's ratio to it (``vs_static``).
 ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
 first 20 requests of the stream's first two domains; with ``--profile`` it also prints
-torch.profiler's table of where a step goes.
+torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the
+size of a batch's top-k union and the target mass it carries (``_top_k_share``).
 Run settings one at a time on an otherwise idle machine.
 """
 
@@ -107,6 +108,24 @@ def _trainer(a: argparse.Namespace):
     return Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg)
 
 
+@torch.no_grad()
+def _top_k_share(trainer, batches: int = 4) -> dict:
+    """What ``loss_vocab`` keeps on these traces: the union of every position's ``loss_top_k``
+    target tokens per training batch, and the share of the target's mass (over the draft
+    vocabulary) they carry, means over ``batches`` sampled batches."""
+    from aurora_spec.flywheel.batch import pack_windows
+
+    c, unions, mass = trainer.cfg, [], []
+    for _ in range(batches):
+        b = pack_windows(trainer.store.sample(c.batch_tokens, c.recent_ratio), with_branches=True)
+        probs = trainer.target.logits(torch.cat((b.final_c, b.final_b)), trainer.head.d2t)
+        top = probs.softmax(-1).topk(c.loss_top_k, dim=-1)
+        unions.append(top.indices.unique().numel())
+        mass.append(float(top.values.sum(-1).mean()))
+    return {"loss_top_k": c.loss_top_k, "union_per_batch": round(sum(unions) / batches),
+            "top_k_mass": round(sum(mass) / batches, 3)}
+
+
 def speed(a: argparse.Namespace) -> None:
     data = torch.load(a.traces, weights_only=False)
     trainer = _trainer(a)
@@ -124,6 +143,8 @@ def speed(a: argparse.Namespace) -> None:
                       "steps": a.steps,
                       "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
                       "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1)}))
+    if trainer.cfg.loss_vocab:
+        print(json.dumps(_top_k_share(trainer)))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
