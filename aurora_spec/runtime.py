@@ -12,6 +12,7 @@ import torch
 from aurora_spec.config import DRAFTERS, DTYPES, DrafterConfig, ModelConfig
 from aurora_spec.drafters.base import Drafter
 from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.hardware import cpu_native_bf16
 from aurora_spec.models.loader import ModelInfo, ModelLoadError, load_tokenizer, model_info, resolve_model
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.models.transformer import DecoderModel, UnsupportedModelError, load_decoder
@@ -52,14 +53,13 @@ def load_target(cfg: ModelConfig) -> tuple[ModelInfo, Any, DecoderModel]:
 
 
 def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> torch.dtype:
-    """The eagle3 head's dtype: ``name`` from DTYPES, or auto: bfloat16 on a CPU whose oneDNN has
-    bf16 kernels, else the target's."""
+    """The eagle3 head's dtype: ``name`` from DTYPES, or auto: bfloat16 on a CPU that multiplies
+    it natively (aurora_spec/hardware.py), else the target's."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"unknown draft dtype {name!r} (auto, {', '.join(DTYPES)})")
         return DTYPES[name]
-    bf16_kernels = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if device.type == "cpu" and bf16_kernels is not None and bf16_kernels():
+    if device.type == "cpu" and cpu_native_bf16():
         return torch.bfloat16
     return target
 

@@ -24,6 +24,7 @@ from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
 from aurora_spec.flywheel.replay import FreshSlice, WindowStore
 from aurora_spec.flywheel.rest import Resting
+from aurora_spec.hardware import cpu_native_bf16
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
 from aurora_spec.flywheel.vocab import VocabBuilder
@@ -33,13 +34,11 @@ log = logging.getLogger(__name__)
 
 def bf16_autocast_ok(device: torch.device) -> bool:
     """bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX): autocast
-    speeds training up (measured 1.5x on this CPU); elsewhere it would be emulated and slower."""
+    speeds training up (measured 1.5x on an AMX CPU); elsewhere it would be emulated and slower
+    (2.8x the float32 time on plain AVX-512: aurora_spec/hardware.py)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return device.type == "cpu" and cpu_native_bf16()
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 from aurora_spec.drafters.hybrid import LookupHybrid
 from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
+from aurora_spec.hardware import cpu_native_bf16
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
 from tests.scripted_drafter import ScriptedDrafter
@@ -166,7 +167,7 @@ def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
 
     model, _ = target
     d = make_test_drafter("eagle3", model, [])
-    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    bf16 = cpu_native_bf16()
     assert isinstance(d, LookupHybrid) and d.learned.tree_width == 3
     assert d.tree_width == 4  # the policy prices the lookup chain as one more branch
     assert d.head.fc.weight.dtype == (torch.bfloat16 if bf16 else model.embed.weight.dtype)
