@@ -65,11 +65,21 @@ class CostModel:
     process can take 5-10x the usual time, and sizes the policy stops choosing are never measured
     again, so one such spike taken at face value stopped a trained head from drafting for a whole
     benchmark (a 278 ms verify of a 10-token tree among 30-35 ms ones). A real, lasting slow-down
-    is still followed, by at most ema * (outlier - 1) per step."""
+    is still followed, by at most ema * (outlier - 1) per step.
+
+    More tokens never cost less: a size's time is at least that of every smaller size measured
+    within the last ``stale_after`` single-request verifies (and of 1 token). Why not every
+    smaller size: a drafter verifies few of the sizes calibration times (a width-3 tree without
+    the lookup chain: 1, 4, 7 ... tokens), and one calibration spike at an unused size then
+    floored every larger one for good (a bench's static arm kept a 4-token verify at 45.6 ms
+    where it measured ~40, so it priced its drafts 14% too dear and stopped drafting)."""
 
     ema: float = 0.1
     outlier: float = 2.0
+    stale_after: int = 512
     times: dict[int, float] = field(default_factory=dict)  # batch of 1, by tokens
+    observed: int = 0  # single-request verifies observed
+    last_seen: dict[int, int] = field(default_factory=dict)  # tokens -> ``observed`` then
     batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tokens)
     draft_token_s: float = 0.0
 
@@ -81,6 +91,8 @@ class CostModel:
     def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
         if batch == 1:
             self.times[tokens] = self._update(self.times.get(tokens), seconds)
+            self.observed += 1
+            self.last_seen[tokens] = self.observed
         else:
             key = (batch, tokens)
             self.batch_times[key] = self._update(self.batch_times.get(key), seconds)
@@ -102,8 +114,12 @@ class CostModel:
         # More tokens never cost less. Measured times are noisy and the CPU kernels make 1-4
         # tokens cost the same, so without this running max a 2-token verify measured 10%
         # cheaper than a 1-token one would make a useless day-0 head draft on every step.
-        below = [t for s, t in self.times.items() if s <= tokens]
+        below = [t for s, t in self.times.items() if s <= tokens and self._fresh(s)]
         return max(self._curve(tokens), max(below, default=0.0))
+
+    def _fresh(self, tokens: int) -> bool:
+        """Whether this size's time may floor larger ones (calibrated sizes are, at first)."""
+        return tokens == 1 or self.observed - self.last_seen.get(tokens, 0) <= self.stale_after
 
     def _curve(self, tokens: int) -> float:
         if tokens in self.times:

@@ -222,3 +222,22 @@ def test_a_probe_the_batch_plan_left_out_runs_at_the_next_step() -> None:
     assert req.choose(8) == 1 and req.probe.interval == 16
     req.observe(1, 0)  # drafted this time, and rejected: a failed probe
     assert req.probe.interval == 32
+
+
+def test_a_stale_calibration_spike_stops_flooring_larger_sizes() -> None:
+    """A size calibration timed high and serving never verifies (a width-3 tree verifies 1, 4,
+    7 ... tokens, never 2 or 3) floors larger sizes only until it has gone unmeasured for
+    ``stale_after`` verifies; then the sizes serving does verify are priced as measured."""
+    c = CostModel(stale_after=20)
+    c.times.update({1: 0.040, 2: 0.041, 3: 0.060, 4: 0.062})  # calibration: a spike at 3
+    assert c.verify_time(4) == 0.062
+    for _ in range(30):
+        c.observe_verify(1, 0.040)
+        c.observe_verify(4, 0.041)
+    assert c.verify_time(4) < 0.045  # 3's 60 ms no longer counts
+    assert c.verify_time(3) == 0.060  # its own (stale) measurement still prices size 3
+    c.observe_verify(2, 0.030)  # a fresh size below 1 token's time: still floored by it
+    assert c.verify_time(2) == c.verify_time(1)
+    p = DraftLengthPolicy(PolicyConfig(max_draft=4, tree_width=3, prior_alpha=0.25), c)
+    c.draft_token_s = 0.003
+    assert p.best_length(4) == 1  # 1.25 tokens / 44 ms beats 1 / 40 ms
