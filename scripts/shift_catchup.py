@@ -176,7 +176,7 @@ def fit(a: argparse.Namespace) -> None:
     for d in domains:
         for i, request in enumerate(reqs[d]):
             if d in held and i % 5 == 0:
-                curves[d].append(round(trainer.offline_acceptance(trainer.head, held[d])[0], 4))
+                curves[d].append(round(trainer.offline_acceptance(trainer.frozen_candidate(), held[d])[0], 4))
             trainer.ingest(request)
             trainer.flush()
             burst = d in held and i < burst_requests  # the first requests after a shift
@@ -186,7 +186,7 @@ def fit(a: argparse.Namespace) -> None:
                 trainer.train_step()
                 owed -= 1
     for d in held:
-        curves[d].append(round(trainer.offline_acceptance(trainer.head, held[d])[0], 4))
+        curves[d].append(round(trainer.offline_acceptance(trainer.frozen_candidate(), held[d])[0], 4))
     points = [x for c in curves.values() for x in c[:-1]]  # the catch-up, not the end state
     fixed = [static[d] for d, c in curves.items() for _ in c[:-1]]  # the same points, untrained
     mean, static_mean = sum(points) / max(len(points), 1), sum(fixed) / max(len(fixed), 1)

@@ -54,6 +54,10 @@ class TrainerConfig:
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
     reuse: float = 16.0  # train on at most reuse x (positions ingested); then wait for traffic
     publish_every: int = 25  # optimizer steps between candidate evaluations
+    # > 0: candidates carry an exponential moving average of the trained weights with this
+    # decay per step (flywheel/average.py) instead of the weights of the step they were frozen
+    # at; 0: the latter.
+    candidate_ema: float = 0.0
     gate_depth: int = 4  # draft length of the offline acceptance measure
     gate_positions: int = 512  # the newest held-out positions the gate judges on
     # If > 0: after a traffic shift (the served acceptance of whatever head is live, over the
@@ -118,6 +122,8 @@ class TrainerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.candidate_ema < 1.0:
+            raise ValueError(f"candidate_ema must be in [0, 1), got {self.candidate_ema}")
         if self.loss_vocab < 0 or self.loss_top_k < 1:
             raise ValueError(f"loss_vocab must be >= 0 (0: the whole draft vocabulary) and "
                              f"loss_top_k >= 1, got {self.loss_vocab} and {self.loss_top_k}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.flywheel.average import WeightAverage
 from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
 from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
@@ -105,6 +106,7 @@ class Trainer(Resting):
                                                    and bf16_autocast_ok(self.device))
         if cfg.init_from_target and head.version == 0:
             self._init_from_target(torch.ones(c.draft_vocab_size, dtype=torch.bool), norm=True)
+        self.average = WeightAverage(self.head, cfg.candidate_ema) if cfg.candidate_ema else None
         self._make_optimizer()
         if cfg.rest_when_trained and cfg.rest_after_rejections and head.version > 0:
             self._start_rest(None)
@@ -183,6 +185,8 @@ class Trainer(Resting):
         was_new = old_rows < 0
         if self.cfg.init_from_target and bool(was_new.any()):
             self._init_from_target(was_new)
+        if self.average is not None:
+            self.average.remap_rows(self.head, old_rows)
         if lm_state:  # kept rows keep their Adam moments: a rebuild must not jolt what was learned
             old_state[self.head.lm_head.weight] = _remap_rows(lm_state, old_rows)
         self._make_optimizer(old_state)
@@ -212,6 +216,8 @@ class Trainer(Resting):
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.head.parameters(), c.grad_clip)
         self.opt.step()
+        if self.average is not None:
+            self.average.update(self.head)
         s = self.stats
         s.steps += 1
         s.trained_pairs += batch.n_committed
@@ -351,12 +357,16 @@ class Trainer(Resting):
         with the prequential gate, the copy frozen last time, once the traffic since has come."""
         if self.cfg.gate_prequential:
             return self._propose_prequential()
-        cand = self._frozen_copy()
+        cand = self.frozen_candidate()
         return self._publish(cand, self.gate(cand, self.gate_windows(),
                                              ("held-out", self.store.holdout_added)))
 
-    def _frozen_copy(self) -> Eagle3Head:
+    def frozen_candidate(self) -> Eagle3Head:
+        """A frozen copy of the weights a candidate would have now: the trained ones, or their
+        moving average (TrainerConfig.candidate_ema)."""
         cand = copy.deepcopy(self.head).eval()
+        if self.average is not None:
+            self.average.copy_into(cand)
         for p in cand.parameters():
             p.requires_grad_(False)
         return cand
@@ -365,7 +375,7 @@ class Trainer(Resting):
         if self.fresh.candidate is not None and not self.fresh.ready:
             return None  # its slice is still arriving; the weights train on meanwhile
         judged, windows, serial = self.fresh.candidate, self.fresh.windows, self.fresh.serial
-        self.fresh.freeze(self._frozen_copy())  # the next candidate, judged on what comes next
+        self.fresh.freeze(self.frozen_candidate())  # the next candidate, judged on what comes next
         if judged is None:
             return None
         return self._publish(judged, self.gate(judged, windows, ("fresh", serial)))
@@ -396,6 +406,8 @@ class Trainer(Resting):
         if self.cfg.init_from_target and head.version == 0:
             self._init_from_target(torch.ones(self.head.config.draft_vocab_size,
                                               dtype=torch.bool), norm=True)
+        if self.average is not None:
+            self.average.reset(self.head)
         self._make_optimizer()
         self.set_live(head)
         self.fresh.clear()  # a candidate frozen from the weights given up
