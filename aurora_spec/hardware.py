@@ -4,8 +4,9 @@ Why not ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: it also says yes on CP
 AVX-512 (no AVX512-BF16, no AMX), where oneDNN emulates bfloat16 matmuls on float32 units. On such
 a CPU (the 2-core VM of this project on some days) a trainer step under bf16 autocast took 2.8x
 its float32 time (1232 against 438 ms of wall time, 2418 against 867 ms of CPU:
-``python scripts/shift_catchup.py speed ... --trainer '{"autocast": "off"}'``), and an idle-class
-trainer made a third of the steps it makes in float32 from the same idle time.
+``python scripts/shift_catchup.py speed ... --trainer '{"autocast": "off"}'``), and on a bench an
+idle-class trainer made less than half the steps it makes in float32 from the same idle time
+(499 against 1076: docs/bench/HISTORY.md, "The slow days were emulated bfloat16").
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead, acceptance_lengths, flywheel_loss
 from aurora_spec.flywheel.replay import FreshSlice, WindowStore
 from aurora_spec.flywheel.rest import Resting
-from aurora_spec.hardware import cpu_native_bf16
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
 from aurora_spec.flywheel.vocab import VocabBuilder
+from aurora_spec.hardware import cpu_native_bf16
 
 log = logging.getLogger(__name__)
 
