@@ -1,0 +1,48 @@
+"""Each arm of a stream bench against its static arm after the first shift, three ways: the
+report's ratio of median tokens/s, the ratio of mean per-request tokens/s, and the ratio of total
+decode tokens over total decode time; plus the median of each arm's priced verify cost of a
+one-depth draft over a one-token step (policy snapshots; ~1.0 when drafting is priced as measured
+on this CPU) and how many outputs differ from the static arm's.
+Usage: python scripts/bench_ratios.py RUN_DIR/results.json [--from 50]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("results")
+    ap.add_argument("--from", dest="start", type=int, default=50, help="first request counted")
+    a = ap.parse_args()
+    d = json.load(open(a.results))
+    arms = d["config"]["arms"]
+    reqs = {arm: [r for r in d["requests"] if r["arm"] == arm and r["index"] >= a.start]
+            for arm in arms}
+    static = next(arm for arm in arms if arm.startswith("static"))
+
+    def figures(rs: list[dict]) -> tuple[float, float, float]:
+        tps = [r["tokens_per_s"] for r in rs]
+        total = sum(r["decode_tokens"] for r in rs) / sum(r["decode_s"] for r in rs)
+        return statistics.median(tps), statistics.mean(tps), total
+
+    base = figures(reqs[static])
+    hashes = {r["index"]: r["token_ids_sha1"] for r in reqs[static]}
+    for arm in arms:
+        rs = reqs[arm]
+        med, mean, total = figures(rs)
+        priced = statistics.median(r["policy"]["start"]["verify_ms"][1]
+                                   / r["policy"]["start"]["verify_ms"][0] for r in rs)
+        print(json.dumps({"arm": arm, "requests": len(rs),
+                          "median_ratio": round(med / base[0], 3),
+                          "mean_ratio": round(mean / base[1], 3),
+                          "total_ratio": round(total / base[2], 3),
+                          "priced_draft_verify": round(priced, 3),
+                          "outputs_differ": sum(r["token_ids_sha1"] != hashes[r["index"]]
+                                                for r in rs)}))
+
+
+if __name__ == "__main__":
+    main()
