@@ -159,6 +159,18 @@ def causal_mask(start: int, t: int, device: torch.device) -> torch.Tensor:
     return (keys[None, :] <= queries[:, None])[None, None]
 
 
+
+def carry_rows(old: torch.Tensor, old_rows: torch.Tensor,
+               fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-draft-row tensor after a vocabulary rebuild: row i is ``old[old_rows[i]]``; rows of
+    tokens new to the vocabulary (``old_rows`` -1) come from ``fill`` (same shape as the result),
+    or are zero. Used for the lm_head, its optimizer moments and their moving average."""
+    out = (torch.zeros((len(old_rows), *old.shape[1:]), device=old.device, dtype=old.dtype)
+           if fill is None else fill.detach().clone())
+    keep = (old_rows >= 0).to(old.device)
+    out[keep] = old[old_rows.to(old.device)[keep]]
+    return out
+
 class Eagle3Head(nn.Module):
     d2t: torch.Tensor  # buffers, registered in __init__
     t2d: torch.Tensor
@@ -295,10 +307,8 @@ class Eagle3Head(nn.Module):
         _check_d2t(d2t, c.target_vocab_size)
         old = self.t2d[d2t]  # old draft row of each new token, -1 when new
         w = self.lm_head.weight
-        new_w = torch.zeros(len(d2t), w.shape[1], device=w.device, dtype=w.dtype)
-        keep = old >= 0
         with torch.no_grad():
-            new_w[keep] = w[old[keep]]
+            new_w = carry_rows(w, old)
         self.lm_head = nn.Linear(w.shape[1], len(d2t), bias=False, device=w.device, dtype=w.dtype)
         self.lm_head.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
         self.d2t = d2t

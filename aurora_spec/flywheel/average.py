@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.drafters.eagle3_head import Eagle3Head, carry_rows
 
 
 class WeightAverage:
@@ -35,10 +35,7 @@ class WeightAverage:
         """The draft vocabulary was rebuilt: the lm_head's averaged row i comes from old row
         ``old_rows[i]``; a token new to the vocabulary (-1) takes ``head``'s row as it is."""
         i = next(j for j, p in enumerate(head.parameters()) if p is head.lm_head.weight)
-        new = head.lm_head.weight.detach().clone()
-        keep = old_rows >= 0
-        new[keep.to(new.device)] = self.avg[i][old_rows[keep].to(new.device)]
-        self.avg[i] = new
+        self.avg[i] = carry_rows(self.avg[i], old_rows, fill=head.lm_head.weight)
 
     @torch.no_grad()
     def copy_into(self, head: Eagle3Head) -> None:

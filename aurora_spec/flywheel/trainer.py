@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.drafters.eagle3_head import Eagle3Head, carry_rows
 from aurora_spec.flywheel.average import WeightAverage
 from aurora_spec.flywheel.batch import Window, WindowAssembler, pack_windows
 from aurora_spec.flywheel.config import TrainerConfig
@@ -443,13 +443,6 @@ class Trainer(Resting):
 def _remap_rows(state: dict, old_rows: torch.Tensor) -> dict:
     """AdamW state of an lm_head whose rows were re-chosen: row i of every per-row moment comes
     from old row ``old_rows[i]``; new rows (-1) start at zero, as a fresh optimizer would."""
-    out = {}
-    keep = old_rows >= 0
-    for k, v in state.items():
-        if torch.is_tensor(v) and v.dim() == 2:
-            new = torch.zeros(len(old_rows), v.shape[1], dtype=v.dtype, device=v.device)
-            new[keep.to(v.device)] = v[old_rows[keep].to(v.device)]
-            out[k] = new
-        else:
-            out[k] = v  # the step count (a scalar tensor)
-    return out
+    return {k: carry_rows(v, old_rows) if torch.is_tensor(v) and v.dim() == 2
+            else v  # the step count (a scalar tensor)
+            for k, v in state.items()}
