@@ -13,6 +13,7 @@ from aurora_spec.config import DRAFTERS, DTYPES, DrafterConfig, ModelConfig
 from aurora_spec.drafters.base import Drafter
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.hardware import cpu_native_bf16
+from aurora_spec.models.cpu_linear import packed_kernels_available, time_kernels
 from aurora_spec.models.loader import ModelInfo, ModelLoadError, load_tokenizer, model_info, resolve_model
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.models.transformer import DecoderModel, UnsupportedModelError, load_decoder
@@ -64,6 +65,20 @@ def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> torch.d
     return target
 
 
+def draft_kernels(head: Any, tree_width: int) -> bool:
+    """Whether the draft head's linears run from packed copies (Eagle3Head.use_cpu_kernels): only
+    where that measures faster on this CPU, for a draft's row counts (1 at the root, one per branch
+    below it). Drafts only propose, so the kernel never changes an output. Measured on a plain
+    AVX-512 host, F.linear was the cheaper one there (``python scripts/draft_cost.py``)."""
+    if head.fc.weight.device.type != "cpu" or not packed_kernels_available():
+        return False
+    t = time_kernels(head.linear_weights(), rows=(1, tree_width))
+    log.info("draft head kernels: %s (one pass for %s rows: F.linear %.2f ms, packed %.2f ms)",
+             "packed" if t.packed_wins else "F.linear", "+".join(map(str, t.rows)), t.plain_ms,
+             t.packed_ms)
+    return t.packed_wins
+
+
 def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     if cfg.name not in DRAFTERS:
         raise ValueError(f"unknown drafter {cfg.name!r} (choose from {', '.join(DRAFTERS)})")
@@ -84,8 +99,9 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     else:
         head_cfg = Eagle3Config.from_spec(model.spec, cfg.draft_vocab)
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
+    width = cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"]
     learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
-                            tree_width=cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"],
+                            tree_width=width, cpu_kernels=draft_kernels(head, width),
                             prior_acceptance=head.heldout_alpha if cfg.draft_weights
                             else RANDOM_HEAD_PRIOR)
     if not cfg.lookup:

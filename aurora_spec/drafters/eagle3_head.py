@@ -221,6 +221,10 @@ class Eagle3Head(nn.Module):
                                       CpuLinear(weight))
         return True
 
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The weights use_cpu_kernels packs (what runtime.draft_kernels times)."""
+        return [getattr(self, name).weight for name in self._LINEARS]
+
     def _fresh(self, name: str, weight: torch.Tensor) -> bool:
         w, stamp, _ = self._packed[name]
         return w is weight and (weight._version, weight.data_ptr()) == stamp

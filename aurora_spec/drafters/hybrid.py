@@ -122,6 +122,10 @@ class LookupHybrid:
         self.learned.swap_head(head)
 
     @property
+    def cpu_kernels(self) -> bool:
+        return bool(self.learned.cpu_kernels)
+
+    @property
     def last_catch_up(self) -> int:
         return int(getattr(self.learned, "last_catch_up", 0))
 

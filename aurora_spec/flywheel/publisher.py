@@ -107,7 +107,8 @@ class Publisher:
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
-        head.use_cpu_kernels()  # here, not in the between-steps swap: keeps that pause short
+        if self.drafter.cpu_kernels:  # packed here, not in the between-steps swap: a short pause
+            head.use_cpu_kernels()
         self.swap(head, watch=True, alpha=alpha)
         return head
 

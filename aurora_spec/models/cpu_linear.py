@@ -20,6 +20,11 @@ fallback.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +60,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, fast: CpuLinear | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through ``fast`` when the layer has CPU kernels."""
     return F.linear(x, weight, bias) if fast is None else fast(x)
+
+
+@dataclass(frozen=True)
+class KernelTiming:
+    """Median ms of one pass over a set of weights, per kernel, summed over ``rows`` counts."""
+    rows: tuple[int, ...]
+    plain_ms: float
+    packed_ms: float
+
+    @property
+    def packed_wins(self) -> bool:
+        return self.packed_ms < self.plain_ms
+
+
+def time_kernels(weights: Sequence[torch.Tensor], rows: Sequence[int] = (1,),
+                 repeats: int = 15) -> KernelTiming:
+    """Time one pass over ``weights`` through ``F.linear`` and through packed copies, for each row
+    count in ``rows``, interleaved (so a noisy moment hits both). Which kernel wins depends on the
+    CPU: packed won at every row count on an AVX512-BF16 host (table above), while on a plain
+    AVX-512 host MKL won for 1-3 rows (``python scripts/linear_kernels.py``). Where a choice cannot
+    change an output (draft heads), serving measures it at load."""
+    packed = [CpuLinear(w) for w in weights]
+    inputs = {(r, k): torch.randn(r, k, dtype=weights[0].dtype, device=weights[0].device)
+              for r in rows for k in {w.shape[1] for w in weights}}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.inference_mode():
+        for i in range(repeats + 1):  # the first round warms both up and is not counted
+            for use_packed in (False, True):
+                start = time.perf_counter()
+                for r in rows:
+                    for w, p in zip(weights, packed, strict=True):
+                        x = inputs[(r, w.shape[1])]
+                        p(x) if use_packed else F.linear(x, w)
+                if i:
+                    times[use_packed].append(time.perf_counter() - start)
+    return KernelTiming(tuple(rows), 1000 * statistics.median(times[False]),
+                        1000 * statistics.median(times[True]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available
+from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available, time_kernels
 
 pytestmark = pytest.mark.skipif(not packed_kernels_available(),
                                 reason="this PyTorch build has no oneDNN packed linear")
@@ -36,3 +36,11 @@ def test_a_rows_result_does_not_depend_on_the_batch(shape: tuple[int, int]) -> N
     full = fast(x)
     for rows in (1, 2, 3, 4, 5, 8):
         assert torch.equal(fast(x[:rows]), full[:rows]), rows
+
+
+def test_time_kernels_times_both_kernels_over_all_row_counts() -> None:
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g)]
+    t = time_kernels(weights, rows=(1, 3), repeats=3)
+    assert t.rows == (1, 3) and t.plain_ms > 0 and t.packed_ms > 0
+    assert t.packed_wins == (t.packed_ms < t.plain_ms)

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import logging
 
+import pytest
 import torch
 
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
@@ -14,6 +15,7 @@ from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.flywheel.checkpoints import CheckpointStore
 from aurora_spec.flywheel.publisher import Publisher
+from aurora_spec.models.cpu_linear import packed_kernels_available
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
 from tests.flywheel_helpers import collect_windows, make_engine, trained_trainer
@@ -47,6 +49,23 @@ def test_swaps_mid_generation_are_lossless(tmp_path):
             versions |= s.stats.draft_versions
     assert [list(s.output) for s in seqs] == want
     assert len(versions) >= 4 and pub.swaps == 5
+
+
+@pytest.mark.skipif(not packed_kernels_available(), reason="no oneDNN packed linear")
+def test_candidates_are_served_with_the_drafters_kernels(tmp_path):
+    """runtime.draft_kernels chooses packed copies or F.linear for the draft head by measuring
+    both at load; a published candidate must be served the same way, not packed regardless."""
+    model, _ = tiny_target("llama", seed=4)
+    store = CheckpointStore(tmp_path)
+    candidate = head_for(model, seed=1)
+    candidate.version = 1
+    path = str(store.save(candidate))
+    for packed in (False, True):
+        drafter = Eagle3Drafter(head_for(model, std=0.3), model.embed.weight, cpu_kernels=packed)
+        assert bool(drafter.head._packed) == packed
+        pub = Publisher(drafter, make_engine(model, drafter), model, store)
+        head = pub.offer(path)
+        assert head is not None and bool(head._packed) == packed
 
 
 def test_corrupt_checkpoint_is_refused_and_serving_keeps_its_version(tmp_path, caplog):
