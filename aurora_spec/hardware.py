@@ -19,20 +19,41 @@ from pathlib import Path
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def native_bf16_in_cpuinfo(text: str) -> bool:
-    """Whether a /proc/cpuinfo text lists a bf16 matmul instruction set for its first CPU."""
+# The instruction sets that decide which kernels and dtypes are fast here (what a bench records).
+_ISA_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                        "asimd", "sve", "bf16"})
+
+
+def cpu_flags_in_cpuinfo(text: str) -> frozenset[str]:
+    """The flags (x86) or features (Arm) of the first CPU in a /proc/cpuinfo text."""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return not _BF16_FLAGS.isdisjoint(value.split())
-    return False
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16_in_cpuinfo(text: str) -> bool:
+    """Whether a /proc/cpuinfo text lists a bf16 matmul instruction set for its first CPU."""
+    return not _BF16_FLAGS.isdisjoint(cpu_flags_in_cpuinfo(text))
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
 
 
 @functools.cache
 def cpu_native_bf16() -> bool:
     """True when this CPU multiplies bfloat16 natively. Where it cannot tell (no /proc/cpuinfo:
     not Linux) it says no: float32 is always correct, at worst slower."""
-    try:
-        return native_bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
+    return native_bf16_in_cpuinfo(_cpuinfo())
+
+
+def cpu_isa() -> list[str]:
+    """The kernel-relevant instruction sets of this CPU (empty where it cannot tell): benches
+    record them, since the same VM has come with and without AVX512-BF16 on different days and
+    which kernels win depends on it."""
+    return sorted(_ISA_FLAGS & cpu_flags_in_cpuinfo(_cpuinfo()))

@@ -238,6 +238,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"tokens, {cfg.get('requests')} measured requests ({cfg.get('mode')}), "
         f"{cfg.get('warmup')} warm-up excluded, chat template "
         f"{'on' if cfg.get('chat') else 'off'}, seed {cfg.get('seed')}, {cfg.get('date')}."
+        + (f" CPU: {' '.join(cfg['cpu_isa'])}." if cfg.get("cpu_isa") else "")
         + (" **Interrupted: partial results.**" if cfg.get("interrupted") else ""))
     lines += ["", "Arms ran side by side in one process, interleaved per request. Tokens/s is "
               "decode throughput (prefill excluded), median over requests [p10-p90]; speedups "

@@ -222,6 +222,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
 
     from aurora_spec.bench import report
     from aurora_spec.cli import encode_prompt, resolve_chat, stop_token_ids
+    from aurora_spec.hardware import cpu_isa, cpu_native_bf16
     from aurora_spec.runtime import load_target
 
     if cfg.max_tokens <= 0:
@@ -281,6 +282,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
+        "cpu_isa": cpu_isa(), "cpu_native_bf16": cpu_native_bf16(),
     }
     results = report.build_results(config, arms, outcome.records)
     if arm_status:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from aurora_spec.flywheel.trainer import bf16_autocast_ok
-from aurora_spec.hardware import cpu_native_bf16, native_bf16_in_cpuinfo
+from aurora_spec.hardware import cpu_flags_in_cpuinfo, cpu_native_bf16, native_bf16_in_cpuinfo
 from aurora_spec.runtime import draft_dtype
 
 # Abridged /proc/cpuinfo texts (two CPUs each: only the first one's flags count).
@@ -26,6 +26,12 @@ def test_plain_avx512_is_not_native_bf16() -> None:
     assert not native_bf16_in_cpuinfo(ICE_LAKE)
     assert not native_bf16_in_cpuinfo(GRAVITON2)
     assert not native_bf16_in_cpuinfo("")
+
+
+def test_flags_are_the_first_cpus() -> None:
+    assert "avx512_bf16" not in cpu_flags_in_cpuinfo(ICE_LAKE)  # only CPU 1 lists it
+    assert {"avx512f", "avx512_vnni"} <= cpu_flags_in_cpuinfo(ICE_LAKE)
+    assert "sve" in cpu_flags_in_cpuinfo(GRAVITON3) and not cpu_flags_in_cpuinfo("")
 
 
 def test_bf16_instructions_are_native() -> None:
