@@ -79,6 +79,32 @@ def draft_kernels(head: Any, tree_width: int) -> bool:
     return t.packed_wins
 
 
+def target_kernels(model: DecoderModel, drafting: bool, max_slots: int,
+                   choice: str = "auto") -> bool:
+    """Whether an engine's target forwards read the packed CPU copies (TargetRunner
+    ``packed_kernels``). An engine that verifies drafts must: with them a row's result does not
+    depend on how many rows share the call, so a verify gives every token the logits a one-token
+    decode gives, and greedy speculation stays token-for-token lossless in float32; so must one
+    that batches requests (a request's output must not depend on its neighbours). Only a
+    target-only engine serving one request at a time is free to take ``F.linear`` where it
+    measures faster, as it does for one row on a plain AVX-512 host (21 against 28 ms for a
+    forward's linears, ``python scripts/linear_kernels.py --threads 2``). ``choice="packed"``
+    pins the packed kernels (a target-only reference with the speculating engines' numerics).
+    The bench's ``none`` arm uses ``auto`` (a fair target-only speed); ``aurora generate`` and
+    ``serve`` keep packed, so their ``--drafter none`` gives exactly what every drafter gives."""
+    if choice not in ("auto", "packed"):
+        raise ValueError(f"target kernels must be auto or packed, got {choice!r}")
+    if model.cpu_lm_head is None:  # no packed copies (not a CPU, or oneDNN lacks them)
+        return False
+    if drafting or max_slots > 1 or choice == "packed":
+        return True
+    t = time_kernels(model.linear_weights(), rows=(1,))
+    log.info("target kernels (target-only, one request at a time): %s (one forward's linears: "
+             "F.linear %.1f ms, packed %.1f ms)", "packed" if t.packed_wins else "F.linear",
+             t.plain_ms, t.packed_ms)
+    return t.packed_wins
+
+
 def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     if cfg.name not in DRAFTERS:
         raise ValueError(f"unknown drafter {cfg.name!r} (choose from {', '.join(DRAFTERS)})")
@@ -125,6 +151,8 @@ def build_runtime(mcfg: ModelConfig, dcfg: DrafterConfig,
                   ecfg: EngineConfig | None = None, trace_sink=None) -> Runtime:
     info, tokenizer, model = load_target(mcfg)
     drafter = make_drafter(dcfg, model)
+    # Packed kernels in every engine here, target-only included: ``aurora generate --drafter
+    # none`` is the exact float32 reference of every drafter's output (target_kernels).
     runner = TargetRunner(model, CacheConfig(mcfg.max_slots, mcfg.max_context))
     engine = Engine(runner, drafter, ecfg or EngineConfig(), trace_sink)
     return Runtime(info, tokenizer, model, engine)

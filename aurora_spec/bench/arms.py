@@ -97,6 +97,14 @@ class EngineArm:
                          policy=({"start": s.policy_start, "end": s.policy_end}
                                  if s.policy_start is not None else None))
 
+    @property
+    def target_kernels(self) -> str:
+        """``packed`` when the target's linears read the packed CPU copies, else ``plain``
+        (F.linear, or whatever the device's own kernels are)."""
+        runner = self.engine.runner
+        return ("packed" if runner.packed_kernels and runner.model.cpu_lm_head is not None
+                else "plain")
+
     def status(self) -> dict[str, Any]:
         """The drafter's own counters, when it keeps any (ngram, eagle3 + lookup)."""
         stats = getattr(self.engine.drafter, "stats", None)
@@ -203,6 +211,9 @@ class ArmOptions:
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
+    # Target-only arms: auto takes F.linear where it measures faster (runtime.target_kernels);
+    # packed (suffix ``@packed``) keeps the kernels the speculating arms verify on.
+    target_kernels: str = "auto"
 
 
 @dataclass
@@ -250,11 +261,13 @@ def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
     from aurora_spec.drafters.policy import PolicyConfig
     from aurora_spec.engine.engine import Engine, EngineConfig
     from aurora_spec.models.runner import CacheConfig, TargetRunner
-    from aurora_spec.runtime import make_drafter
+    from aurora_spec.runtime import make_drafter, target_kernels
 
     drafter = make_drafter(DrafterConfig(drafter_name, weights, opts.draft_vocab, opts.tree_width,
                                          opts.seed, opts.draft_dtype, opts.lookup), target.model)
-    runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context))
+    packed = target_kernels(target.model, drafter is not None, opts.max_slots,
+                            opts.target_kernels)
+    runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context), packed)
     engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=opts.max_draft),
                                                   calibrate=opts.calibrate))
     return EngineArm(name, kind, engine, target.stop_ids)
@@ -302,18 +315,20 @@ class ArmSpec:
     rollback_paired: bool | None = None  # ``@paired`` / ``@unpaired`` (online arms)
     trainer_config: tuple[tuple[str, Any], ...] | None = None  # ``@trainer.FIELD=VALUE`` ...
     trace_config: tuple[tuple[str, Any], ...] | None = None  # ``@trace.FIELD=VALUE`` (online)
+    target_kernels: str | None = None  # ``@packed``: target-only on the speculating kernels
 
 
 _OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
-              "rollback_paired", "trainer_config", "trace_config")
+              "rollback_paired", "trainer_config", "trace_config", "target_kernels")
 _TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired",
             "trainer_config", "trace_config"}
-_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired"
+_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired|packed"
                      r"|shiftgate|noshiftgate|(?:trainer|trace)\.\w+=[^@]+)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
           "paired": ("rollback_paired", True), "unpaired": ("rollback_paired", False),
-          "lookup": ("lookup", True), "nolookup": ("lookup", False)}
+          "lookup": ("lookup", True), "nolookup": ("lookup", False),
+          "packed": ("target_kernels", "packed")}
 # Short names for config overrides measured in the README: ``@shiftgate`` is the gate that
 # follows shifts at the value measured (256 positions), ``@hN`` holds out 1 in N requests
 # after a shift, ``@rN`` draws N% of each batch from the newest windows.
@@ -391,13 +406,15 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 def parse_arms(spec: str) -> list[ArmSpec]:
     """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
-    [@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@shiftgate|@noshiftgate][@hN][@rN]``
+    [@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@shiftgate|@noshiftgate][@hN][@rN][@packed]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,online@trainer.lr=0.003,static:DIR``.
     ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` set one field of an online arm's
     TrainerConfig / TraceConfig (flywheel/config.py); ``@shiftgate`` is
     ``@trainer.gate_shift_positions=256``, ``@hN`` ``@trainer.holdout_every_shift=N`` and
-    ``@rN`` ``@trainer.recent_ratio=N/100``."""
+    ``@rN`` ``@trainer.recent_ratio=N/100``. ``none@packed``: target-only on the packed kernels
+    the speculating arms verify on, where plain ``none`` takes the faster one for one row
+    (runtime.target_kernels)."""
     out: list[ArmSpec] = []
     for part in spec.split(","):
         part = part.strip()
@@ -413,6 +430,9 @@ def parse_arms(spec: str) -> list[ArmSpec]:
                              f"@unpaired, @trainer.*, @trace.*, @shiftgate, @noshiftgate, @hN "
                              f"and @rN are for online arms (they set their trainer's CPU "
                              f"priority, threads, rests, rollback test and configuration)")
+        if "target_kernels" in over and kind != "none":
+            raise BenchError(f"arm {part!r}: @packed is for target-only arms (none); arms that "
+                             f"verify drafts always run the target on the packed kernels")
         out.append(ArmSpec(part, kind, arg if sep else None, **over))
     if not out:
         raise BenchError("--arms is empty")

@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "short forms: @shiftgate makes the gate judge on the held-out positions "
                    "since a traffic shift instead of the newest ones (@noshiftgate, default), "
                    "@hN then holds out 1 in N requests, @rN draws N%% of the training batches "
-                   "from the newest windows (default 50)")
+                   "from the newest windows (default 50). Target-only: none takes the faster "
+                   "target kernel for one row (F.linear or packed, measured at start), "
+                   "none@packed the packed kernels every speculating arm verifies on (the "
+                   "exact float32 reference for the lossless check when present)")
     p.add_argument("--domains", default=None,
                    help="comma-separated domains (default: every <domain>.jsonl in --traffic)")
     p.add_argument("--requests", type=int, default=None,

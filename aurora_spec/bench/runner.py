@@ -157,12 +157,19 @@ def mark_divergence(outcome: RunOutcome, reference: str | None) -> None:
 
 
 def pick_reference(arms: Sequence[ArmSpec | Arm]) -> str | None:
-    """Target-only through our engine (``none``), else transformers (``hf``), else nothing."""
-    for kind in ("none", "hf"):
-        for a in arms:
-            if a.kind == kind:
-                return a.name
-    return None
+    """The output reference: target-only through our engine (``none``), the one on the packed
+    kernels the speculating arms verify on if there is one (``none@packed``: equal numerics, so
+    float32 output must match exactly), else transformers (``hf``), else nothing."""
+    nones = [a for a in arms if a.kind == "none"]
+    same = [a for a in nones if getattr(a, "target_kernels", None) == "packed"]
+    if same or nones:
+        return (same or nones)[0].name
+    return next((a.name for a in arms if a.kind == "hf"), None)
+
+
+def kernels_of(arms: Sequence[Arm]) -> dict[str, str]:
+    """Each engine arm's target kernels (EngineArm.target_kernels), for the report's checks."""
+    return {a.name: k for a in arms if (k := getattr(a, "target_kernels", None))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +284,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "draft_vocab": cfg.arm_options.draft_vocab, "tree_width": cfg.arm_options.tree_width,
         "draft_dtype": cfg.arm_options.draft_dtype, "lookup": cfg.arm_options.lookup,
         "load": cfg.arm_options.load,
-        "reference_arm": reference,
+        "reference_arm": reference, "target_kernels": kernels_of(arms),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,
         "torch": torch.__version__, "transformers": transformers.__version__,

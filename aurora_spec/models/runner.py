@@ -83,10 +83,16 @@ class TargetRunner:
     Requests hold *handles*; the runner keeps their cache rows packed at 0..n-1 (a release moves
     the last row into the hole), so a batched forward over all running requests reads the cache
     through one slice, never a gather copy.
+
+    ``packed_kernels`` (default): the linears read the model's packed CPU copies, if it has any,
+    whose result for a row does not depend on how many rows share the call; that keeps a verify's
+    logits equal to a one-token decode's. False: F.linear (runtime.target_kernels says when).
     """
 
-    def __init__(self, model: DecoderModel, cache_cfg: CacheConfig = CacheConfig()) -> None:
+    def __init__(self, model: DecoderModel, cache_cfg: CacheConfig = CacheConfig(),
+                 packed_kernels: bool = True) -> None:
         self.model = model
+        self.packed_kernels = packed_kernels
         self.spec = model.spec
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
@@ -195,7 +201,7 @@ class TargetRunner:
             sliding = mask & self._near(key_pos[None], positions[None])
         ids = torch.tensor([tokens], device=self.device)
         return self.model(ids, positions[None], self.cache.views(row), slice(length, kv_len),
-                          kv_len, mask, sliding, logits_rows)
+                          kv_len, mask, sliding, logits_rows, packed=self.packed_kernels)
 
     def _near(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """Sliding-window condition (B, 1, T, S) from key (B, S) and query (B, T) positions."""
@@ -246,7 +252,7 @@ class TargetRunner:
             sliding = mask & self._near(key_pos, query_pos)
         views = [(k[:b], v[:b]) for k, v in zip(self.cache.k, self.cache.v, strict=True)]
         out = self.model(torch.tensor([tokens], device=dev), pos[None], views, packed, kv_len,
-                         mask, sliding)
+                         mask, sliding, packed=self.packed_kernels)
         result, start = [], 0
         for size in sizes:
             end = start + size

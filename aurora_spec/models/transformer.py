@@ -139,13 +139,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | PackedRows,
-                kv_len: int) -> torch.Tensor:
+                kv_len: int, packed: bool = True) -> torch.Tensor:
         """``mask`` is additive (0 / -inf), (B, 1, T, kv_len). Written with functional calls and
         q and k rotated together: at batch 1 the decode step is bound by per-op overhead.
-        With ``write`` a PackedRows, ``x`` holds only the batch's real tokens, (1, N, H)."""
+        With ``write`` a PackedRows, ``x`` holds only the batch's real tokens, (1, N, H).
+        ``packed=False``: F.linear even where packed copies exist (DecoderModel.forward)."""
         b, t, _ = x.shape
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
-        cpu = self.kernels or _NO_KERNELS
+        cpu = (self.kernels if packed else None) or _NO_KERNELS
         qkv = linear(self.input_norm(x), self.qkv.weight, cpu[0], self.qkv.bias).view(b, t, -1, d)
         qkv = qkv.transpose(1, 2)  # (B, heads, T, D)
         if self.gemma:
@@ -275,19 +276,27 @@ class DecoderModel(nn.Module):
         x = self.embed(tokens)
         return x * torch.tensor(self.spec.embed_scale, dtype=x.dtype) if self.spec.is_gemma else x
 
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        out = linear(final_hidden, self.lm_head.weight, self.cpu_lm_head).float()
+    def linear_weights(self) -> list[torch.Tensor]:
+        """The weights of every linear of a forward, lm_head included (what kernels are timed on)."""
+        return [p for n, p in self.named_parameters()
+                if p.dim() == 2 and n not in ("embed.weight", "lm_head.weight")] + [self.lm_head.weight]
+
+    def logits(self, final_hidden: torch.Tensor, packed: bool = True) -> torch.Tensor:
+        out = linear(final_hidden, self.lm_head.weight,
+                     self.cpu_lm_head if packed else None).float()
         cap = self.spec.final_logit_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 caches: list[tuple[torch.Tensor, torch.Tensor]], write: slice | PackedRows,
                 kv_len: int, mask: torch.Tensor, sliding_mask: torch.Tensor | None = None,
-                logits_rows: slice | None = None) -> ForwardOutput:
+                logits_rows: slice | None = None, packed: bool = True) -> ForwardOutput:
         """tokens/positions: (B, T), or (1, N) with ``write`` a PackedRows (a ragged batch's real
         tokens); caches: per layer (k, v) of shape (B, n_kv, capacity, D); mask/sliding_mask:
         bool (B, 1, T, kv_len). ``logits_rows`` limits the lm_head to some rows
-        (prefill needs only the last one)."""
+        (prefill needs only the last one). ``packed``: the linears read the packed copies
+        (use_cpu_kernels), if any; False: F.linear, whose result for a row depends on how many
+        rows share the call (runtime.target_kernels says when an engine may use it)."""
         x = self.embed_tokens(tokens)
         cos, sin = self._rope("global").lookup(positions)
         if self.spec.is_gemma:
@@ -299,15 +308,15 @@ class DecoderModel(nn.Module):
         for i, (block, (kc, vc)) in enumerate(zip(self.blocks, caches, strict=True)):
             sliding = self.spec.is_gemma and self.spec.sliding_layers[i]
             if sliding:
-                x = block(x, lcos, lsin, sliding_mask, kc, vc, write, kv_len)
+                x = block(x, lcos, lsin, sliding_mask, kc, vc, write, kv_len, packed)
             else:
-                x = block(x, cos, sin, mask, kc, vc, write, kv_len)
+                x = block(x, cos, sin, mask, kc, vc, write, kv_len, packed)
             if i in self.hidden_layers:
                 saved[i] = x
         final = self.norm(x)
         rows = final if logits_rows is None else final[:, logits_rows]
         fused = torch.cat([saved[i] for i in self.hidden_layers], dim=-1)
-        return ForwardOutput(self.logits(rows), fused, final)
+        return ForwardOutput(self.logits(rows, packed), fused, final)
 
 
 def _hf_to_ours(spec: ModelSpec, read) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ def test_bench_end_to_end(smollm2_dir: Path, tmp_path: Path, capsys: pytest.Capt
                 f.write(json.dumps({"id": f"{domain}:{i}", "domain": domain, "source": "test",
                                     "prompt": p}) + "\n")
     out = tmp_path / "out"
-    rc = main(["bench", "--arms", "none,ngram,hf", "--requests", "2", "--max-tokens", "8",
+    rc = main(["bench", "--arms", "none,ngram,hf,none@packed", "--requests", "2", "--max-tokens", "8",
                "--domains", "summarization,chat", "--traffic", str(traffic), "--threads", "1",
                "--warmup", "1", "--out", str(out), "--no-progress", "--save-token-ids"])
     assert rc == 0
@@ -53,7 +53,11 @@ def test_bench_end_to_end(smollm2_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert cfg["dtype"] == "float32" and cfg["threads"] == 1 and cfg["max_tokens"] == 8
     assert cfg["model"] == "smollm2-135m" and cfg["chat"] is True and cfg["requests"] == 4
     assert cfg["command"].startswith("aurora bench") and "--arms none,ngram,hf" in cfg["command"]
-    assert list(results["arms"]) == ["none", "ngram", "hf"]
+    assert list(results["arms"]) == ["none", "ngram", "hf", "none@packed"]
+    # none takes the faster target kernel for one row; the exact reference is none@packed.
+    kernels = cfg["target_kernels"]
+    assert kernels["ngram"] == kernels["none@packed"] == "packed"
+    assert kernels["none"] in ("plain", "packed") and cfg["reference_arm"] == "none@packed"
     for name, arm in results["arms"].items():
         assert arm["requests"] == 4
         assert arm["tokens_per_s"] > 0 and arm["tokens_per_s_p10"] <= arm["tokens_per_s_p90"]
@@ -64,16 +68,18 @@ def test_bench_end_to_end(smollm2_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert results["arms"]["none"]["tau"] == 1.0 and results["arms"]["ngram"]["tau"] >= 1.0
 
     recs = results["requests"]
-    assert len(recs) == 12
+    assert len(recs) == 16
     by = {(r["arm"], r["index"]): r for r in recs}
     for i in range(4):
-        ref = by[("none", i)]["token_ids"]
+        ref = by[("none@packed", i)]["token_ids"]
         assert 0 < len(ref) <= 8 and 2 not in ref  # stop tokens never in the output
-        for arm in ("ngram", "hf"):
+        for arm in ("ngram", "hf", "none"):
             assert by[(arm, i)]["token_ids"] == ref
     assert [by[("none", i)]["domain"] for i in range(4)] == ["summarization", "chat"] * 2
     statuses = {c["name"]: c["status"] for c in results["checks"]}
-    assert statuses["lossless"] == "PASS"
+    lossless = [c for c in results["checks"] if c["name"] == "lossless"]
+    assert any(c["text"].startswith("ngram greedy output vs none@packed") for c in lossless)
+    assert all(c["status"] == "PASS" for c in lossless)
     assert statuses["engine_vs_hf"] in ("PASS", "FAIL")  # a figure, not a test, at 8 tokens
 
     md = (out / "report.md").read_text()

@@ -537,3 +537,40 @@ def test_recovery_after_a_domain_change() -> None:
     assert lines[-1] == "| chat -> code (at 60) | 2.00 -> 1.75, 26 | 2.00 -> 1.00, - |"
     single = [r for r in recs if r["index"] < 60]
     assert report.recovery_lines({"arms": arms, "requests": single}) == []
+
+
+def test_target_only_on_other_kernels_is_measured_not_failed() -> None:
+    """A target-only arm on F.linear (runtime.target_kernels) rounds differently from the packed
+    kernels speculating arms verify on: against it a difference is INFO; against none@packed,
+    the exact reference, it fails in float32."""
+    recs = [r for r in _records() if r["arm"] != "hf"]
+    pairs = [("none", "none"), ("ngram", "ngram")]
+    kernels = {"none": "plain", "ngram": "packed"}
+    arms = report.summarise(recs, pairs)
+    checks = report.evaluate_checks(arms, "float32", "none", kernels)
+    div = next(c for c in checks if c["text"].startswith("ngram greedy output"))
+    assert div["status"] == "INFO" and "none@packed" in div["text"]
+    same = report.evaluate_checks(arms, "float32", "none", {**kernels, "none": "packed"})
+    assert next(c for c in same if c["name"] == "lossless")["status"] == "FAIL"
+    # The reference's own diverged share is 0 whichever none it is; the other none is compared.
+    both = [*recs, *({**r, "arm": "none@packed", "diverged_at": None} for r in recs
+                     if r["arm"] == "none")]
+    summary = report.summarise(both, [*pairs, ("none@packed", "none")], "none@packed")
+    assert summary["none@packed"]["diverged_requests"] == 0.0
+    assert summary["none"]["diverged_requests"] == 0.0 and summary["ngram"]["diverged_count"] == 1
+
+
+def test_none_at_packed_is_the_output_reference() -> None:
+    specs = parse_arms("none,none@packed,ngram")
+    assert [s.target_kernels for s in specs] == [None, "packed", None]
+    with pytest.raises(BenchError, match="@packed is for target-only arms"):
+        parse_arms("ngram@packed")
+
+    class _Arm:
+        def __init__(self, name: str, kind: str, kernels: str) -> None:
+            self.name, self.kind, self.target_kernels = name, kind, kernels
+
+    arms = [_Arm("none", "none", "plain"), _Arm("none@packed", "none", "packed"),
+            _Arm("ngram", "ngram", "packed")]
+    assert pick_reference(arms) == "none@packed"
+    assert pick_reference(arms[:1] + arms[2:]) == "none"

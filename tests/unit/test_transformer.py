@@ -127,3 +127,60 @@ def test_cpu_kernels_give_the_same_logits(kind: str) -> None:
     half = len(results) // 2
     for a, b in zip(results[:half], results[half:], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _decode(runner: TargetRunner, ids: list[int]) -> list[torch.Tensor]:
+    slot = runner.allocate()
+    out = [runner.prefill(slot, ids).logits]
+    for token in (30, 31, 32):
+        out.append(runner.verify(slot, token, Proposal.chain([])).logits)
+        runner.commit(slot, ())
+    return out
+
+
+def test_a_runner_chooses_its_kernels_on_a_shared_model() -> None:
+    """Engines share one model (the bench's arms): a runner with ``packed_kernels=False`` runs
+    F.linear even though the model holds packed copies, exactly as a model without them does,
+    and the default runner reads the packed copies."""
+    if not packed_kernels_available():
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    plain, _ = tiny_target("llama")
+    shared, _ = tiny_target("llama")
+    shared.use_cpu_kernels()
+    ids = list(range(3, 23))
+    reference = _decode(TargetRunner(plain, CacheConfig(1, 64)), ids)
+    as_plain = _decode(TargetRunner(shared, CacheConfig(1, 64), packed_kernels=False), ids)
+    as_packed = _decode(TargetRunner(shared, CacheConfig(1, 64)), ids)
+    for a, b, c in zip(reference, as_plain, as_packed, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)  # same function, other rounding
+    fast = shared.cpu_lm_head
+    assert fast is not None
+    final = torch.randn(1, 2, plain.spec.hidden_size)
+    assert torch.equal(shared.logits(final), fast(final).float())
+    assert torch.equal(shared.logits(final, packed=False), plain.logits(final))
+
+
+def test_target_kernels_only_free_a_single_request_target_only_engine(caplog) -> None:
+    """runtime.target_kernels: drafting, batching or a pinned choice keep the packed kernels
+    (row-independent results: the lossless guarantee); a target-only engine serving one
+    request at a time takes the faster kernel by measurement and logs the figures."""
+    import logging
+
+    from aurora_spec.runtime import target_kernels
+
+    if not packed_kernels_available():
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    bare, _ = tiny_target("llama")
+    assert target_kernels(bare, drafting=False, max_slots=1) is False  # nothing packed to read
+    model, _ = tiny_target("llama")
+    model.use_cpu_kernels()
+    assert target_kernels(model, drafting=True, max_slots=1) is True
+    assert target_kernels(model, drafting=False, max_slots=4) is True
+    assert target_kernels(model, drafting=False, max_slots=1, choice="packed") is True
+    with pytest.raises(ValueError, match="auto or packed"):
+        target_kernels(model, drafting=False, max_slots=1, choice="plain")
+    with caplog.at_level(logging.INFO, logger="aurora_spec.runtime"):
+        chosen = target_kernels(model, drafting=False, max_slots=1)
+    line = next(r.getMessage() for r in caplog.records if "target kernels" in r.getMessage())
+    assert ("packed" if chosen else "F.linear") in line.split("one request at a time): ")[1][:8]
