@@ -210,8 +210,9 @@ def evaluate_checks(arms: dict[str, dict[str, Any]], dtype: str, reference: str 
             note = ("transformers' kernels, not speculation" if a["kind"] == "hf"
                     else f"{n} ran the target on {kernels.get(n)} kernels, {reference} on "
                          f"{kernels.get(reference)}: they round differently, so this is "
-                         f"measured; the exact check needs a target-only arm on the same "
-                         f"kernels, none@packed" if other
+                         f"measured" + ("" if a["kind"] == "none" else "; the exact check "
+                                        "needs a target-only arm on the same kernels, "
+                                        "none@packed") if other
                     else f"measured in {dtype}, DESIGN.md section 4")
             checks.append(_check("divergence", "INFO", share, None, f"{what} ({note})"))
     return checks
