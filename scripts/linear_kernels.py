@@ -22,9 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_decoder(resolve_model(args.model), getattr(torch, args.dtype), cpu_kernels=False)
-    weights: list[torch.Tensor] = [p for n, p in model.named_parameters()
-                                   if p.dim() == 2 and n != "embed.weight"]
-    weights.append(model.lm_head.weight)
+    weights = model.linear_weights()  # the same set runtime.target_kernels times
     rows_list = (1, 2, 3, 4, 8, 16)
     timings = [time_kernels(weights, (rows,), args.repeats) for rows in rows_list]
     print(f"{args.model} {args.dtype} {args.threads} thread(s): ms for all linears of one forward")
