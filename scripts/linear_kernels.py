@@ -1,16 +1,48 @@
-"""Time all linears of one forward of a model, F.linear (MKL) vs oneDNN-packed (cpu_linear.py),
-for 1-16 rows, interleaved (cpu_linear.time_kernels).
-Usage: python scripts/linear_kernels.py [--model M] [--threads N]."""
+"""Time all linears of one forward of a model through each CPU kernel (F.linear (MKL), oneDNN
+packed, the row kernel of row_kernel.py) for 1-16 rows, interleaved so a noisy moment hits all.
+Usage: python scripts/linear_kernels.py [--model M] [--threads N] [--dtype float32|bfloat16]."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from aurora_spec.models.cpu_linear import time_kernels
+from aurora_spec.models.cpu_linear import CpuLinear
 from aurora_spec.models.loader import resolve_model
+from aurora_spec.models.row_kernel import RowLinear, supports
 from aurora_spec.models.transformer import load_decoder
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kernels(weights: list[torch.Tensor]) -> dict[str, list[Kernel]]:
+    out: dict[str, list[Kernel]] = {
+        "F.linear (MKL)": [functools.partial(F.linear, weight=w) for w in weights],
+        "oneDNN, packed": [CpuLinear(w, use_row_kernel=False) for w in weights]}
+    if all(supports(w) for w in weights):
+        out["row kernel"] = [RowLinear(w) for w in weights]
+    return out
+
+
+def time_rows(weights: list[torch.Tensor], by_kernel: dict[str, list[Kernel]], rows: int,
+              repeats: int) -> dict[str, float]:
+    """Median ms of one pass over all weights per kernel; the first round only warms up."""
+    inputs = {k: torch.randn(rows, k, dtype=weights[0].dtype) for k in {w.shape[1] for w in weights}}
+    times: dict[str, list[float]] = {name: [] for name in by_kernel}
+    for i in range(repeats + 1):
+        for name, calls in by_kernel.items():
+            start = time.perf_counter()
+            for w, call in zip(weights, calls, strict=True):
+                call(inputs[w.shape[1]])
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -23,12 +55,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_decoder(resolve_model(args.model), getattr(torch, args.dtype), cpu_kernels=False)
     weights = model.linear_weights()  # the same set runtime.target_kernels times
+    by_kernel = kernels(weights)
     rows_list = (1, 2, 3, 4, 8, 16)
-    timings = [time_kernels(weights, (rows,), args.repeats) for rows in rows_list]
+    with torch.inference_mode():
+        table = [time_rows(weights, by_kernel, rows, args.repeats) for rows in rows_list]
     print(f"{args.model} {args.dtype} {args.threads} thread(s): ms for all linears of one forward")
     print(f"{'rows':24s}" + "".join(f"{r:>7d}" for r in rows_list))
-    print(f"{'F.linear (MKL)':24s}" + "".join(f"{t.plain_ms:7.0f}" for t in timings))
-    print(f"{'oneDNN, packed':24s}" + "".join(f"{t.packed_ms:7.0f}" for t in timings))
+    for name in by_kernel:
+        print(f"{name:24s}" + "".join(f"{t[name]:7.0f}" for t in table))
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ class Eagle3Head(nn.Module):
     _LINEARS = ("fc", "qkv", "o_proj", "gate_up", "down", "lm_head")
 
     def use_cpu_kernels(self) -> bool:
-        """Serving on CPU: run the linears through oneDNN-packed weight copies (cpu_linear.py;
+        """Serving on CPU: run the linears through packed weight copies (cpu_linear.py;
         ``python scripts/linear_kernels.py`` measures both). The copies are used only without
         autograd (serving runs under no_grad; training keeps plain linears so gradients flow),
         and a copy is dropped as soon as its weight changes (an optimizer step, set_vocab), so a

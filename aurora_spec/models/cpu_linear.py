@@ -1,21 +1,20 @@
-"""Linear layers in the weight layout that CPU kernels read fastest.
+"""Linear layers in the weight layouts that CPU kernels read fastest, row-independent.
 
 Why: a decode or verify step on CPU is one pass over all weights, and ``F.linear`` (MKL) reads
-the (out, in) layout slowly for a few rows. Measured on the 2-core development machine for all
-linears of one SmolLM2-135M forward, float32, 1 thread (``python scripts/linear_kernels.py``):
+the (out, in) layout slowly for a few rows; worse for speculation, its result for a row depends
+on how many rows share the call, so verify logits would not equal one-token decode logits. Two
+kernels here keep a row's result independent of the call (tests/unit/test_cpu_linear.py,
+tests/unit/test_row_kernel.py):
 
-    rows                        1      2      3      4      8     16
-    F.linear (MKL)             51     90    113     71     83    106  ms
-    oneDNN, packed weights     36     36     35     34     43     59  ms
+- float32 where it builds: the row kernel (row_kernel.py), as fast as MKL for one row and little
+  slower for 2-8 (2 threads, SmolLM2-135M: 18 ms for 1 row, 21 for 4, against MKL's 18 and 34).
+- otherwise oneDNN with packed weights, calls of 1-3 rows padded to 4 (oneDNN's own kernels for
+  fewer rows are slower than its 4-row one, and the padding is what makes it row-independent):
+  27 ms for 1-4 rows on the same host. In bfloat16 the packing gives 23 vs 36 ms (1 row) and 26
+  vs 45 ms (8 rows) on an AVX512-BF16 host. This is the kernel PyTorch's own compiler (Inductor)
+  emits for CPU linears, reached through ``torch.ops.mkldnn``, checked once.
 
-oneDNN's own kernels for fewer than 4 rows are slower than its 4-row kernel, so calls with 1-3
-rows are padded to 4 (the table includes that): a verify of up to 8 tokens then costs little more
-than a one-token step. With the padding the result of a row does not depend on how many rows
-share the call (tests/unit/test_cpu_linear.py), so verify logits equal one-token decode logits as
-far as the linears go. In bfloat16 the same packing gives 23 vs 36 ms (1 row) and 26 vs 45 ms
-(8 rows). The packed linear is the kernel PyTorch's own compiler (Inductor) emits for CPU
-linears; it is reached through ``torch.ops.mkldnn``, checked once, with ``F.linear`` as the
-fallback.
+``python scripts/linear_kernels.py --threads N`` times all three for 1-16 rows.
 """
 
 from __future__ import annotations
@@ -27,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from aurora_spec.models import row_kernel
+from aurora_spec.models.row_kernel import RowLinear
 
 PACK_BATCH_HINT = 16  # oneDNN chooses its blocking for this many rows; measured best for 1-16
 MIN_ROWS = 4  # calls with fewer rows are padded to this many (see above)
@@ -42,11 +44,23 @@ class CpuLinear:
     """One weight (and bias) held as oneDNN-packed blocks. The packing is a copy: the source
     weight must not change afterwards (target weights are frozen)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 use_row_kernel: bool = True) -> None:
         self.bias = bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        # float32 goes through the row kernel where it builds (as fast as MKL for 1 row, and
+        # row-independent: row_kernel.py); other dtypes and hosts keep oneDNN's packed blocks
+        self.row = (RowLinear(weight, bias) if use_row_kernel and row_kernel.supports(weight)
+                    else None)
+        self.packed = None if self.row else torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach(), PACK_BATCH_HINT)
+
+    @property
+    def kernel(self) -> str:
+        return "row kernel" if self.row else "oneDNN"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row is not None:
+            return self.row(x)
         k = x.shape[-1]
         rows = x.numel() // k
         if rows >= MIN_ROWS:

@@ -1,4 +1,5 @@
-"""The oneDNN-packed CPU linear (cpu_linear.py) against F.linear, and its batch invariance."""
+"""The CPU linear (cpu_linear.py), on oneDNN and on the row kernel, against F.linear, and its
+batch invariance."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ pytestmark = pytest.mark.skipif(not packed_kernels_available(),
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_f_linear(dtype: torch.dtype, bias: bool) -> None:
+@pytest.mark.parametrize("row", [False, True], ids=["oneDNN", "row-kernel-where-built"])
+def test_matches_f_linear(dtype: torch.dtype, bias: bool, row: bool) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g).to(dtype)
     b = torch.randn(96, generator=g).to(dtype) if bias else None
-    fast = CpuLinear(w, b)
+    fast = CpuLinear(w, b, use_row_kernel=row)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for shape in [(1, 1, 64), (1, 2, 64), (1, 3, 64), (2, 3, 64), (1, 9, 64), (40, 64)]:
         x = torch.randn(*shape, generator=g).to(dtype)
@@ -28,10 +30,11 @@ def test_matches_f_linear(dtype: torch.dtype, bias: bool) -> None:
 
 
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576)])
-def test_a_rows_result_does_not_depend_on_the_batch(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("row", [False, True], ids=["oneDNN", "row-kernel-where-built"])
+def test_a_rows_result_does_not_depend_on_the_batch(shape: tuple[int, int], row: bool) -> None:
     """What keeps verify logits equal to one-token decode logits (SmolLM2's layer shapes)."""
     g = torch.Generator().manual_seed(1)
-    fast = CpuLinear(torch.randn(*shape, generator=g))
+    fast = CpuLinear(torch.randn(*shape, generator=g), use_row_kernel=row)
     x = torch.randn(16, shape[1], generator=g)
     full = fast(x)
     for rows in (1, 2, 3, 4, 5, 8):

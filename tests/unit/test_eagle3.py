@@ -299,18 +299,18 @@ def test_packed_serving_head_matches_plain_and_never_uses_stale_copies():
         return h(h.fuse(rows(5, 1))[None], e, pos)[1]
 
     with torch.no_grad():
-        torch.testing.assert_close(logits(head), logits(plain), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(head), logits(plain), atol=1e-4, rtol=1e-4)
     logits(head).sum().backward()  # with autograd: plain linears, gradients reach the weights
     assert head.qkv.weight.grad is not None and head.qkv.weight.grad.abs().sum() > 0
     with torch.no_grad():
         for h in (head, plain):
             h.qkv.weight.mul_(-1.0)  # an in-place update (what an optimizer step does)
-        torch.testing.assert_close(logits(head), logits(plain), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(head), logits(plain), atol=1e-4, rtol=1e-4)
     assert "qkv" not in head._packed and "lm_head" in head._packed
     head.set_vocab(torch.arange(V - VD, V))  # a new lm_head: its old copy must not be used
     plain.set_vocab(torch.arange(V - VD, V))
     with torch.no_grad():
-        torch.testing.assert_close(logits(head), logits(plain), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(head), logits(plain), atol=1e-4, rtol=1e-4)
     assert "lm_head" not in head._packed
 
 

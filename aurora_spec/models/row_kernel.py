@@ -1,0 +1,159 @@
+"""A float32 CPU linear whose rows do not depend on each other, as fast as MKL for one row.
+
+Why: lossless speculation needs a verify step's logits for a position to equal what a one-token
+step computes there, bit for bit. MKL's ``F.linear``, ``torch.mm`` and unpadded oneDNN all give
+a row different low bits in a 2-8-row call than alone; oneDNN-packed with padding is
+row-independent but 27-29 ms per SmolLM2-135M forward against MKL's one-row 18-21 ms on a plain
+AVX-512 host, which is what made speculation there lose to fast target-only decoding. This
+kernel (``row_kernel.c``) reduces every output in one fixed order and reads the weights once per
+call. Measured for all linears of one SmolLM2-135M forward, 2 threads, float32
+(``python scripts/linear_kernels.py --threads 2``):
+
+    rows                        1      2      3      4      8     16
+    F.linear (MKL)             18     20     22     34     44     44  ms
+    oneDNN, packed             27     27     27     27     31     36  ms
+    row kernel                 18     19     19     21     25     34  ms
+
+(1 thread: 36/47/34 ms for 1 row, 68/46/39 for 4.) Prefill-sized calls are slower than oneDNN
+(256 rows: 367 vs 306 ms), a cost paid once per prompt. The kernel is used only where the
+compiler targets AVX-512: emulated in 256-bit registers it measured 1.5-3x slower than oneDNN.
+
+It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler and CPU flags; the build is written
+then renamed, so concurrent processes never load a half-written library. Without a compiler
+(or for other dtypes) the callers keep oneDNN's packed kernel, logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("row_kernel.c")
+LANES = 16  # the kernel reduces k in chunks of this many floats; k must be a multiple
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+
+
+def default_cache_dir() -> Path:
+    """Where builds live: ``$AURORA_KERNEL_CACHE`` or ``~/.cache/aurora-spec/kernels``."""
+    env = os.environ.get("AURORA_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "aurora-spec" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(cache_dir: Path, compiler: str) -> Path:
+    """Compile row_kernel.c unless a build for this source, compiler and CPU exists."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS),
+                                    _cpu_flags())).encode()).hexdigest()[:16]
+    target = cache_dir / f"row_kernel-{key}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], capture_output=True,
+                       text=True, check=True, timeout=120)
+        os.replace(scratch, target)  # atomic: another process sees all of it or none
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return target
+
+
+@functools.cache
+def library(cache_dir: Path | None = None, compiler: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel, or None (logged once) where it cannot be built or loaded."""
+    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    root = cache_dir or default_cache_dir()
+    if not compiler:
+        log.info("row kernel: no C compiler found; CPU linears use oneDNN's packed kernel")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(root, compiler)))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        log.warning("row kernel: build or load failed (%s); CPU linears use oneDNN's packed "
+                    "kernel", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
+        return None
+    if not lib.aurora_native_width():
+        log.info("row kernel: this CPU has no AVX-512; CPU linears use oneDNN's packed kernel")
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.aurora_packed_floats.argtypes, lib.aurora_packed_floats.restype = [i64, i64], i64
+    lib.aurora_pack.argtypes, lib.aurora_pack.restype = [ptr, i64, i64, ptr], None
+    lib.aurora_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.aurora_linear.restype = None
+    return lib
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` can run through the row kernel here (float32 on CPU, in-features a
+    multiple of 16, kernel built)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.shape[1] % LANES == 0 and library() is not None)
+
+
+class RowLinear:
+    """One weight (and bias) packed for the row kernel. The packing is a copy: the source weight
+    must not change afterwards (target weights are frozen)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if not supports(weight):
+            raise ValueError(f"row kernel cannot run a {tuple(weight.shape)} {weight.dtype} "
+                             f"weight on {weight.device}")
+        lib = library()
+        assert lib is not None
+        self._lib = lib
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().contiguous()
+        self.packed = torch.empty(lib.aurora_packed_floats(*w.shape), dtype=torch.float32)
+        lib.aurora_pack(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.shape[-1] != self.in_features:
+            raise ValueError(f"row kernel takes float32 (..., {self.in_features}), got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        flat = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        self._lib.aurora_linear(flat.data_ptr(), flat.shape[0], self.in_features,
+                                self.packed.data_ptr(), self.out_features, bias, out.data_ptr(),
+                                torch.get_num_threads())
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def main() -> None:
+    """``python -m aurora_spec.models.row_kernel``: build the kernel now (scripts/setup.sh does,
+    so the first server start does not compile) and say where it is or why it is not."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    lib = library()
+    print(f"row kernel: {lib._name}" if lib is not None
+          else "row kernel: not available here (CPU linears use oneDNN's packed kernel)")
+
+
+if __name__ == "__main__":
+    main()
