@@ -16,12 +16,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("results")
     ap.add_argument("--from", dest="start", type=int, default=50, help="first request counted")
+    ap.add_argument("--base", default=None, help="arm to compare with (default: the static arm)")
     a = ap.parse_args()
     d = json.load(open(a.results))
     arms = d["config"]["arms"]
     reqs = {arm: [r for r in d["requests"] if r["arm"] == arm and r["index"] >= a.start]
             for arm in arms}
-    static = next(arm for arm in arms if arm.startswith("static"))
+    static = a.base or next(arm for arm in arms if arm.startswith("static"))
 
     def figures(rs: list[dict]) -> tuple[float, float, float]:
         tps = [r["tokens_per_s"] for r in rs]
@@ -30,18 +31,30 @@ def main() -> None:
 
     base = figures(reqs[static])
     hashes = {r["index"]: r["token_ids_sha1"] for r in reqs[static]}
+    base_tps = {r["index"]: r["tokens_per_s"] for r in reqs[static]}
     for arm in arms:
         rs = reqs[arm]
         med, mean, total = figures(rs)
-        priced = statistics.median(r["policy"]["start"]["verify_ms"][1]
-                                   / r["policy"]["start"]["verify_ms"][0] for r in rs)
+        costs = [r["policy"]["start"]["verify_ms"] for r in rs if r.get("policy")]
+        priced = statistics.median(c[1] / c[0] for c in costs) if costs else float("nan")
         print(json.dumps({"arm": arm, "requests": len(rs),
                           "median_ratio": round(med / base[0], 3),
                           "mean_ratio": round(mean / base[1], 3),
                           "total_ratio": round(total / base[2], 3),
                           "priced_draft_verify": round(priced, 3),
                           "outputs_differ": sum(r["token_ids_sha1"] != hashes[r["index"]]
-                                                for r in rs)}))
+                                                for r in rs),
+                          "per_request_by_threads": by_threads(rs, base_tps)}))
+
+
+def by_threads(rs: list[dict], base_tps: dict[int, float]) -> dict[str, dict[str, float]]:
+    """Median per-request ratio to the base arm, per number of serving threads."""
+    groups: dict[str, list[float]] = {}
+    for r in rs:
+        groups.setdefault(str(r.get("threads", "?")), []).append(
+            r["tokens_per_s"] / base_tps[r["index"]])
+    return {t: {"requests": len(v), "median_ratio": round(statistics.median(v), 3)}
+            for t, v in sorted(groups.items())}
 
 
 if __name__ == "__main__":

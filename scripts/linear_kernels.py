@@ -56,7 +56,7 @@ def main() -> None:
     model = load_decoder(resolve_model(args.model), getattr(torch, args.dtype), cpu_kernels=False)
     weights = model.linear_weights()  # the same set runtime.target_kernels times
     by_kernel = kernels(weights)
-    rows_list = (1, 2, 3, 4, 8, 16)
+    rows_list = (1, 2, 3, 4, 5, 6, 8, 16)
     with torch.inference_mode():
         table = [time_rows(weights, by_kernel, rows, args.repeats) for rows in rows_list]
     print(f"{args.model} {args.dtype} {args.threads} thread(s): ms for all linears of one forward")

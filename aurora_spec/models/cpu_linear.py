@@ -7,10 +7,10 @@ kernels here keep a row's result independent of the call (tests/unit/test_cpu_li
 tests/unit/test_row_kernel.py):
 
 - float32 where it builds: the row kernel (row_kernel.py), as fast as MKL for one row and little
-  slower for 2-8 (2 threads, SmolLM2-135M: 18 ms for 1 row, 21 for 4, against MKL's 18 and 34).
+  slower for 2-6 (2 threads, SmolLM2-135M: 21 ms for 1 row, 22 for 5, against MKL's 22 and 36).
 - otherwise oneDNN with packed weights, calls of 1-3 rows padded to 4 (oneDNN's own kernels for
   fewer rows are slower than its 4-row one, and the padding is what makes it row-independent):
-  27 ms for 1-4 rows on the same host. In bfloat16 the packing gives 23 vs 36 ms (1 row) and 26
+  27-29 ms for 1-6 rows on the same host. In bfloat16 the packing gives 23 vs 36 ms (1 row) and 26
   vs 45 ms (8 rows) on an AVX512-BF16 host. This is the kernel PyTorch's own compiler (Inductor)
   emits for CPU linears, reached through ``torch.ops.mkldnn``, checked once.
 

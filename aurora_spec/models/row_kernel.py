@@ -7,15 +7,15 @@ row-independent but 27-29 ms per SmolLM2-135M forward against MKL's one-row 18-2
 AVX-512 host, which is what made speculation there lose to fast target-only decoding. This
 kernel (``row_kernel.c``) reduces every output in one fixed order and reads the weights once per
 call. Measured for all linears of one SmolLM2-135M forward, 2 threads, float32
-(``python scripts/linear_kernels.py --threads 2``):
+(``python scripts/linear_kernels.py --threads 2 --repeats 15``):
 
-    rows                        1      2      3      4      8     16
-    F.linear (MKL)             18     20     22     34     44     44  ms
-    oneDNN, packed             27     27     27     27     31     36  ms
-    row kernel                 18     19     19     21     25     34  ms
+    rows                        1      2      3      4      5      6      8     16
+    F.linear (MKL)             22     21     23     35     36     37     45     44  ms
+    oneDNN, packed             29     29     29     27     28     29     31     37  ms
+    row kernel                 21     19     20     21     22     22     27     34  ms
 
-(1 thread: 36/47/34 ms for 1 row, 68/46/39 for 4.) Prefill-sized calls are slower than oneDNN
-(256 rows: 367 vs 306 ms), a cost paid once per prompt. The kernel is used only where the
+(1 thread: 36/49/35 ms for 1 row, 75/50/42 for 5.) Prefill-sized calls are slower than oneDNN
+(256 rows: 305 vs 235 ms), a cost paid once per prompt. The kernel is used only where the
 compiler targets AVX-512: emulated in 256-bit registers it measured 1.5-3x slower than oneDNN.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into

@@ -35,7 +35,7 @@ def test_matches_f_linear(bias: bool, out_features: int) -> None:
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576), (50, 48)])
 def test_a_rows_result_does_not_depend_on_the_call(shape: tuple[int, int]) -> None:
     """What keeps verify logits equal to one-token decode logits: each row alone, in every
-    prefix of a 40-row call (1-4 rows take one loop order, more rows the other), at any offset,
+    prefix of a 40-row call (1-6 rows take one loop order, more rows the other), at any offset,
     on 1 or 2 threads, gives the same bits."""
     g = torch.Generator().manual_seed(1)
     fast = RowLinear(torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g))
@@ -43,7 +43,7 @@ def test_a_rows_result_does_not_depend_on_the_call(shape: tuple[int, int]) -> No
     full = fast(x)
     alone = torch.cat([fast(x[i:i + 1]) for i in range(len(x))])
     assert torch.equal(full, alone)
-    for rows in (2, 3, 4, 5, 8, 9, 17):
+    for rows in (2, 3, 4, 5, 6, 7, 9, 13, 17):
         assert torch.equal(fast(x[:rows]), full[:rows]), rows
         assert torch.equal(fast(x[7:7 + rows]), full[7:7 + rows]), rows
     threads = torch.get_num_threads()
