@@ -41,8 +41,9 @@ def packed_kernels_available() -> bool:
 
 
 class CpuLinear:
-    """One weight (and bias) held as oneDNN-packed blocks. The packing is a copy: the source
-    weight must not change afterwards (target weights are frozen)."""
+    """One weight (and bias) packed for a row-independent kernel: the row kernel's blocks for
+    float32 where it builds, oneDNN's otherwise (``kernel`` says which). The packing is a copy:
+    the source weight must not change afterwards (target weights are frozen)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  use_row_kernel: bool = True) -> None:
