@@ -88,8 +88,8 @@ def target_kernels(model: DecoderModel, drafting: bool, max_slots: int,
     that batches requests (a request's output must not depend on its neighbours). Only a
     target-only engine serving one request at a time is free to take ``F.linear`` where it
     measures faster: on a plain AVX-512 host oneDNN's packed kernel took 28 ms for a forward's
-    linears against F.linear's 21; the float32 row kernel (row_kernel.py) closed that gap (18 vs
-    18 ms, ``python scripts/linear_kernels.py --threads 2``). ``choice="packed"``
+    linears against F.linear's 21; the float32 row kernel (row_kernel.py) closed that gap (21 vs
+    22 ms, ``python scripts/linear_kernels.py --threads 2 --repeats 15``). ``choice="packed"``
     pins the packed kernels (a target-only reference with the speculating engines' numerics).
     The bench's ``none`` arm uses ``auto`` (a fair target-only speed); ``aurora generate`` and
     ``serve`` keep packed, so their ``--drafter none`` gives exactly what every drafter gives."""

@@ -22,16 +22,15 @@ def main() -> None:
     arms = d["config"]["arms"]
     reqs = {arm: [r for r in d["requests"] if r["arm"] == arm and r["index"] >= a.start]
             for arm in arms}
-    static = a.base or next(arm for arm in arms if arm.startswith("static"))
+    ref = a.base or next(arm for arm in arms if arm.startswith("static"))
 
     def figures(rs: list[dict]) -> tuple[float, float, float]:
         tps = [r["tokens_per_s"] for r in rs]
         total = sum(r["decode_tokens"] for r in rs) / sum(r["decode_s"] for r in rs)
         return statistics.median(tps), statistics.mean(tps), total
 
-    base = figures(reqs[static])
-    hashes = {r["index"]: r["token_ids_sha1"] for r in reqs[static]}
-    base_tps = {r["index"]: r["tokens_per_s"] for r in reqs[static]}
+    base = figures(reqs[ref])
+    ref_by_index = {r["index"]: r for r in reqs[ref]}
     for arm in arms:
         rs = reqs[arm]
         med, mean, total = figures(rs)
@@ -42,17 +41,18 @@ def main() -> None:
                           "mean_ratio": round(mean / base[1], 3),
                           "total_ratio": round(total / base[2], 3),
                           "priced_draft_verify": round(priced, 3),
-                          "outputs_differ": sum(r["token_ids_sha1"] != hashes[r["index"]]
+                          "outputs_differ": sum(r["token_ids_sha1"]
+                                                != ref_by_index[r["index"]]["token_ids_sha1"]
                                                 for r in rs),
-                          "per_request_by_threads": by_threads(rs, base_tps)}))
+                          "per_request_by_threads": by_threads(rs, ref_by_index)}))
 
 
-def by_threads(rs: list[dict], base_tps: dict[int, float]) -> dict[str, dict[str, float]]:
+def by_threads(rs: list[dict], ref_by_index: dict[int, dict]) -> dict[str, dict[str, float]]:
     """Median per-request ratio to the base arm, per number of serving threads."""
     groups: dict[str, list[float]] = {}
     for r in rs:
         groups.setdefault(str(r.get("threads", "?")), []).append(
-            r["tokens_per_s"] / base_tps[r["index"]])
+            r["tokens_per_s"] / ref_by_index[r["index"]]["tokens_per_s"])
     return {t: {"requests": len(v), "median_ratio": round(statistics.median(v), 3)}
             for t, v in sorted(groups.items())}
 

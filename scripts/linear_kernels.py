@@ -1,48 +1,28 @@
 """Time all linears of one forward of a model through each CPU kernel (F.linear (MKL), oneDNN
-packed, the row kernel of row_kernel.py) for 1-16 rows, interleaved so a noisy moment hits all.
-Usage: python scripts/linear_kernels.py [--model M] [--threads N] [--dtype float32|bfloat16]."""
+packed, the row kernel of row_kernel.py) for several row counts, interleaved so a noisy moment
+hits all (cpu_linear.time_passes).
+Usage: python scripts/linear_kernels.py [--model M] [--threads N] [--dtype float32|bfloat16]
+[--rows 1,2,3,4,5,6,8,16] [--repeats 7]."""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from aurora_spec.models.cpu_linear import CpuLinear
+from aurora_spec.models.cpu_linear import CpuLinear, Kernel, plain_kernels, time_passes
 from aurora_spec.models.loader import resolve_model
 from aurora_spec.models.row_kernel import RowLinear, supports
 from aurora_spec.models.transformer import load_decoder
 
-Kernel = Callable[[torch.Tensor], torch.Tensor]
-
 
 def kernels(weights: list[torch.Tensor]) -> dict[str, list[Kernel]]:
     out: dict[str, list[Kernel]] = {
-        "F.linear (MKL)": [functools.partial(F.linear, weight=w) for w in weights],
+        "F.linear (MKL)": plain_kernels(weights),
         "oneDNN, packed": [CpuLinear(w, use_row_kernel=False) for w in weights]}
     if all(supports(w) for w in weights):
         out["row kernel"] = [RowLinear(w) for w in weights]
     return out
-
-
-def time_rows(weights: list[torch.Tensor], by_kernel: dict[str, list[Kernel]], rows: int,
-              repeats: int) -> dict[str, float]:
-    """Median ms of one pass over all weights per kernel; the first round only warms up."""
-    inputs = {k: torch.randn(rows, k, dtype=weights[0].dtype) for k in {w.shape[1] for w in weights}}
-    times: dict[str, list[float]] = {name: [] for name in by_kernel}
-    for i in range(repeats + 1):
-        for name, calls in by_kernel.items():
-            start = time.perf_counter()
-            for w, call in zip(weights, calls, strict=True):
-                call(inputs[w.shape[1]])
-            if i:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -50,15 +30,15 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rows", default="1,2,3,4,5,6,8,16", help="comma-separated row counts")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_decoder(resolve_model(args.model), getattr(torch, args.dtype), cpu_kernels=False)
     weights = model.linear_weights()  # the same set runtime.target_kernels times
     by_kernel = kernels(weights)
-    rows_list = (1, 2, 3, 4, 5, 6, 8, 16)
-    with torch.inference_mode():
-        table = [time_rows(weights, by_kernel, rows, args.repeats) for rows in rows_list]
+    rows_list = [int(r) for r in args.rows.split(",")]
+    table = [time_passes(weights, by_kernel, (rows,), args.repeats) for rows in rows_list]
     print(f"{args.model} {args.dtype} {args.threads} thread(s): ms for all linears of one forward")
     print(f"{'rows':24s}" + "".join(f"{r:>7d}" for r in rows_list))
     for name in by_kernel:

@@ -19,16 +19,16 @@ tests/unit/test_row_kernel.py):
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from aurora_spec.models import row_kernel
-from aurora_spec.models.row_kernel import RowLinear
 
 PACK_BATCH_HINT = 16  # oneDNN chooses its blocking for this many rows; measured best for 1-16
 MIN_ROWS = 4  # calls with fewer rows are padded to this many (see above)
@@ -50,7 +50,7 @@ class CpuLinear:
         self.bias = bias
         # float32 goes through the row kernel where it builds (as fast as MKL for 1 row, and
         # row-independent: row_kernel.py); other dtypes and hosts keep oneDNN's packed blocks
-        self.row = (RowLinear(weight, bias) if use_row_kernel and row_kernel.supports(weight)
+        self.row = (row_kernel.RowLinear(weight, bias) if use_row_kernel and row_kernel.supports(weight)
                     else None)
         self.packed = None if self.row else torch.ops.mkldnn._reorder_linear_weight(
             weight.detach(), PACK_BATCH_HINT)
@@ -89,6 +89,34 @@ class KernelTiming:
         return self.packed_ms < self.plain_ms
 
 
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def time_passes(weights: Sequence[torch.Tensor], kernels: Mapping[str, Sequence[Kernel]],
+                rows: Sequence[int] = (1,), repeats: int = 15) -> dict[str, float]:
+    """Median ms of one pass over ``weights`` (one call per weight, for each row count in
+    ``rows``) per named kernel list, the kernels interleaved so a noisy moment hits all; the
+    first round warms up and is not counted."""
+    inputs = {(r, k): torch.randn(r, k, dtype=weights[0].dtype, device=weights[0].device)
+              for r in rows for k in {w.shape[1] for w in weights}}
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            for name, calls in kernels.items():
+                start = time.perf_counter()
+                for r in rows:
+                    for w, call in zip(weights, calls, strict=True):
+                        call(inputs[(r, w.shape[1])])
+                if i:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def plain_kernels(weights: Sequence[torch.Tensor]) -> list[Kernel]:
+    """``F.linear`` on each weight, as a kernel list for ``time_passes``."""
+    return [functools.partial(F.linear, weight=w) for w in weights]
+
+
 def time_kernels(weights: Sequence[torch.Tensor], rows: Sequence[int] = (1,),
                  repeats: int = 15) -> KernelTiming:
     """Time one pass over ``weights`` through ``F.linear`` and through packed copies, for each row
@@ -96,19 +124,6 @@ def time_kernels(weights: Sequence[torch.Tensor], rows: Sequence[int] = (1,),
     CPU: packed won at every row count on an AVX512-BF16 host (table above), while on a plain
     AVX-512 host MKL won for 1-3 rows (``python scripts/linear_kernels.py``). Where a choice cannot
     change an output (draft heads), serving measures it at load."""
-    packed = [CpuLinear(w) for w in weights]
-    inputs = {(r, k): torch.randn(r, k, dtype=weights[0].dtype, device=weights[0].device)
-              for r in rows for k in {w.shape[1] for w in weights}}
-    times: dict[bool, list[float]] = {False: [], True: []}
-    with torch.inference_mode():
-        for i in range(repeats + 1):  # the first round warms both up and is not counted
-            for use_packed in (False, True):
-                start = time.perf_counter()
-                for r in rows:
-                    for w, p in zip(weights, packed, strict=True):
-                        x = inputs[(r, w.shape[1])]
-                        p(x) if use_packed else F.linear(x, w)
-                if i:
-                    times[use_packed].append(time.perf_counter() - start)
-    return KernelTiming(tuple(rows), 1000 * statistics.median(times[False]),
-                        1000 * statistics.median(times[True]))
+    t = time_passes(weights, {"plain": plain_kernels(weights),
+                              "packed": [CpuLinear(w) for w in weights]}, rows, repeats)
+    return KernelTiming(tuple(rows), t["plain"], t["packed"])

@@ -15,7 +15,7 @@
 #define LANES 16   /* floats per vector (one AVX-512 register, two AVX2 ones) */
 #define NB 4       /* output rows per packed block (2 and 8 measured no better) */
 #define RB 6       /* input rows per tile: 6 x NB accumulators + NB weights + 1 x = 29 of 32
-                      registers; 4 measured 9-14% slower at 5-6 rows (a hybrid depth-1 verify) */
+                      registers, so a hybrid depth-1 verify (5 rows) is one pass over the weights */
 #define GROUP 8    /* blocks per L2-resident group when there are more than RB rows */
 #define PREFETCH 16 /* chunks ahead; of 0/4/8/16/32, 16 and 32 measured best on the 2-core host */
 
@@ -23,8 +23,8 @@ typedef float v16 __attribute__((vector_size(LANES * sizeof(float))));
 /* the same vector read from any float address (x rows need not be 64-byte aligned) */
 typedef float v16u __attribute__((vector_size(LANES * sizeof(float)), aligned(4), may_alias));
 
-/* Only AVX-512 builds are used: emulated in 256-bit registers this kernel measured 1.5-3x
- * slower than oneDNN, so row_kernel.py keeps oneDNN there. */
+/* Only AVX-512 builds are used: a build emulating it in 256-bit registers timed slower than
+ * oneDNN, so row_kernel.py keeps oneDNN there. */
 int aurora_native_width(void) {
 #ifdef __AVX512F__
   return 1;

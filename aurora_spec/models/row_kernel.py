@@ -15,12 +15,14 @@ call. Measured for all linears of one SmolLM2-135M forward, 2 threads, float32
     row kernel                 21     19     20     21     22     22     27     34  ms
 
 (1 thread: 36/49/35 ms for 1 row, 75/50/42 for 5.) Prefill-sized calls are slower than oneDNN
-(256 rows: 305 vs 235 ms), a cost paid once per prompt. The kernel is used only where the
-compiler targets AVX-512: emulated in 256-bit registers it measured 1.5-3x slower than oneDNN.
+(256 rows: 308 vs 238 ms, ``--rows 1,5,256 --repeats 5``), a cost paid once per prompt. The
+kernel is used only where the compiler targets AVX-512: a one-off build emulating it in 256-bit
+registers timed slower than oneDNN.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
-``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler and CPU flags; the build is written
-then renamed, so concurrent processes never load a half-written library. Without a compiler
+``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler
+and CPU flags; the build is written then renamed, so concurrent processes never load a
+half-written library. Without a compiler
 (or for other dtypes) the callers keep oneDNN's packed kernel, logged once.
 """
 
