@@ -40,13 +40,13 @@ class TrainerConfig:
     # > 0: each step's KL over at least this many draft ids (every position's loss_top_k target
     # tokens + uniformly sampled others, flywheel/losses.py loss_rows) instead of the whole draft
     # vocabulary: a cheaper step (the draft lm_head dominates a CPU step; 2048 of 8192: 0.67x the
-    # CPU, 388 vs 580 ms on one thread, `scripts/shift_catchup.py --threads 1 speed` with and
-    # without `--trainer '{"loss_vocab": 0}'`); 0: the whole vocabulary. Why 2048 by default: no run measured it learning less per step, and a trainer
-    # that shares serving's cores takes a third less CPU for the same steps. Day 0 side by side
-    # (README "Day 0", [4d]): last 50 requests tau 2.25 at 1.36x target-only against 2.22 at
-    # 1.30x, trainer CPU 216 s against 289 s; on chat -> SQL -> code from the chat head it made
-    # 1.2-1.3x the steps and served the same tau, twice (README, "A static head from
-    # general-assistant traffic").
+    # CPU, 388 against 580 ms on one thread, `scripts/shift_catchup.py --threads 1 speed` as is
+    # and with `--trainer '{"loss_vocab": 0}'`); 0: the whole vocabulary. Why 2048 by default:
+    # no run measured it serving a lower tau, and a trainer that shares serving's cores takes a
+    # third less CPU per step. Day 0 side by side (README "Day 0", [4d]): last 50 requests tau
+    # 2.25 at 1.36x target-only against 2.22 at 1.30x, trainer CPU 216 s against 289 s; on chat
+    # -> SQL -> code from the chat head it made 1.2-1.3x the steps and served the same tau,
+    # twice (README, "A static head from general-assistant traffic").
     loss_vocab: int = 2048
     loss_top_k: int = 16
     window: int = 128  # committed positions per training window (one request's slice)

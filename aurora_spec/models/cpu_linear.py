@@ -50,8 +50,8 @@ class CpuLinear:
         self.bias = bias
         # float32 goes through the row kernel where it builds (as fast as MKL for 1 row, and
         # row-independent: row_kernel.py); other dtypes and hosts keep oneDNN's packed blocks
-        self.row = (row_kernel.RowLinear(weight, bias) if use_row_kernel and row_kernel.supports(weight)
-                    else None)
+        use_row = use_row_kernel and row_kernel.supports(weight)
+        self.row = row_kernel.RowLinear(weight, bias) if use_row else None
         self.packed = None if self.row else torch.ops.mkldnn._reorder_linear_weight(
             weight.detach(), PACK_BATCH_HINT)
 

@@ -104,10 +104,10 @@ static void block_rows(const float *x, int64_t rows, int64_t k, const float *pac
       y[(r0 + r) * n + b * NB + j] = out[r][j] + (bias ? bias[b * NB + j] : 0.0f);
 }
 
-/* Up to RB rows (a verify step): one pass over the weights from memory, blocks split between threads. More rows
- * (prefill, batches): groups of GROUP blocks stay in L2 while every tile of RB rows, in L1, runs
- * over them. Either way each output is the same tile's same sums, so the loop order cannot
- * change a result. */
+/* Up to RB rows (a verify step): one pass over the weights from memory, blocks split between
+ * threads. More rows (prefill, batches): groups of GROUP blocks stay in L2 while every tile of
+ * RB rows, in L1, runs over them. Either way each output is the same tile's same sums, so the
+ * loop order cannot change a result. */
 void aurora_linear(const float *x, int64_t rows, int64_t k, const float *packed, int64_t n,
                    const float *bias, float *y, int threads) {
   int64_t nblocks = (n + NB - 1) / NB;

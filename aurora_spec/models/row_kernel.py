@@ -22,8 +22,8 @@ registers timed slower than oneDNN.
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler
 and CPU flags; the build is written then renamed, so concurrent processes never load a
-half-written library. Without a compiler
-(or for other dtypes) the callers keep oneDNN's packed kernel, logged once.
+half-written library. Without a compiler (or for other dtypes) the callers keep oneDNN's packed
+kernel, logged once.
 """
 
 from __future__ import annotations
