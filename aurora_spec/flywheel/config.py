@@ -108,6 +108,12 @@ class TrainerConfig:
     rest_progress: float = 0.10
     rest_wake_drop: float = 0.25
     rest_wake_coverage: float = 0.95
+    # A coverage wake is a probe too (one gate without progress ends it). Why: right after a
+    # rebuild the coverage is measured on the very tokens the vocabulary was chosen from
+    # (~1.0), and it drifts back to its out-of-sample level as the window rolls on: on the mixed
+    # day-0 stream to ~0.95 every ~4096 emitted tokens, with no change in the traffic. A real
+    # shift also drops the served acceptance, and that wake keeps rest_after_rejections.
+    rest_coverage_probe: bool = True
     rest_min_windows: int = 16
     rest_max_windows: int = 256
     # Served acceptance: the live head's own accepted tokens per drafting step on the newest

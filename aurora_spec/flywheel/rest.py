@@ -6,7 +6,7 @@ Why rest at all: on 2 cores a sharing trainer's step is taken from serving's sec
 The evidence that wakes it: the live head's served acceptance (from the traces, all traffic)
 falling, the draft vocabulary's coverage falling (new tokens), its held-out acceptance on
 requests held out since the rest falling, or enough new training windows (a probe, which one
-gate without progress ends). A mixin of ``Trainer`` (flywheel/trainer.py): it reads the
+gate without progress ends; a coverage wake is one too, TrainerConfig.rest_coverage_probe). A mixin of ``Trainer`` (flywheel/trainer.py): it reads the
 trainer's store, live head, vocabulary and stats, and keeps its own state.
 """
 
@@ -117,7 +117,8 @@ class Resting:
         self.resting = False
         self.stats.gates_without_progress = 0
         # Nothing says the traffic changed: one gate without a better candidate ends the probe.
-        self._rest_needs = 1 if kind == "windows" else c.rest_after_rejections
+        probe = kind == "windows" or (kind == "coverage" and c.rest_coverage_probe)
+        self._rest_needs = 1 if probe else c.rest_after_rejections
         self.stats.wakes += 1
         self.stats.wake_kinds[kind] = self.stats.wake_kinds.get(kind, 0) + 1
         self.stats.last_wake = reason

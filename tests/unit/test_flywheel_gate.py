@@ -101,6 +101,14 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.maybe_rest() and not trainer.maybe_wake()
     trainer.cfg = dataclasses.replace(trainer.cfg, rest_wake_coverage=1.01)
     assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
+    # ... a probe (rest_coverage_probe): one gate without a better candidate and it rests again;
+    # without it a coverage wake is evidence of new traffic and needs rest_after_rejections.
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()
+    trainer.cfg = dataclasses.replace(trainer.cfg, rest_coverage_probe=False)
+    assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
+    assert trainer.propose_candidate() is None and not trainer.maybe_rest()
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()
+    assert trainer.maybe_wake()
     # A candidate that passes resets the backoff.
     trainer.head = copy.deepcopy(got[0]).train()
     trainer.set_live(head_for(model, std=0.3, seed=9, draft_vocab=64))
