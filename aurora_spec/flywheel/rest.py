@@ -6,8 +6,9 @@ Why rest at all: on 2 cores a sharing trainer's step is taken from serving's sec
 The evidence that wakes it: the live head's served acceptance (from the traces, all traffic)
 falling, the draft vocabulary's coverage falling (new tokens), its held-out acceptance on
 requests held out since the rest falling, or enough new training windows (a probe, which one
-gate without progress ends; a coverage wake is one too, TrainerConfig.rest_coverage_probe). A mixin of ``Trainer`` (flywheel/trainer.py): it reads the
-trainer's store, live head, vocabulary and stats, and keeps its own state.
+gate without progress ends; a coverage wake is one too, TrainerConfig.rest_coverage_probe).
+A mixin of ``Trainer`` (flywheel/trainer.py): it reads the trainer's store, live head, vocabulary
+and stats, and keeps its own state.
 """
 
 from __future__ import annotations
