@@ -43,7 +43,6 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("row_kernel.c")
-LANES = 16  # the kernel reduces k in chunks of this many floats; k must be a multiple
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 
 
@@ -63,11 +62,13 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(cache_dir: Path, compiler: str) -> Path:
-    """Compile row_kernel.c unless a build for this source, compiler and CPU exists."""
+def _build(cache_dir: Path, compiler: str, defines: tuple[str, ...] = (),
+           source: Path = SOURCE) -> Path:
+    """Compile ``source`` unless a build for it, this compiler, defines and CPU exists."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), version, " ".join(FLAGS),
+    flags = (*FLAGS, *(f"-D{d}" for d in defines))
+    key = hashlib.sha256("\0".join((source.read_text(), version, " ".join(flags),
                                     _cpu_flags())).encode()).hexdigest()[:16]
     target = cache_dir / f"row_kernel-{key}.so"
     if target.exists():
@@ -76,7 +77,7 @@ def _build(cache_dir: Path, compiler: str) -> Path:
     fd, scratch = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", scratch], capture_output=True,
+        subprocess.run([compiler, *flags, str(source), "-o", scratch], capture_output=True,
                        text=True, check=True, timeout=120)
         os.replace(scratch, target)  # atomic: another process sees all of it or none
     finally:
@@ -86,15 +87,18 @@ def _build(cache_dir: Path, compiler: str) -> Path:
 
 
 @functools.cache
-def library(cache_dir: Path | None = None, compiler: str | None = None) -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) where it cannot be built or loaded."""
+def library(cache_dir: Path | None = None, compiler: str | None = None,
+            defines: tuple[str, ...] = (), source: Path = SOURCE) -> ctypes.CDLL | None:
+    """The compiled kernel, or None (logged once) where it cannot be built or loaded.
+    ``defines`` (``("RB=6",)``: a narrower register tile, which gives the same bits) and
+    ``source`` (another version of row_kernel.c) are for comparisons and tests only."""
     compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     root = cache_dir or default_cache_dir()
     if not compiler:
         log.info("row kernel: no C compiler found; CPU linears use oneDNN's packed kernel")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(root, compiler)))
+        lib = ctypes.CDLL(str(_build(root, compiler, defines, source)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         log.warning("row kernel: build or load failed (%s); CPU linears use oneDNN's packed "
@@ -112,21 +116,22 @@ def library(cache_dir: Path | None = None, compiler: str | None = None) -> ctype
 
 
 def supports(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` can run through the row kernel here (float32 on CPU, in-features a
-    multiple of 16, kernel built)."""
+    """Whether ``weight`` can run through the row kernel here (2-D float32 on CPU, kernel
+    built)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.shape[1] % LANES == 0 and library() is not None)
+            and library() is not None)
 
 
 class RowLinear:
     """One weight (and bias) packed for the row kernel. The packing is a copy: the source weight
     must not change afterwards (target weights are frozen)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 lib: ctypes.CDLL | None = None) -> None:
         if not supports(weight):
             raise ValueError(f"row kernel cannot run a {tuple(weight.shape)} {weight.dtype} "
                              f"weight on {weight.device}")
-        lib = library()
+        lib = lib or library()
         assert lib is not None
         self._lib = lib
         self.out_features, self.in_features = weight.shape

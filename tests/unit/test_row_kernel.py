@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(library() is None, reason="row kernel not built 
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("out_features", [96, 97, 5])  # full blocks of 4, a partial one, one
+@pytest.mark.parametrize("out_features", [96, 97, 5])  # full packed blocks, a partial one
 def test_matches_f_linear(bias: bool, out_features: int) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, 64, generator=g)
@@ -32,10 +32,10 @@ def test_matches_f_linear(bias: bool, out_features: int) -> None:
         torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576), (50, 48)])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576), (50, 48), (33, 20)])
 def test_a_rows_result_does_not_depend_on_the_call(shape: tuple[int, int]) -> None:
     """What keeps verify logits equal to one-token decode logits: each row alone, in every
-    prefix of a 40-row call (1-6 rows take one loop order, more rows the other), at any offset,
+    prefix of a 40-row call (1-12 rows take one loop order, more rows the other), at any offset,
     on 1 or 2 threads, gives the same bits."""
     g = torch.Generator().manual_seed(1)
     fast = RowLinear(torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g))
@@ -43,7 +43,7 @@ def test_a_rows_result_does_not_depend_on_the_call(shape: tuple[int, int]) -> No
     full = fast(x)
     alone = torch.cat([fast(x[i:i + 1]) for i in range(len(x))])
     assert torch.equal(full, alone)
-    for rows in (2, 3, 4, 5, 6, 7, 9, 13, 17):
+    for rows in (2, 3, 4, 5, 6, 7, 9, 11, 12, 13, 17, 25):
         assert torch.equal(fast(x[:rows]), full[:rows]), rows
         assert torch.equal(fast(x[7:7 + rows]), full[7:7 + rows]), rows
     threads = torch.get_num_threads()
@@ -54,11 +54,25 @@ def test_a_rows_result_does_not_depend_on_the_call(shape: tuple[int, int]) -> No
         torch.set_num_threads(threads)
 
 
+def test_another_register_tile_gives_the_same_bits(tmp_path: Path) -> None:
+    """row_kernel.c's tile height is a speed choice only: a 6-row tile, built beside the
+    default 12-row one, computes every row count bit for bit the same."""
+    other = library(tmp_path, "cc", ("RB=6",))
+    assert other is not None and other.aurora_tile_rows() == 6
+    assert library().aurora_tile_rows() == 12  # type: ignore[union-attr]
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(97, 576, generator=g), torch.randn(97, generator=g)
+    default, narrow = RowLinear(w, b), RowLinear(w, b, lib=other)
+    for rows in (1, 5, 6, 7, 12, 13, 30):
+        x = torch.randn(rows, 576, generator=g)
+        assert torch.equal(default(x), narrow(x)), rows
+
+
 def test_refuses_what_it_cannot_run() -> None:
-    assert not supports(torch.randn(8, 20))  # in-features not a multiple of 16
     assert not supports(torch.randn(8, 64, dtype=torch.bfloat16))
+    assert not supports(torch.randn(8, 64, 2))
     with pytest.raises(ValueError, match="cannot run"):
-        RowLinear(torch.randn(8, 20))
+        RowLinear(torch.randn(8, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="float32"):
         RowLinear(torch.randn(8, 64))(torch.randn(2, 64, dtype=torch.float64))
 
@@ -67,7 +81,7 @@ def test_cpu_linear_takes_the_row_kernel_for_float32_only() -> None:
     assert CpuLinear(torch.randn(8, 64)).kernel == "row kernel"
     assert CpuLinear(torch.randn(8, 64), use_row_kernel=False).kernel == "oneDNN"
     assert CpuLinear(torch.randn(8, 64).bfloat16()).kernel == "oneDNN"
-    assert CpuLinear(torch.randn(8, 20)).kernel == "oneDNN"
+    assert CpuLinear(torch.randn(8, 20)).kernel == "row kernel"  # any in-features
 
 
 def test_build_is_cached_and_a_missing_compiler_is_a_logged_fallback(
