@@ -6,8 +6,9 @@ on how many rows share the call, so verify logits would not equal one-token deco
 kernels here keep a row's result independent of the call (tests/unit/test_cpu_linear.py,
 tests/unit/test_row_kernel.py):
 
-- float32 where it builds: the row kernel (row_kernel.py), as fast as MKL for one row and little
-  slower for 2-6 (2 threads, SmolLM2-135M: 21 ms for 1 row, 22 for 5, against MKL's 22 and 36).
+- float32 where it builds: the row kernel (row_kernel.py), as fast as MKL for one row or faster,
+  and reading the weights once for up to 12 rows (2 threads, SmolLM2-135M, AVX512-BF16 host:
+  16 ms for 1 row, 23 for 12, against MKL's 56 and 85).
 - otherwise oneDNN with packed weights, calls of 1-3 rows padded to 4 (oneDNN's own kernels for
   fewer rows are slower than its 4-row one, and the padding is what makes it row-independent):
   27-29 ms for 1-6 rows on the same host. In bfloat16 the packing gives 23 vs 36 ms (1 row) and 26

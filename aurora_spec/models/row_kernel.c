@@ -115,6 +115,7 @@ static void block_rows(const float *x, int64_t rows, int64_t k, const float *pac
 void aurora_linear(const float *x, int64_t rows, int64_t k, const float *packed, int64_t n,
                    const float *bias, float *y, int threads) {
   int64_t nblocks = (n + NB - 1) / NB;
+  if (rows <= 0) return; /* an empty call: nothing to write */
   if (rows <= RB) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < nblocks; b++) block_rows(x, rows, k, packed, n, bias, y, b, 0);

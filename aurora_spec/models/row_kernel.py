@@ -6,18 +6,23 @@ a row different low bits in a 2-8-row call than alone; oneDNN-packed with paddin
 row-independent but 27-29 ms per SmolLM2-135M forward against MKL's one-row 18-21 ms on a plain
 AVX-512 host, which is what made speculation there lose to fast target-only decoding. This
 kernel (``row_kernel.c``) reduces every output in one fixed order and reads the weights once per
-call. Measured for all linears of one SmolLM2-135M forward, 2 threads, float32
-(``python scripts/linear_kernels.py --threads 2 --repeats 15``):
+call of up to 12 rows. Measured for all linears of one SmolLM2-135M forward, 2 threads, float32,
+on the 2-core AMD EPYC host with AVX512-BF16, beside the former kernel (16-lane partial sums,
+6 x 4 tiles, commit c6bf543) (``git show c6bf543:aurora_spec/models/row_kernel.c > /tmp/old.c;
+python scripts/linear_kernels.py --threads 2 --repeats 15 --rows 1,2,3,4,5,6,8,10,12,16
+--baseline-source /tmp/old.c``):
 
-    rows                        1      2      3      4      5      6      8     16
-    F.linear (MKL)             22     21     23     35     36     37     45     44  ms
-    oneDNN, packed             29     29     29     27     28     29     31     37  ms
-    row kernel                 21     19     20     21     22     22     27     34  ms
+    rows                        1      2      3      4      5      6      8     10     12     16
+    F.linear (MKL)             56    101    128     74     76    105     85    104     85    106  ms
+    oneDNN, packed             31     28     29     23     23     21     27     27     29     41  ms
+    row kernel                 16     14     15     14     19     18     21     23     23     38  ms
+    former row kernel          19     18     24     25     28     29     36     38     38     53  ms
 
-(1 thread: 36/49/35 ms for 1 row, 75/50/42 for 5.) Prefill-sized calls are slower than oneDNN
-(256 rows: 308 vs 238 ms, ``--rows 1,5,256 --repeats 5``), a cost paid once per prompt. The
-kernel is used only where the compiler targets AVX-512: a one-off build emulating it in 256-bit
-registers timed slower than oneDNN.
+A second run (this host is noisy): row kernel 25/20/30 ms at 1/5/12 rows, former 22/21/46. On
+1 thread: 23/27/38 ms at 1/5/12 rows (former 25/36/64, oneDNN 35/31/48). Prefill-sized calls:
+64 and 256 rows 116 and 446 ms (former 177 and 668, oneDNN 115 and 404; ``--rows 64,256
+--repeats 5``), a cost paid once per prompt. The kernel is used only where the compiler targets
+AVX-512: an earlier build emulating it in 256-bit registers timed slower than oneDNN.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler

@@ -25,7 +25,7 @@ def test_matches_f_linear(bias: bool, out_features: int) -> None:
     w = torch.randn(out_features, 64, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     fast = RowLinear(w, b)
-    for shape in [(1, 64), (1, 3, 64), (2, 3, 64), (9, 64), (70, 64)]:
+    for shape in [(1, 64), (1, 3, 64), (2, 3, 64), (9, 64), (70, 64), (0, 64)]:
         x = torch.randn(*shape, generator=g)
         out = fast(x)
         assert out.shape == (*shape[:-1], out_features)
