@@ -27,6 +27,8 @@ def kernels(weights: list[torch.Tensor], baseline: str) -> dict[str, list[Kernel
         out["row kernel"] = [RowLinear(w) for w in weights]
         if baseline:
             lib = library(source=Path(baseline))
+            if lib is None:  # else RowLinear would silently time the default build
+                raise SystemExit(f"{baseline} did not build (the log says why)")
             out["row kernel, baseline"] = [RowLinear(w, lib=lib) for w in weights]
     return out
 
