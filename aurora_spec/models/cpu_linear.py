@@ -11,7 +11,7 @@ tests/unit/test_row_kernel.py):
   16 ms for 1 row, 23 for 12, against MKL's 56 and 85).
 - otherwise oneDNN with packed weights, calls of 1-3 rows padded to 4 (oneDNN's own kernels for
   fewer rows are slower than its 4-row one, and the padding is what makes it row-independent):
-  27-29 ms for 1-6 rows on the same host. In bfloat16 the packing gives 23 vs 36 ms (1 row) and 26
+  27-29 ms for 1-6 rows on a plain AVX-512 host. In bfloat16 the packing gives 23 vs 36 ms (1 row) and 26
   vs 45 ms (8 rows) on an AVX512-BF16 host. This is the kernel PyTorch's own compiler (Inductor)
   emits for CPU linears, reached through ``torch.ops.mkldnn``, checked once.
 

@@ -12,7 +12,7 @@
  * A verify step of up to 12 rows therefore reads the weights from memory once and is bound by
  * the multiply-adds, not by loads: on the 2-core AVX512-BF16 host it timed 25-35% faster for
  * 5-16 rows than the former design (16-lane partial sums over k, 6 x 4 tiles, 26-28 loads per 24
- * multiply-adds) and no slower for 1-4 (numbers in row_kernel.py).
+ * multiply-adds) and within that host's noise for 1 row (numbers in row_kernel.py).
  *
  * Built by row_kernel.py with the system C compiler (-O3 -march=native -fopenmp). OpenMP
  * resolves to the libgomp PyTorch already loaded, so the kernel shares PyTorch's threads. */

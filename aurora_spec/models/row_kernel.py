@@ -18,11 +18,12 @@ python scripts/linear_kernels.py --threads 2 --repeats 15 --rows 1,2,3,4,5,6,8,1
     row kernel                 16     14     15     14     19     18     21     23     23     38  ms
     former row kernel          19     18     24     25     28     29     36     38     38     53  ms
 
-A second run (this host is noisy): row kernel 25/20/30 ms at 1/5/12 rows, former 22/21/46. On
-1 thread: 23/27/38 ms at 1/5/12 rows (former 25/36/64, oneDNN 35/31/48). Prefill-sized calls:
-64 and 256 rows 116 and 446 ms (former 177 and 668, oneDNN 115 and 404; ``--rows 64,256
---repeats 5``), a cost paid once per prompt. The kernel is used only where the compiler targets
-AVX-512: an earlier build emulating it in 256-bit registers timed slower than oneDNN.
+A second run (this host is noisy): row kernel 25/20/30 ms at 1/5/12 rows, former 22/21/46. On 1
+thread: 23/27/38 ms at 1/5/12 rows (former 25/36/64, oneDNN 35/31/48; ``--threads 1 --repeats 9
+--rows 1,5,12``). Prefill-sized calls: 64 and 256 rows 116 and 446 ms (former 177 and 668,
+oneDNN 115 and 404; ``--rows 64,256 --repeats 5``), a cost paid once per prompt. The kernel is
+used only where the compiler targets AVX-512: an earlier build emulating it in 256-bit registers
+timed slower than oneDNN.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler
