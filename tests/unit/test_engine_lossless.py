@@ -24,7 +24,7 @@ def reference_greedy(hf, prompt: list[int], max_tokens: int, stop: tuple[int, ..
     out: list[int] = []
     with torch.no_grad():
         for _ in range(max_tokens):
-            tok = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+            tok = int(hf(torch.tensor([ids], device=hf.device)).logits[0, -1].argmax())
             if tok in stop:
                 break
             out.append(tok)
@@ -38,15 +38,21 @@ def make_engine(model, drafter, fixed: int | None = 4) -> Engine:
     return Engine(runner, drafter, cfg)
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3", "llama-cpu-kernels"])
+@pytest.fixture(scope="module", params=["llama", "gemma3", "llama-cpu-kernels", "llama-cuda",
+                                        "gemma3-cuda"])
 def target(request):
-    """``llama-cpu-kernels``: the oneDNN-packed linears that CPU serving uses (cpu_linear.py)."""
-    kind = request.param.removesuffix("-cpu-kernels")
+    """``llama-cpu-kernels``: the oneDNN-packed linears that CPU serving uses (cpu_linear.py).
+    ``-cuda``: the same tests on a GPU, where there is one (skipped elsewhere)."""
+    kind = request.param.removesuffix("-cpu-kernels").removesuffix("-cuda")
+    if request.param.endswith("-cuda") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     model, hf = tiny_target(kind, seed=3)
     if request.param.endswith("-cpu-kernels"):
         if not packed_kernels_available():
             pytest.skip("this PyTorch build has no oneDNN packed linear")
         model.use_cpu_kernels()
+    if request.param.endswith("-cuda"):
+        model, hf = model.to("cuda"), hf.to("cuda")
     return model, hf
 
 
@@ -167,7 +173,7 @@ def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
 
     model, _ = target
     d = make_test_drafter("eagle3", model, [])
-    bf16 = cpu_native_bf16()
+    bf16 = cpu_native_bf16() and model.embed.weight.device.type == "cpu"
     assert isinstance(d, LookupHybrid) and d.learned.tree_width == 3
     assert d.tree_width == 4  # the policy prices the lookup chain as one more branch
     assert d.head.fc.weight.dtype == (torch.bfloat16 if bf16 else model.embed.weight.dtype)

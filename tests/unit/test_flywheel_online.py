@@ -21,10 +21,16 @@ from tests.flywheel_helpers import make_engine
 PARAMS = SamplingParams(max_tokens=48)
 
 
-@pytest.fixture(scope="module")
-def online(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def online(request, tmp_path_factory):
+    """Serving on the CPU, or on a GPU where there is one (skipped elsewhere); the trainer
+    process takes a GPU wherever there is one (LearnerConfig.trainer_device auto)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     model, _ = tiny_target("llama", seed=0)
-    drafter = Eagle3Drafter(head_for(model, std=0.02, draft_vocab=64), model.embed.weight)
+    model = model.to(request.param)
+    head = head_for(model, std=0.02, draft_vocab=64).to(request.param)
+    drafter = Eagle3Drafter(head, model.embed.weight)
     engine = make_engine(model, drafter)
     cfg = LearnerConfig(
         checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")),
