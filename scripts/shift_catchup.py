@@ -152,7 +152,7 @@ def speed(a: argparse.Namespace) -> None:
             for _ in range(5):
                 trainer.train_step()
         print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
+            sort_by=a.sort, row_limit=25, max_name_column_width=40))
 
 
 def fit(a: argparse.Namespace) -> None:
@@ -228,6 +228,8 @@ def main() -> None:
     s.add_argument("--prompt-rows", type=int, default=512)
     s.add_argument("--steps", type=int, default=15, help="timed steps (after 3 warm-up ones)")
     s.add_argument("--profile", action="store_true", help="also profile 5 steps")
+    s.add_argument("--sort", default="self_cpu_time_total",
+                   help="the profile table's order (torch.profiler key_averages().table sort_by)")
     a = ap.parse_args()
     if a.cmd == "fit" and a.burst and a.seconds:
         ap.error("--burst counts steps: use it with --seconds 0 --steps N")

@@ -265,12 +265,12 @@ class Eagle3Head(nn.Module):
 
     def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
                 cache: DraftCache | None = None, mask: torch.Tensor | None = None,
-                last_only: bool = False, vocab_rows: torch.Tensor | None = None,
+                last_only: bool = False, lm_rows: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, token_embeds (B, T, H), positions (B, T) -> (out_hidden (B, T, H) pre-norm,
         logits (B, T, V_draft)); logits of the last position only, (B, 1, V), if ``last_only``;
-        only the lm_head rows ``vocab_rows`` (draft ids), (B, T, len(rows)), if given (training
-        on a subset of the draft vocabulary, flywheel/losses.py).
+        over ``lm_rows`` instead of lm_head's weight, (B, T, len(lm_rows)), if given: rows of it
+        gathered by the caller (training on a subset of the draft vocabulary, flywheel/losses.py).
 
         Without ``cache`` the T inputs attend causally to each other (training). With ``cache``
         the new keys are appended and the queries attend causally over cache + new entries.
@@ -299,8 +299,8 @@ class Eagle3Head(nn.Module):
         gate, up = self._linear("gate_up", self.post_attn_norm(h)).chunk(2, dim=-1)
         h = h + self._linear("down", F.silu(gate) * up)
         out = self.norm(h[:, -1:] if last_only else h)
-        if vocab_rows is not None:
-            return h, F.linear(out, self.lm_head.weight[vocab_rows])
+        if lm_rows is not None:
+            return h, F.linear(out, lm_rows)
         return h, self._linear("lm_head", out)
 
     def set_vocab(self, d2t: torch.Tensor) -> None:
