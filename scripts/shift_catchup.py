@@ -4,8 +4,8 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
         --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64] [--steps 5 --burst 20:10]
-    python scripts/shift_catchup.py speed runs/catchup/traces.pt --init runs/head-code \\
-        [--trainer '{"batch_tokens": 128}'] [--profile]
+    python scripts/shift_catchup.py [--device cuda] speed runs/catchup/traces.pt \\
+        [--init runs/head-code] [--trainer '{"batch_tokens": 128}'] [--profile]
 
 ``collect`` generates target-only greedy answers (64 tokens, chat template) for a stream of
 domains (default code:10,summarization:40,translation:40) and keeps the trace records serving
@@ -60,7 +60,7 @@ def collect(a: argparse.Namespace) -> None:
     from aurora_spec.models.runner import CacheConfig, TargetRunner
     from aurora_spec.runtime import ModelConfig, load_target
 
-    mcfg = ModelConfig(model=a.model)
+    mcfg = ModelConfig(model=a.model, device=a.device)
     info, tok, model = load_target(mcfg)
     engine = Engine(TargetRunner(model, CacheConfig(1, mcfg.max_context)), None,
                     EngineConfig(calibrate=False))
@@ -93,19 +93,24 @@ def _requests(records: list[dict], prompt_rows: int) -> list[list]:
 
 
 def _trainer(a: argparse.Namespace):
-    """The online trainer from ``--init`` with ``--trainer`` overrides; no hold-out from the
-    stream and no rest: the proxy measures learning, not the gate."""
-    from aurora_spec.drafters.eagle3_head import Eagle3Head
+    """The online trainer from ``--init`` (None: a random day-0 head) with ``--trainer``
+    overrides, on the model's device; no hold-out from the stream and no rest: the proxy
+    measures learning, not the gate."""
+    from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
     from aurora_spec.flywheel.config import TrainerConfig
     from aurora_spec.flywheel.losses import Embedder, TargetHead
     from aurora_spec.flywheel.trainer import Trainer
     from aurora_spec.runtime import ModelConfig, load_target
 
-    _, _, model = load_target(ModelConfig(model=a.model))
+    _, _, model = load_target(ModelConfig(model=a.model, device=a.device))
     cfg = TrainerConfig(**{"holdout_every": 1 << 30, "rest_after_rejections": 0,
                            **json.loads(a.trainer)})
-    head = Eagle3Head.load(a.init, dtype=torch.float32)
-    return Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg)
+    if a.init:
+        head = Eagle3Head.load(a.init, dtype=torch.float32)
+    else:
+        head = Eagle3Head.random(Eagle3Config.from_spec(model.spec, 8192), seed=0)
+    return Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg,
+                   device=model.embed.weight.device)
 
 
 @torch.no_grad()
@@ -134,13 +139,18 @@ def speed(a: argparse.Namespace) -> None:
             trainer.ingest(request)
     trainer.flush()
     torch.manual_seed(0)
+    cuda = trainer.device.type == "cuda"
     for _ in range(3):  # warm-up: allocator, autocast weight casts, optimizer state
         trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
     print(json.dumps({"trainer": json.loads(a.trainer), "threads": torch.get_num_threads(),
-                      "steps": a.steps,
+                      "device": str(trainer.device), "steps": a.steps,
                       "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
                       "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1)}))
     if trainer.cfg.loss_vocab:
@@ -148,11 +158,15 @@ def speed(a: argparse.Namespace) -> None:
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts, record_shapes=True) as prof:
             for _ in range(5):
                 trainer.train_step()
-        print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by=a.sort, row_limit=25, max_name_column_width=40))
+            if cuda:
+                torch.cuda.synchronize()
+        for sort in [a.sort] + (["self_device_time_total"] if cuda else []):
+            print(prof.key_averages(group_by_input_shape=not cuda).table(
+                sort_by=sort, row_limit=25, max_name_column_width=40))
 
 
 def fit(a: argparse.Namespace) -> None:
@@ -201,6 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (model and trainer)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect")
     c.add_argument("--traffic", default="../shared/data/traffic")
@@ -223,7 +238,8 @@ def main() -> None:
                    "requests of each domain after the first (more compute right after a shift)")
     s = sub.add_parser("speed")
     s.add_argument("traces")
-    s.add_argument("--init", required=True, help="the trained head to start from")
+    s.add_argument("--init", default=None, help="the trained head to start from (default: a "
+                   "random day-0 head)")
     s.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
     s.add_argument("--prompt-rows", type=int, default=512)
     s.add_argument("--steps", type=int, default=15, help="timed steps (after 3 warm-up ones)")
