@@ -24,7 +24,8 @@ transformers.__version__, "cuda", torch.cuda.is_available() and torch.cuda.get_d
 
 stage "tests with tiny models on the GPU (pytest -k cuda)"
 timeout "${CHECK_TESTS_S:-300}" $py -m pytest -q -p no:cacheprovider -k cuda tests/unit/test_engine_lossless.py \
-    tests/unit/test_flywheel_online.py tests/unit/test_eagle3.py 2>&1 | tail -15
+    tests/unit/test_flywheel_online.py tests/unit/test_flywheel_losses.py tests/unit/test_eagle3.py \
+    2>&1 | tail -15
 
 for dtype in float32 bfloat16; do
     stage "day 0, $dtype: aurora bench --arms none,online, $requests requests per domain"

@@ -109,8 +109,9 @@ def _trainer(a: argparse.Namespace):
         head = Eagle3Head.load(a.init, dtype=torch.float32)
     else:
         head = Eagle3Head.random(Eagle3Config.from_spec(model.spec, 8192), seed=0)
-    return Trainer(head, TargetHead.from_model(model), Embedder.from_model(model), cfg,
-                   device=model.embed.weight.device)
+    device = model.embed.weight.device
+    return Trainer(head, TargetHead.from_model(model, device), Embedder.from_model(model, device),
+                   cfg, device=device)
 
 
 @torch.no_grad()
@@ -153,7 +154,7 @@ def speed(a: argparse.Namespace) -> None:
                       "device": str(trainer.device), "steps": a.steps,
                       "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
                       "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1)}))
-    if trainer.cfg.loss_vocab:
+    if trainer.cfg.loss_vocab and not cuda:
         print(json.dumps(_top_k_share(trainer)))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -229,3 +229,20 @@ def test_trace_buffer_is_bounded_and_drops_oldest():
     kept = buf.drain()
     assert kept[-1] is records[-1]  # the newest survive
     assert buf.bytes == 0 and len(buf) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_trainer_keeps_attention_off_cudnn() -> None:
+    """cuDNN's attention plans every new shape (~15 ms of CPU a call, README "On a GPU") and
+    every training batch has its own length: a trainer step's attention must not use it."""
+    from aurora_spec.flywheel.losses import Embedder, TargetHead
+    from aurora_spec.flywheel.trainer import Trainer
+
+    model, _ = tiny_target("llama", seed=0)
+    trainer = Trainer(head_for(model, draft_vocab=64), TargetHead(model.lm_head.weight.cuda()),
+                      Embedder(model.embed.weight.cuda()), TrainerConfig(), device="cuda")
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with trainer._autocast():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # serving's choice is left alone
