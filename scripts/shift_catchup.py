@@ -96,6 +96,7 @@ def _trainer(a: argparse.Namespace):
     """The online trainer from ``--init`` (None: a random day-0 head) with ``--trainer``
     overrides, on the model's device; no hold-out from the stream and no rest: the proxy
     measures learning, not the gate."""
+    from aurora_spec.config import DrafterConfig
     from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
     from aurora_spec.flywheel.config import TrainerConfig
     from aurora_spec.flywheel.losses import Embedder, TargetHead
@@ -108,7 +109,8 @@ def _trainer(a: argparse.Namespace):
     if a.init:
         head = Eagle3Head.load(a.init, dtype=torch.float32)
     else:
-        head = Eagle3Head.random(Eagle3Config.from_spec(model.spec, 8192), seed=0)
+        head = Eagle3Head.random(Eagle3Config.from_spec(model.spec, DrafterConfig().draft_vocab),
+                                 seed=0)
     device = model.embed.weight.device
     return Trainer(head, TargetHead.from_model(model, device), Embedder.from_model(model, device),
                    cfg, device=device)
@@ -123,7 +125,8 @@ def _top_k_share(trainer, batches: int = 4) -> dict:
 
     c, unions, mass = trainer.cfg, [], []
     for _ in range(batches):
-        b = pack_windows(trainer.store.sample(c.batch_tokens, c.recent_ratio), with_branches=True)
+        b = pack_windows(trainer.store.sample(c.batch_tokens, c.recent_ratio),
+                         with_branches=True).to(trainer.device)
         probs = trainer.target.logits(torch.cat((b.final_c, b.final_b)), trainer.head.d2t)
         top = probs.softmax(-1).topk(c.loss_top_k, dim=-1)
         unions.append(top.indices.unique().numel())
@@ -154,7 +157,7 @@ def speed(a: argparse.Namespace) -> None:
                       "device": str(trainer.device), "steps": a.steps,
                       "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
                       "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1)}))
-    if trainer.cfg.loss_vocab and not cuda:
+    if trainer.cfg.loss_vocab:
         print(json.dumps(_top_k_share(trainer)))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

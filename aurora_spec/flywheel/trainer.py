@@ -238,13 +238,12 @@ class Trainer(Resting):
         """bf16 autocast where it pays, and on CUDA never cuDNN's attention: it builds a plan for
         every new shape, ~15 ms of CPU a call (every batch here has its own length), which made
         a bf16 step on an H200 396 ms against 18 without autocast (README "On a GPU")."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.device.type != "cuda":
-                yield
-                return
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                              SDPBackend.MATH]):
-                yield
+        attention = (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                  SDPBackend.MATH])
+                     if self.device.type == "cuda" else contextlib.nullcontext())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), \
+                attention:
+            yield
 
     # ---- evaluation and gate ---------------------------------------------------------------
     @torch.no_grad()
