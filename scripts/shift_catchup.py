@@ -169,7 +169,7 @@ def speed(a: argparse.Namespace) -> None:
             if cuda:
                 torch.cuda.synchronize()
         for sort in [a.sort] + (["self_device_time_total"] if cuda else []):
-            print(prof.key_averages(group_by_input_shape=not cuda).table(
+            print(prof.key_averages(group_by_input_shape=a.by_shape and not cuda).table(
                 sort_by=sort, row_limit=25, max_name_column_width=40))
 
 
@@ -248,6 +248,8 @@ def main() -> None:
     s.add_argument("--prompt-rows", type=int, default=512)
     s.add_argument("--steps", type=int, default=15, help="timed steps (after 3 warm-up ones)")
     s.add_argument("--profile", action="store_true", help="also profile 5 steps")
+    s.add_argument("--by-shape", action="store_true",
+                   help="profile rows per operator and input shape (default: per operator)")
     s.add_argument("--sort", default="self_cpu_time_total",
                    help="the profile table's order (torch.profiler key_averages().table sort_by)")
     a = ap.parse_args()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aurora_spec.models.blocks import WindowBlocks
 from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available
 from aurora_spec.models.layers import (
     RMSNorm,
@@ -264,7 +265,8 @@ class Eagle3Head(nn.Module):
         return self._linear("fc", fused_hidden)
 
     def forward(self, hidden: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor,
-                cache: DraftCache | None = None, mask: torch.Tensor | None = None,
+                cache: DraftCache | None = None,
+                mask: torch.Tensor | WindowBlocks | None = None,
                 last_only: bool = False, lm_rows: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, token_embeds (B, T, H), positions (B, T) -> (out_hidden (B, T, H) pre-norm,
@@ -275,7 +277,8 @@ class Eagle3Head(nn.Module):
         Without ``cache`` the T inputs attend causally to each other (training). With ``cache``
         the new keys are appended and the queries attend causally over cache + new entries.
         ``mask`` (B or 1, 1, T, S) bool, S = keys after the append, overrides the causal default
-        (tree drafts, training-time-test masks)."""
+        (tree drafts, training-time-test masks); a ``WindowBlocks`` (B = 1) gives that mask
+        block by block (packed training windows, models/blocks.py)."""
         b, t, _ = hidden.shape
         c, d = self.config, self.config.head_dim
         x = torch.cat((self.embed_norm(token_embeds), self.hidden_norm(hidden)), dim=-1)
@@ -294,7 +297,7 @@ class Eagle3Head(nn.Module):
             k, v = cache.append(k, v)
         if mask is None and t > 1:  # a single query may see every key: no mask needed
             mask = causal_mask(start, t, hidden.device)
-        attn = attend(q, k, v, mask)
+        attn = mask.attend(q, k, v) if isinstance(mask, WindowBlocks) else attend(q, k, v, mask)
         h = hidden + self._linear("o_proj", attn.transpose(1, 2).reshape(b, t, c.num_heads * d))
         gate, up = self._linear("gate_up", self.post_attn_norm(h)).chunk(2, dim=-1)
         h = h + self._linear("down", F.silu(gate) * up)

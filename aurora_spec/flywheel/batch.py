@@ -38,6 +38,10 @@ class Window:
     br_rows: torch.Tensor | None = None  # (B, 4H)
     versions: tuple[int, ...] = ()
     prompt_rows: int = 0  # the first rows are prompt positions (a prefix)
+    # A cache the trainer fills (Trainer._cache_target_top): (vocabulary stamp, the target's top
+    # draft ids (pairs + branches, k) for each pair's and then each branch's target), so a
+    # window replayed many times pays for the whole draft vocabulary's target logits once.
+    target_top: tuple[int, torch.Tensor] | None = None
 
     @property
     def pairs(self) -> int:
@@ -57,6 +61,8 @@ class Window:
         n = self.rows.numel() * self.rows.element_size()
         if self.br_rows is not None:
             n += self.br_rows.numel() * self.br_rows.element_size()
+        if self.target_top is not None:
+            n += self.target_top[1].numel() * self.target_top[1].element_size()
         return n + 8 * (len(self.tokens) + 2 * len(self.br_tok)) + 200
 
 
@@ -174,6 +180,10 @@ class Batch:
     fork_b: torch.Tensor  # (Nb,) committed pairs at positions < fork are visible
     anc_b: torch.Tensor  # (Nb, Nb) bool: column is the row's ancestor or itself
     final_b: torch.Tensor  # (Nb, H)
+    # The target's top draft ids for each pair's target, (Nc, k) and (Nb, k), where every
+    # window carried them (Window.target_top); None otherwise.
+    top_c: torch.Tensor | None = None
+    top_b: torch.Tensor | None = None
 
     @property
     def n_committed(self) -> int:
@@ -186,8 +196,10 @@ class Batch:
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Batch:
         moved = {}
         for name, t in self.__dict__.items():
-            t = t.to(device)
-            moved[name] = t.to(dtype) if t.is_floating_point() else t
+            if t is not None:
+                t = t.to(device)
+                t = t.to(dtype) if t.is_floating_point() else t
+            moved[name] = t
         return Batch(**moved)
 
 
@@ -200,9 +212,14 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
     kb: list[Any] = []
     fb: list[Any] = []
     parents: list[Any] = []
+    tops: list[torch.Tensor] = []
+    tops_b: list[torch.Tensor] = []
     nc = 0
     for w_idx, win in enumerate(windows):
         rows, t = win.rows, win.pairs
+        if win.target_top is not None:
+            tops.append(win.target_top[1][:t])
+            tops_b.append(win.target_top[1][t:t + len(win.br_tok)])
         width = rows.shape[1] * 3 // 4
         if t > 0:
             hc.append(rows[:t, :width])
@@ -249,6 +266,9 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
     dtype = windows[0].rows.dtype if windows else torch.float32
     empty_rows = torch.empty(0, 3 * h, dtype=dtype)
     long0 = torch.empty(0, dtype=torch.long)
+    with_top = bool(windows) and len(tops) == len(windows)
+    if with_top and not (with_branches and tb):
+        tops_b = [tops[0][:0]]
     return Batch(
         hidden_c=torch.cat(hc) if hc else empty_rows, tok_c=torch.cat(tc) if tc else long0,
         pos_c=torch.cat(pc) if pc else long0, win_c=torch.cat(wc) if wc else long0,
@@ -258,4 +278,6 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
         hidden_b=torch.stack(hb) if hb else empty_rows, tok_b=torch.tensor(tb, dtype=torch.long),
         pos_b=torch.tensor(pb, dtype=torch.long), win_b=torch.tensor(wb, dtype=torch.long),
         fork_b=torch.tensor(kb, dtype=torch.long), anc_b=anc,
-        final_b=torch.stack(fb) if fb else torch.empty(0, h, dtype=dtype))
+        final_b=torch.stack(fb) if fb else torch.empty(0, h, dtype=dtype),
+        top_c=torch.cat(tops).long() if with_top else None,
+        top_b=torch.cat(tops_b).long() if with_top else None)

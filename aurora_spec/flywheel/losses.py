@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from aurora_spec.drafters.eagle3_head import Eagle3Head
 from aurora_spec.flywheel.batch import Batch
+from aurora_spec.models.blocks import WindowBlocks
 
 
 class TargetHead:
@@ -50,12 +51,16 @@ class TargetHead:
         return TargetHead(model.lm_head.weight.detach().to(device, torch.float32),
                           model.spec.final_logit_softcap, scale)
 
-    def logits(self, final: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
+    def logits(self, final: torch.Tensor, d2t: torch.Tensor,
+               only: torch.Tensor | None = None) -> torch.Tensor:
+        """Target logits over the draft vocabulary ``d2t``, or over its ids ``only``."""
         if self._d2t is None or self._d2t is not d2t:
             self._rows = self.weight[d2t.to(self.weight.device)].float()
             self._d2t = d2t
         rows = self._rows
         assert rows is not None  # set just above
+        if only is not None:
+            rows = rows[only.to(rows.device)]
         with torch.autocast(final.device.type, enabled=False):  # targets stay float32
             out = final.float() @ rows.T
         cap = self.softcap
@@ -109,12 +114,14 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
     if nb:
         mask[nc:, :nc] = _same(b.win_b, b.win_c) & (b.pos_c[None, :] < b.fork_b[:, None])
         mask[nc:, nc:] = b.anc_b
+    win = b.win_c if nb == 0 else torch.cat((b.win_c, b.win_b))
     cache = head.new_cache(1)
     # The rows gathered once for every depth: each gather's backward writes a dense zero-filled
     # gradient of the whole lm_head (8192 x 576), a quarter of a CPU step when done per depth.
     lm_rows = None if vocab_rows is None else head.lm_head.weight[vocab_rows]
+    # Windows never see each other: attention runs window by window (models/blocks.py).
     g, logits = head(head.fuse(hid.to(wdt))[None], emb[None], pos[None], cache,
-                     mask=mask[None, None], lm_rows=lm_rows)
+                     mask=WindowBlocks.from_mask(mask, win, win), lm_rows=lm_rows)
     out_logits, valids = [logits[0, :nc]], [torch.ones(nc, dtype=torch.bool, device=dev)]
     g_prev = g[0, :nc]
     has_prev = b.prev_c >= 0
@@ -125,9 +132,10 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
             parts.append(torch.zeros(nc, nb, dtype=torch.bool, device=dev))
         for e in range(2, d + 1):
             parts.append(same_c & (b.pos_c[None, :] == b.pos_c[:, None] - (d - e)))
-        mask_d = torch.cat(parts, dim=1)
+        blocks = WindowBlocks.from_mask(torch.cat(parts, dim=1), b.win_c,
+                                        torch.cat([win] + [b.win_c] * (d - 1)))
         g_d, logits_d = head(g_prev[prev][None], emb_c[None], b.pos_c[None], cache,
-                             mask=mask_d[None, None], lm_rows=lm_rows)
+                             mask=blocks, lm_rows=lm_rows)
         out_logits.append(logits_d[0])
         valids.append(valids[-1][prev] & has_prev)
         g_prev = g_d[0]
@@ -142,16 +150,23 @@ def _kl(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def loss_rows(target_logits: torch.Tensor, size: int, top_k: int) -> torch.Tensor:
-    """The draft ids a step's loss is computed over (sorted): every position's ``top_k`` target
-    tokens, filled up to ``size`` with ids drawn uniformly from the rest (sampled negatives, so
-    every lm_head row is pushed down now and then). Why: the draft's lm_head over the whole draft
-    vocabulary is ~45% of a CPU training step (forward and backward at every depth), while the
-    target's top 16 of 8192 carry ~92% of its mass (chat/SQL/code traces of the bundled model;
-    ``scripts/shift_catchup.py speed`` with a ``loss_vocab`` measures it)."""
-    vd = target_logits.shape[-1]
-    keep = torch.zeros(vd, dtype=torch.bool, device=target_logits.device)
-    keep[target_logits.topk(min(top_k, vd), dim=-1).indices.flatten()] = True
+def target_top(target: TargetHead, final: torch.Tensor, d2t: torch.Tensor,
+               top_k: int) -> torch.Tensor:
+    """The draft ids of the target's ``top_k`` tokens at each row of ``final``, (N, top_k)."""
+    logits = target.logits(final, d2t)
+    return logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+
+
+def loss_rows(top: torch.Tensor, vocab: int, size: int) -> torch.Tensor:
+    """The draft ids a step's loss is computed over (sorted): every position's top target
+    tokens ``top`` (N, k), filled up to ``size`` with ids drawn uniformly from the rest of the
+    ``vocab`` (sampled negatives, so every lm_head row is pushed down now and then). Why: the
+    draft's lm_head over the whole draft vocabulary is ~45% of a CPU training step (forward and
+    backward at every depth), while the target's top 16 of 8192 carry ~92% of its mass
+    (chat/SQL/code traces of the bundled model; ``scripts/shift_catchup.py speed`` with a
+    ``loss_vocab`` measures it)."""
+    keep = torch.zeros(vocab, dtype=torch.bool, device=top.device)
+    keep[top.flatten()] = True
     missing = size - int(keep.sum())
     if missing > 0:
         rest = (~keep).nonzero().squeeze(1)
@@ -179,14 +194,17 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
     with_b = lambda_discard > 0 and batch.n_branch > 0
     d2t = head.d2t
     with torch.no_grad():
-        tgt_c = target.logits(batch.final_c, d2t)
-        tgt_b = target.logits(batch.final_b, d2t) if with_b else None
         rows = None
         if 0 < loss_vocab < len(d2t):
-            both = tgt_c if tgt_b is None else torch.cat((tgt_c, tgt_b))
-            rows = loss_rows(both, loss_vocab, loss_top_k)
-            tgt_c = tgt_c[:, rows]
-            tgt_b = None if tgt_b is None else tgt_b[:, rows]
+            final = torch.cat((batch.final_c, batch.final_b)) if with_b else batch.final_c
+            if batch.top_c is None or batch.top_b is None:
+                top = target_top(target, final, d2t, loss_top_k)
+            else:  # cached per window (Trainer._cache_target_top): no whole-vocabulary logits
+                top = torch.cat((batch.top_c, batch.top_b)) if with_b else batch.top_c
+            rows = loss_rows(top, len(d2t), loss_vocab)
+        tgt_c = target.logits(batch.final_c, d2t, rows)
+        tgt_b = target.logits(batch.final_b, d2t, rows) if with_b else None
+        if rows is not None:
             d2t = d2t[rows]
     un = unrolled_forward(head, batch, embed, depth, with_branches=with_b, vocab_rows=rows)
     weights = list(depth_weights[:depth]) + [depth_weights[-1]] * max(0, depth - len(depth_weights))

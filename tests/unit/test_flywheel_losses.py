@@ -3,6 +3,8 @@ reproduces the drafter's serving-time chains exactly; KL restricted to the draft
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from aurora_spec.flywheel.losses import (
     loss_rows,
     unrolled_forward,
 )
+from aurora_spec.flywheel.trainer import Trainer
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step, unpack
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
@@ -115,6 +118,60 @@ def test_records_assemble_into_windows_matching_a_full_forward():
     torch.testing.assert_close(w.br_rows[0, fused.shape[1]:], bfin[-1], atol=1e-4, rtol=1e-4)
 
 
+def test_packed_windows_unroll_as_if_each_were_alone():
+    """Windows packed into one batch never see each other (models/blocks.py keeps them
+    apart): every window's logits at every depth, branches included, equal its own batch's."""
+    model, _ = tiny_target("llama", seed=2)
+    head = head_for(model, seed=3)
+    _, records, _, _ = run_engine(model, head, [7, 8, 9, 10], max_tokens=50)
+    wins = assemble(records, window=16)
+    embed = Embedder(model.embed.weight)
+    with torch.no_grad():
+        packed = unrolled_forward(head, pack_windows(wins), embed, 3)
+    c0 = b0 = 0
+    for w in wins:
+        with torch.no_grad():
+            alone = unrolled_forward(head, pack_windows([w]), embed, 3)
+        nc, nb = len(alone.logits[0]), len(alone.logits_b)
+        for a, p, valid in zip(alone.logits, packed.logits, alone.valid):
+            # (a query with no draft at that depth, valid False, takes any row as its input)
+            torch.testing.assert_close(p[c0:c0 + nc][valid], a[valid], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed.logits_b[b0:b0 + nb], alone.logits_b, atol=1e-5,
+                                   rtol=1e-5)
+        c0, b0 = c0 + nc, b0 + nb
+    assert b0 > 0 and c0 == len(packed.logits[0])
+
+
+def test_cached_target_top_ids_give_the_same_loss_and_follow_the_vocabulary():
+    model, _ = tiny_target("llama", seed=1)
+    head = head_for(model, std=0.02)
+    _, records, _, _ = run_engine(model, head_for(model, seed=5), [3, 4, 5], max_tokens=60)
+    wins = assemble(records, window=32)
+    target, embed = TargetHead(model.lm_head.weight), Embedder(model.embed.weight)
+    vd = len(head.d2t)
+    cfg = TrainerConfig(loss_vocab=vd // 4, loss_top_k=2)
+    trainer = Trainer(head, target, embed, cfg)
+    trainer._cache_target_top(wins)
+    cached = pack_windows(wins)
+    assert cached.top_c is not None and cached.top_b is not None and len(cached.top_b) > 0
+    assert torch.equal(cached.top_c, target.logits(cached.final_c, head.d2t).topk(2).indices)
+    assert torch.equal(cached.top_b, target.logits(cached.final_b, head.d2t).topk(2).indices)
+    plain = pack_windows([dataclasses.replace(w, target_top=None) for w in wins])
+    assert plain.top_c is None
+    losses = []
+    for batch in (cached, plain):
+        torch.manual_seed(7)  # the sampled negatives
+        losses.append(flywheel_loss(head, batch, target, embed, 3, (1.0,), 0.5,
+                                    loss_vocab=cfg.loss_vocab, loss_top_k=2).loss)
+    assert torch.equal(losses[0], losses[1])
+    kept = wins[0].target_top
+    trainer._cache_target_top(wins)
+    assert wins[0].target_top is kept  # cached: not recomputed
+    trainer._vocab_stamp += 1  # what a vocabulary rebuild does
+    trainer._cache_target_top(wins)
+    assert wins[0].target_top is not kept and wins[0].target_top[0] == trainer._vocab_stamp
+
+
 def test_prompt_positions_join_the_request_windows():
     """A prefill record (the last prompt_rows prompt positions) is stitched to the verify steps:
     windows cover every pair from the first kept prompt position, long prompts are cut at the
@@ -174,12 +231,12 @@ def test_loss_decreases_and_discard_term_is_optional():
 
 def test_loss_rows_keep_every_top_k_and_fill_with_others():
     torch.manual_seed(0)
-    logits = torch.randn(7, 100)
-    rows = loss_rows(logits, 40, 3)
+    top = torch.randn(7, 100).topk(3, -1).indices
+    rows = loss_rows(top, 100, 40)
     assert len(rows) == 40 and torch.equal(rows, rows.unique())  # sorted, no repeats
-    assert set(logits.topk(3, -1).indices.flatten().tolist()) <= set(rows.tolist())
-    assert len(loss_rows(logits, 5, 3)) >= 7  # the top-k union is never cut to fit
-    assert torch.equal(loss_rows(logits, 500, 3), torch.arange(100))
+    assert set(top.flatten().tolist()) <= set(rows.tolist())
+    assert len(loss_rows(top, 100, 5)) >= 7  # the top-k union is never cut to fit
+    assert torch.equal(loss_rows(top, 100, 500), torch.arange(100))
     with pytest.raises(ValueError, match="loss_top_k"):
         TrainerConfig(loss_vocab=2048, loss_top_k=0)
     with pytest.raises(ValueError, match="loss_vocab"):
