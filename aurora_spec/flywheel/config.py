@@ -118,8 +118,10 @@ class TrainerConfig:
     rest_max_windows: int = 256
     # Served acceptance: the live head's own accepted tokens per drafting step on the newest
     # rest_wake_steps verify steps of *all* traffic (the traces say, for free) against its level
-    # when it rested; a fall by rest_wake_drop wakes it. A traffic shift shows here within ~8
-    # requests, where the held-out check (1 request in holdout_every) needs ~60 (0: off).
+    # when it rested; a fall by rest_wake_drop in two such windows in a row wakes it (one is
+    # taken for the mix of requests in it: flywheel/rest.py _served_drop). A traffic shift
+    # shows here within ~16 requests, where the held-out check (1 request in holdout_every)
+    # needs ~60 (0: off).
     rest_wake_steps: int = 256
     # A head that was trained before serving started (version > 0: offline-fitted or resumed)
     # starts resting: it serves the traffic it was fitted on as well as training would make it,

@@ -53,6 +53,7 @@ class Resting:
         self._served: deque[int] = deque(maxlen=max(cfg.rest_wake_steps, 1))
         self._served_since_rest = 0
         self._served_level: float | None = None  # ... their mean at rest (None: not known yet)
+        self._served_drop_seen = False  # a fall seen in one window, to confirm in the next
         self._rest_needs = cfg.rest_after_rejections  # judged gates without a pass before a rest
 
     def maybe_rest(self) -> bool:
@@ -82,6 +83,7 @@ class Resting:
         enough = len(self._served) >= max(self.cfg.rest_wake_steps // 2, 1)
         self._served_level = self.served_acceptance if enough else None
         self._served_since_rest = 0
+        self._served_drop_seen = False
         self.stats.rests += 1
         self.stats.rests_since_pass += 1
 
@@ -128,7 +130,13 @@ class Resting:
 
     def _served_drop(self) -> str:
         """Why to wake when the live head's served acceptance over the newest rest_wake_steps
-        steps (all of them since the rest) fell by rest_wake_drop of its level at rest; ""."""
+        steps (all of them since the rest) fell by rest_wake_drop of its level at rest, and
+        again over the next rest_wake_steps (a fall in one window only is taken for noise); "".
+
+        Why twice: on mixed traffic the mean over 256 steps (~9 requests) swings with the mix
+        of the requests in it; one such swing of 25% woke a resting trainer over the last 50
+        requests of a day-0 run and put 20 of them on one thread (README, "Day 0"). A real
+        shift stays: confirming it costs one more window (~9 requests)."""
         n = self.cfg.rest_wake_steps
         if not n or self._served_since_rest < n:
             return ""
@@ -136,9 +144,13 @@ class Resting:
         if self._served_level is None:  # not enough served steps at rest: these set the level
             self._served_level, self._served_since_rest = now, 0
             return ""
-        if now < self._served_level * (1 - self.cfg.rest_wake_drop):
-            return f"served acceptance fell from {self._served_level:.3f} to {now:.3f} per step"
-        return ""
+        if now >= self._served_level * (1 - self.cfg.rest_wake_drop):
+            self._served_drop_seen = False
+            return ""
+        if not self._served_drop_seen:  # confirm on the next rest_wake_steps steps
+            self._served_drop_seen, self._served_since_rest = True, 0
+            return ""
+        return f"served acceptance fell from {self._served_level:.3f} to {now:.3f} per step"
 
     @property
     def served_acceptance(self) -> float | None:

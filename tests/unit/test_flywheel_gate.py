@@ -135,8 +135,8 @@ def test_a_pass_by_less_than_rest_progress_is_published_but_is_no_progress():
 def test_trained_head_rests_from_the_start_and_wakes_when_served_acceptance_falls():
     """A head trained before serving starts resting; the live head's own acceptance on all served
     steps (from the traces) sets its level, and a fall of it by rest_wake_drop (the traffic
-    shifted) wakes the trainer within rest_wake_steps steps. A wake on new windows alone is a
-    probe: one gate without a better candidate ends it."""
+    shifted) over two windows of rest_wake_steps steps in a row wakes the trainer. A wake on new
+    windows alone is a probe: one gate without a better candidate ends it."""
     model, _, fitted = trained_trainer()
     got = fitted.propose_candidate()
     assert got is not None and got[0].version == 1
@@ -157,6 +157,12 @@ def test_trained_head_rests_from_the_start_and_wakes_when_served_acceptance_fall
            for s in range(10, 13)]
     collect_windows(model, trainer, new, trained)  # traffic it has never seen
     assert trainer.status()["served_acceptance"] < 0.75 * level
+    assert not trainer.maybe_wake()  # a fall in one window: confirmed on the next
+    collect_windows(model, trainer, seen, trained)  # ... where it is back: noise
+    assert not trainer.maybe_wake() and not trainer._served_drop_seen
+    collect_windows(model, trainer, new, trained)
+    assert not trainer.maybe_wake()
+    collect_windows(model, trainer, new, trained)  # still fallen: the traffic shifted
     assert trainer.maybe_wake() and "served acceptance" in trainer.status()["last_wake"]
     # Evidence of a shift: rest only after rest_after_rejections (2) gates without a pass.
     trainer.head = head_for(model, std=0.3, seed=9, draft_vocab=64)  # never beats live
