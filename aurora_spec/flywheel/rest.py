@@ -134,9 +134,9 @@ class Resting:
         again over the next rest_wake_steps (a fall in one window only is taken for noise); "".
 
         Why twice: on mixed traffic the mean over 256 steps (~9 requests) swings with the mix
-        of the requests in it; one such swing of 25% woke a resting trainer over the last 50
-        requests of a day-0 run and put 20 of them on one thread (README, "Day 0"). A real
-        shift stays: confirming it costs one more window (~9 requests)."""
+        of the requests in it; one such swing of 25% woke a resting trainer near the end of a
+        day-0 run, with no change in the traffic (README, "Day 0"), and every wake costs
+        serving its second thread. A real shift stays: confirming it costs one more window."""
         n = self.cfg.rest_wake_steps
         if not n or self._served_since_rest < n:
             return ""
