@@ -219,7 +219,8 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
         rows, t = win.rows, win.pairs
         if win.target_top is not None:
             tops.append(win.target_top[1][:t])
-            tops_b.append(win.target_top[1][t:t + len(win.br_tok)])
+            branches = len(win.br_tok) if win.br_rows is not None else 0
+            tops_b.append(win.target_top[1][t:t + branches])
         width = rows.shape[1] * 3 // 4
         if t > 0:
             hc.append(rows[:t, :width])
