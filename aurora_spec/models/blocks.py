@@ -48,8 +48,8 @@ class WindowBlocks:
     def from_mask(mask: torch.Tensor, q_window: torch.Tensor,
                   k_window: torch.Tensor) -> WindowBlocks:
         """``mask`` (T, S) bool over packed queries and keys; ``q_window`` (T,), ``k_window``
-        (S,) their window indices. Entries of ``mask`` across windows are ignored (they must
-        be False for the result to equal dense attention over ``mask``)."""
+        (S,) their window indices. Entries of ``mask`` across windows are ignored: the result
+        is dense attention over ``mask`` with those entries False (as training's masks are)."""
         both = torch.cat((q_window, k_window))
         blocks = int(both.max()) + 1 if len(both) else 0
         q_slot, q_index, lq = _slots(q_window, blocks)
