@@ -43,6 +43,13 @@ class Window:
     # window replayed many times pays for the whole draft vocabulary's target logits once.
     target_top: tuple[int, torch.Tensor] | None = None
 
+    def target_rows(self) -> torch.Tensor:
+        """The target's final hidden states of the pairs' targets, then of the branch nodes:
+        the rows ``target_top`` holds ids for, in its order."""
+        width = self.rows.shape[1] * 3 // 4
+        final = self.rows[1:self.pairs + 1, width:]
+        return final if self.br_rows is None else torch.cat((final, self.br_rows[:, width:]))
+
     @property
     def pairs(self) -> int:
         return max(self.rows.shape[0] - 1, 0)
@@ -219,8 +226,8 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
         rows, t = win.rows, win.pairs
         if win.target_top is not None:
             tops.append(win.target_top[1][:t])
-            branches = len(win.br_tok) if win.br_rows is not None else 0
-            tops_b.append(win.target_top[1][t:t + branches])
+            if with_branches and win.br_rows is not None:  # the branches packed below
+                tops_b.append(win.target_top[1][t:])
         width = rows.shape[1] * 3 // 4
         if t > 0:
             hc.append(rows[:t, :width])
@@ -268,8 +275,6 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
     empty_rows = torch.empty(0, 3 * h, dtype=dtype)
     long0 = torch.empty(0, dtype=torch.long)
     with_top = bool(windows) and len(tops) == len(windows)
-    if with_top and not (with_branches and tb):
-        tops_b = [tops[0][:0]]
     return Batch(
         hidden_c=torch.cat(hc) if hc else empty_rows, tok_c=torch.cat(tc) if tc else long0,
         pos_c=torch.cat(pc) if pc else long0, win_c=torch.cat(wc) if wc else long0,
@@ -281,4 +286,4 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
         fork_b=torch.tensor(kb, dtype=torch.long), anc_b=anc,
         final_b=torch.stack(fb) if fb else torch.empty(0, h, dtype=dtype),
         top_c=torch.cat(tops).long() if with_top else None,
-        top_b=torch.cat(tops_b).long() if with_top else None)
+        top_b=torch.cat(tops_b or [tops[0][:0]]).long() if with_top else None)

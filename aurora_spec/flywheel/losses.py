@@ -196,8 +196,8 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
     with torch.no_grad():
         rows = None
         if 0 < loss_vocab < len(d2t):
-            final = torch.cat((batch.final_c, batch.final_b)) if with_b else batch.final_c
             if batch.top_c is None or batch.top_b is None:
+                final = torch.cat((batch.final_c, batch.final_b)) if with_b else batch.final_c
                 top = target_top(target, final, d2t, loss_top_k)
             else:  # cached per window (Trainer._cache_target_top): no whole-vocabulary logits
                 top = torch.cat((batch.top_c, batch.top_b)) if with_b else batch.top_c

@@ -254,12 +254,8 @@ class Trainer(Resting):
         for win in windows:
             if win.target_top is not None and win.target_top[0] == self._vocab_stamp:
                 continue
-            width = win.rows.shape[1] * 3 // 4
-            final = win.rows[1:win.pairs + 1, width:]
-            if win.br_rows is not None:
-                final = torch.cat((final, win.br_rows[:, width:]))
-            top = target_top(self.target, final.to(self.device, torch.float32), d2t,
-                             c.loss_top_k)
+            final = win.target_rows().to(self.device, torch.float32)
+            top = target_top(self.target, final, d2t, c.loss_top_k)
             win.target_top = (self._vocab_stamp, top.to("cpu", torch.int32))
 
     @contextlib.contextmanager
