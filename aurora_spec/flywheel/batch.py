@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aurora_spec.flywheel.traces import TraceRecord
+from aurora_spec.flywheel.traces import TraceRecord, fused_width
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Window:
     def target_rows(self) -> torch.Tensor:
         """The target's final hidden states of the pairs' targets, then of the branch nodes:
         the rows ``target_top`` holds ids for, in its order."""
-        width = self.rows.shape[1] * 3 // 4
+        width = fused_width(self.rows)
         final = self.rows[1:self.pairs + 1, width:]
         return final if self.br_rows is None else torch.cat((final, self.br_rows[:, width:]))
 
@@ -228,7 +228,7 @@ def pack_windows(windows: list[Window], with_branches: bool = True) -> Batch:
             tops.append(win.target_top[1][:t])
             if with_branches and win.br_rows is not None:  # the branches packed below
                 tops_b.append(win.target_top[1][t:])
-        width = rows.shape[1] * 3 // 4
+        width = fused_width(rows)
         if t > 0:
             hc.append(rows[:t, :width])
             fc.append(rows[1:t + 1, width:])

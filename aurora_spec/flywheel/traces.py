@@ -38,6 +38,12 @@ from aurora_spec.types import PrefillTrace, StepTrace
 RECORD_OVERHEAD = 160  # bytes of Python objects per record, counted against the bound
 
 
+def fused_width(rows: torch.Tensor) -> int:
+    """Columns of the three fused layers in recorded rows laid out [fused (3H) | final (H)];
+    the rest are the final layer's."""
+    return rows.shape[1] * 3 // 4
+
+
 @dataclass(slots=True)
 class TraceRecord:
     request_id: str
@@ -60,10 +66,10 @@ class TraceRecord:
         return self.rows.numel() * self.rows.element_size() + RECORD_OVERHEAD + 8 * len(self.tokens)
 
     def fused(self) -> torch.Tensor:
-        return self.rows[:, : self.rows.shape[1] * 3 // 4]
+        return self.rows[:, :fused_width(self.rows)]
 
     def final(self) -> torch.Tensor:
-        return self.rows[:, self.rows.shape[1] * 3 // 4:]
+        return self.rows[:, fused_width(self.rows):]
 
 
 def record_step(trace: StepTrace, dtype: torch.dtype = torch.bfloat16,
