@@ -23,7 +23,12 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aurora_spec.flywheel.trainer import Trainer
+
+log = logging.getLogger("aurora_spec.flywheel.worker")
 
 
 def _lower_priority(spec: dict[str, Any]) -> str:
@@ -66,15 +71,12 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    from aurora_spec.flywheel.batch import WindowAssembler
-    from aurora_spec.flywheel.checkpoints import CheckpointStore, head_from_payload
+    from aurora_spec.flywheel.checkpoints import head_from_payload
     from aurora_spec.flywheel.losses import Embedder, TargetHead
-    from aurora_spec.flywheel.traces import unpack
     from aurora_spec.flywheel.trainer import Trainer
 
     logging.basicConfig(level=spec.get("log_level", logging.WARNING),
                         format="%(asctime)s %(levelname)s trainer[%(process)d] %(name)s: %(message)s")
-    log = logging.getLogger("aurora_spec.flywheel.worker")
     device = torch.device(spec["device"])
     init = head_from_payload(spec["head"])
     target = TargetHead(spec["lm_weight"].to(device), spec["softcap"],
@@ -82,100 +84,151 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     embed = Embedder(spec["embed_weight"].to(device), spec["embed_scale"])
     trainer = Trainer(init, target, embed, spec["trainer_cfg"], device)
     trainer.next_version = max(trainer.next_version, spec["next_version"])
-    store = CheckpointStore(spec["checkpoint_dir"], spec["keep"])
-    published = {init.version: trainer.live}
-    parent = mp.parent_process()
-    paused, pending, want_out = False, None, False
-    publish_every = spec["trainer_cfg"].publish_every
-    last_status, last_traces, since_publish = 0.0, time.monotonic(), 0
-    force_publish = False
-    last_verdict: dict | None = None
     log.info("trainer started (pid %d, %d threads, %s, %s)", os.getpid(), spec["threads"], device,
              priority)
+    _Worker(spec, trainer, inbox, outbox, priority).run()
 
-    def send_status() -> None:
-        st = trainer.status()
-        st.update(trainer_paused=paused, pid=os.getpid(),
-                  pending_candidate=None if pending is None else pending[0], priority=priority,
-                  trainer_threads=torch.get_num_threads(), last_verdict=last_verdict)
-        outbox.put(("status", st))
 
-    while True:
-        if parent is not None and not parent.is_alive():
-            return
-        if not want_out:
-            outbox.put(("want", spec["send_bytes"]))
-            want_out = True
-        busy = not paused and not trainer.resting and trainer.can_train()
-        try:
-            msg = inbox.get(timeout=0.0 if busy else 0.2)
-        except queue.Empty:
-            msg = None
-        if msg is not None:
-            kind = msg[0]
-            if kind == "stop":
-                send_status()
+class _Worker:
+    """The trainer process's loop: drain the parent's messages first (one ``_on_<kind>`` method
+    per kind, see the protocol above), then one training step when there is work, a candidate
+    every ``publish_every`` steps, and a status now and then."""
+
+    def __init__(self, spec: dict[str, Any], trainer: Trainer, inbox: Any, outbox: Any,
+                 priority: str) -> None:
+        from aurora_spec.flywheel.checkpoints import CheckpointStore
+
+        self.spec, self.trainer, self.inbox, self.outbox = spec, trainer, inbox, outbox
+        self.priority = priority
+        self.device = trainer.device
+        self.store = CheckpointStore(spec["checkpoint_dir"], spec["keep"])
+        self.published = {trainer.live.version: trainer.live}  # versions a verdict may compare
+        self.publish_every = spec["trainer_cfg"].publish_every
+        self.paused = False
+        self.pending: tuple[int, Any] | None = None  # (version, head) offered, not yet answered
+        self.want_out = False  # asked serving for traces and not answered yet
+        self.last_status, self.last_traces = 0.0, time.monotonic()
+        self.since_publish, self.force_publish = 0, False
+        self.last_verdict: dict | None = None
+        self.stopping = False
+
+    def run(self) -> None:
+        parent = mp.parent_process()
+        while not self.stopping:
+            if parent is not None and not parent.is_alive():
                 return
-            if kind == "traces":
-                want_out = False
-                records = unpack(msg[1])
-                if records:
-                    trainer.ingest(records)
-                    last_traces = time.monotonic()
-                    if not paused and trainer.maybe_wake():  # paused: no work at all
-                        send_status()  # serving hands the core back to training now
-            elif kind == "live":
-                if pending is not None and pending[0] == msg[1]:
-                    trainer.set_live(pending[1])
-                    published[msg[1]] = pending[1]
-                    for v in sorted(published)[:-4]:
-                        del published[v]
-                pending = None
-            elif kind == "refused":
-                pending = None
-            elif kind == "rollback":  # ("rollback", version, head_payload)
-                head = published.get(msg[1]) or head_from_payload(msg[2], device)
-                trainer.restart_from(head)
-                pending = None
-            elif kind == "judge":  # ("judge", new_version, previous_version)
-                last_verdict = _judge(trainer, published, msg[1], msg[2])
-                outbox.put(("verdict", msg[1], last_verdict["keep"], last_verdict["detail"]))
-            elif kind == "pause":
-                paused = True
-                send_status()  # from now on no candidate is proposed: say so at once
-            elif kind == "resume":
-                paused = False
-                if trainer.maybe_wake():
-                    send_status()
-            elif kind == "publish_now":
-                force_publish = True
-            elif kind == "reset":
-                head = head_from_payload(msg[1], device)
-                trainer.store.clear()
-                trainer.assembler = WindowAssembler(trainer.cfg.window)
-                trainer.restart_from(head)
-                published = {head.version: trainer.live}
-                pending = None
-            continue  # drain messages first
-        if time.monotonic() - last_traces > 1.0 and trainer.assembler._open:
-            trainer.flush()  # traffic paused: close open windows so they can be trained on
-        if busy:
-            trainer.train_step()
-            since_publish += 1
-        if (pending is None and (since_publish >= publish_every or force_publish)
-                and (busy or force_publish)):
-            since_publish, force_publish = 0, False
-            got = trainer.propose_candidate()
-            if got is None and trainer.maybe_rest():
-                send_status()  # serving may take the trainer's core now
-            if got is not None:
-                cand, res = got
-                cand.heldout_alpha = tuple(res.alpha) if res.alpha else None
-                path = store.save(cand)
-                pending = (cand.version, cand)
-                outbox.put(("candidate", cand.version, str(path),
-                            {"candidate": res.candidate, "live": res.live,
-                             "positions": res.positions, "alpha": res.alpha}))
-        if time.monotonic() - last_status > 0.5:
-            send_status()
-            last_status = time.monotonic()
+            if not self.want_out:
+                self.outbox.put(("want", self.spec["send_bytes"]))
+                self.want_out = True
+            busy = not self.paused and not self.trainer.resting and self.trainer.can_train()
+            try:
+                msg = self.inbox.get(timeout=0.0 if busy else 0.2)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                getattr(self, f"_on_{msg[0]}", self._on_unknown)(*msg[1:])
+                continue  # drain messages first
+            if time.monotonic() - self.last_traces > 1.0 and self.trainer.assembler._open:
+                self.trainer.flush()  # traffic paused: close open windows so they can be trained on
+            if busy:
+                self.trainer.train_step()
+                self.since_publish += 1
+            if (self.pending is None and (busy or self.force_publish)
+                    and (self.since_publish >= self.publish_every or self.force_publish)):
+                self._offer_candidate()
+            if time.monotonic() - self.last_status > 0.5:
+                self.send_status()
+                self.last_status = time.monotonic()
+
+    def send_status(self) -> None:
+        import torch
+
+        st = self.trainer.status()
+        st.update(trainer_paused=self.paused, pid=os.getpid(),
+                  pending_candidate=None if self.pending is None else self.pending[0],
+                  priority=self.priority, trainer_threads=torch.get_num_threads(),
+                  last_verdict=self.last_verdict)
+        self.outbox.put(("status", st))
+
+    def _offer_candidate(self) -> None:
+        """The trainer's gate: a candidate that beats the live head goes to serving (saved
+        first, so serving loads it from disk); none may send the trainer to rest."""
+        self.since_publish, self.force_publish = 0, False
+        got = self.trainer.propose_candidate()
+        if got is None:
+            if self.trainer.maybe_rest():
+                self.send_status()  # serving may take the trainer's core now
+            return
+        cand, res = got
+        cand.heldout_alpha = tuple(res.alpha) if res.alpha else None
+        path = self.store.save(cand)
+        self.pending = (cand.version, cand)
+        self.outbox.put(("candidate", cand.version, str(path),
+                         {"candidate": res.candidate, "live": res.live,
+                          "positions": res.positions, "alpha": res.alpha}))
+
+    # ---- one method per parent message ----
+
+    def _on_stop(self) -> None:
+        self.send_status()
+        self.stopping = True
+
+    def _on_traces(self, payload: Any) -> None:
+        from aurora_spec.flywheel.traces import unpack
+
+        self.want_out = False
+        records = unpack(payload)
+        if records:
+            self.trainer.ingest(records)
+            self.last_traces = time.monotonic()
+            if not self.paused and self.trainer.maybe_wake():  # paused: no work at all
+                self.send_status()  # serving hands the core back to training now
+
+    def _on_live(self, version: int) -> None:
+        if self.pending is not None and self.pending[0] == version:
+            self.trainer.set_live(self.pending[1])
+            self.published[version] = self.pending[1]
+            for v in sorted(self.published)[:-4]:
+                del self.published[v]
+        self.pending = None
+
+    def _on_refused(self, version: int) -> None:
+        self.pending = None
+
+    def _on_rollback(self, version: int, head_payload: Any) -> None:
+        from aurora_spec.flywheel.checkpoints import head_from_payload
+
+        head = self.published.get(version) or head_from_payload(head_payload, self.device)
+        self.trainer.restart_from(head)
+        self.pending = None
+
+    def _on_judge(self, new_version: int, previous_version: int) -> None:
+        self.last_verdict = _judge(self.trainer, self.published, new_version, previous_version)
+        self.outbox.put(("verdict", new_version, self.last_verdict["keep"],
+                         self.last_verdict["detail"]))
+
+    def _on_pause(self) -> None:
+        self.paused = True
+        self.send_status()  # from now on no candidate is proposed: say so at once
+
+    def _on_resume(self) -> None:
+        self.paused = False
+        if self.trainer.maybe_wake():
+            self.send_status()
+
+    def _on_publish_now(self) -> None:
+        self.force_publish = True
+
+    def _on_reset(self, head_payload: Any) -> None:
+        from aurora_spec.flywheel.batch import WindowAssembler
+        from aurora_spec.flywheel.checkpoints import head_from_payload
+
+        head = head_from_payload(head_payload, self.device)
+        self.trainer.store.clear()
+        self.trainer.assembler = WindowAssembler(self.trainer.cfg.window)
+        self.trainer.restart_from(head)
+        self.published = {head.version: self.trainer.live}
+        self.pending = None
+
+    def _on_unknown(self, *args: Any) -> None:
+        log.warning("trainer: ignoring an unknown message (%d fields)", len(args) + 1)

@@ -124,6 +124,31 @@ def test_killing_the_trainer_keeps_serving_and_restarts_it(online):
     assert drafter.head.version >= version
 
 
+def test_reset_and_swap_now_reach_the_trainer_process(online):
+    """The admin actions that only the trainer process carries out: a reset serves the head
+    serving started with and empties the trainer's data; a swap request makes it judge a
+    candidate at once instead of after ``publish_every`` steps. Outputs stay target-only's."""
+    learner, engine, drafter, prompts, want = online
+    learner.pause()  # no training meanwhile: only the requests below move the trainer
+    try:
+        assert learner.wait_for(lambda st: st.get("trainer_paused")
+                                and st.get("pending_candidate") is None, 60)
+        learner.reset()
+        assert learner.live_version == 0
+        assert learner.wait_for(lambda st: st.get("windows") == 0
+                                and st.get("holdout_windows") == 0, 60), learner.status()
+        for p in prompts * 2:  # held-out traffic for the gate (1 request in 4)
+            assert list(engine.generate(p, PARAMS).token_ids) == want[tuple(p)]
+            assert drafter.head.version == 0  # swapped in between engine steps
+        time.sleep(1.5)  # the trainer closes the open windows after a second without traffic
+        assert learner.wait_for(lambda st: st.get("holdout_windows", 0) > 0, 60)
+        gates = learner.status()["gates"]
+        assert learner.swap_now()
+        assert learner.wait_for(lambda st: st.get("gates", 0) > gates, 60), learner.status()
+    finally:
+        learner.resume()
+
+
 def tiny_eagle3_engine(version: int = 0):
     """A tiny target with an eagle3 engine; ``version`` > 0 stands for a trained head."""
     model, _ = tiny_target("llama", seed=0)
