@@ -41,13 +41,34 @@ def packed_kernels_available() -> bool:
             and hasattr(ops, "_reorder_linear_weight"))
 
 
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs ``dtype`` weights on this CPU. float32 everywhere; bfloat16 needs
+    AVX512-BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only EPYC refuses it)."""
+    if not packed_kernels_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), PACK_BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
+
+
 class CpuLinear:
     """One weight (and bias) packed for a row-independent kernel: the row kernel's blocks for
-    float32 where it builds, oneDNN's otherwise (``kernel`` says which). The packing is a copy:
-    the source weight must not change afterwards (target weights are frozen)."""
+    float32 where it builds, oneDNN's otherwise (``kernel`` says which). A dtype oneDNN cannot
+    pack here (bfloat16 without AVX-512) runs as an exact float32 copy through the float32
+    kernels, inputs cast up and outputs back: row-independent still, at float32's memory. The
+    packing is a copy: the source weight must not change afterwards (target weights are
+    frozen)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  use_row_kernel: bool = True) -> None:
+        self.dtype = weight.dtype
+        self.upcast = weight.dtype != torch.float32 and not packs(weight.dtype)
+        if self.upcast:
+            weight = weight.float()
+            bias = None if bias is None else bias.float()
         self.bias = bias
         # float32 goes through the row kernel where it builds (as fast as MKL for 1 row, and
         # row-independent: row_kernel.py); other dtypes and hosts keep oneDNN's packed blocks
@@ -58,9 +79,15 @@ class CpuLinear:
 
     @property
     def kernel(self) -> str:
-        return "row kernel" if self.row else "oneDNN"
+        name = "row kernel" if self.row else "oneDNN"
+        return f"{name} (float32 copy)" if self.upcast else name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast:
+            return self._call(x.float()).to(self.dtype)
+        return self._call(x)
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
         if self.row is not None:
             return self.row(x)
         k = x.shape[-1]

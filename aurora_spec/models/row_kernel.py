@@ -1,4 +1,4 @@
-"""A float32 CPU linear whose rows do not depend on each other, as fast as MKL for one row.
+"""A float32 CPU linear whose rows do not depend on each other, at least as fast as MKL for one row.
 
 Why: lossless speculation needs a verify step's logits for a position to equal what a one-token
 step computes there, bit for bit. MKL's ``F.linear``, ``torch.mm`` and unpadded oneDNN all give
@@ -21,9 +21,21 @@ python scripts/linear_kernels.py --threads 2 --repeats 15 --rows 1,2,3,4,5,6,8,1
 A second run (this host is noisy): row kernel 25/20/30 ms at 1/5/12 rows, former 22/21/46. On 1
 thread: 23/27/38 ms at 1/5/12 rows (former 25/36/64, oneDNN 35/31/48; ``--threads 1 --repeats 9
 --rows 1,5,12``). Prefill-sized calls: 64 and 256 rows 116 and 446 ms (former 177 and 668,
-oneDNN 115 and 404; ``--rows 64,256 --repeats 5``), a cost paid once per prompt. The kernel is
-used only where the compiler targets AVX-512: an earlier build emulating it in 256-bit registers
-timed slower than oneDNN.
+oneDNN 115 and 404; ``--rows 64,256 --repeats 5``), a cost paid once per prompt.
+
+With AVX2 and FMA but no AVX-512 the same source builds 16-output blocks and 6-row tiles. On a
+2-core AVX2-only AMD EPYC (``python scripts/linear_kernels.py --threads 2 --repeats 7 --rows
+1,2,4,5,6,8,12``):
+
+    rows                        1      2      4      5      6      8     12
+    F.linear (MKL)             57     89    173    172    203    232    209  ms
+    oneDNN, packed             69     66     62     64     69     92     90  ms
+    row kernel                 38     34     38     33     35     54     58  ms
+
+(a second run, beside 8-output blocks and 12-row tiles: 32/36/36/32/32/48/55 against
+31/35/34/32/36/44/62; MKL 54 for 1 row, oneDNN 56-60 for 1-6.) There 1 row reads the weights at
+~17 GB/s of the ~23 GB/s two threads stream, and 8-12 rows are bound by the multiply-adds. On a
+CPU with neither, the callers keep oneDNN.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler
@@ -111,7 +123,8 @@ def library(cache_dir: Path | None = None, compiler: str | None = None,
                     "kernel", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
         return None
     if not lib.aurora_native_width():
-        log.info("row kernel: this CPU has no AVX-512; CPU linears use oneDNN's packed kernel")
+        log.info("row kernel: this CPU has neither AVX-512 nor AVX2 with FMA; CPU linears use "
+                 "oneDNN's packed kernel")
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.aurora_packed_floats.argtypes, lib.aurora_packed_floats.restype = [i64, i64], i64

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available, time_kernels
+from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available, packs, time_kernels
 
 pytestmark = pytest.mark.skipif(not packed_kernels_available(),
                                 reason="this PyTorch build has no oneDNN packed linear")
@@ -37,6 +37,23 @@ def test_a_rows_result_does_not_depend_on_the_batch(shape: tuple[int, int], row:
     fast = CpuLinear(torch.randn(*shape, generator=g), use_row_kernel=row)
     x = torch.randn(16, shape[1], generator=g)
     full = fast(x)
+    for rows in (1, 2, 3, 4, 5, 8):
+        assert torch.equal(fast(x[:rows]), full[:rows]), rows
+
+
+@pytest.mark.skipif(packs(torch.bfloat16), reason="oneDNN packs bfloat16 on this CPU")
+@pytest.mark.parametrize("row", [False, True], ids=["oneDNN", "row-kernel-where-built"])
+def test_bfloat16_without_a_bfloat16_kernel_runs_a_float32_copy(row: bool) -> None:
+    """On a CPU where oneDNN cannot pack bfloat16 (AVX2 only), a bfloat16 layer is served by an
+    exact float32 copy: bfloat16 in and out, every row's bits independent of the call."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(576, 1536, generator=g).bfloat16()
+    fast = CpuLinear(w, use_row_kernel=row)
+    assert fast.kernel.endswith("(float32 copy)")
+    x = torch.randn(16, 1536, generator=g).bfloat16()
+    full = fast(x)
+    assert full.dtype == torch.bfloat16
+    torch.testing.assert_close(full, F.linear(x.float(), w.float()).bfloat16())
     for rows in (1, 2, 3, 4, 5, 8):
         assert torch.equal(fast(x[:rows]), full[:rows]), rows
 
