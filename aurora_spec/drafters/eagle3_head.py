@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aurora_spec.models.blocks import WindowBlocks
+from aurora_spec.models import row_ops
 from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available
 from aurora_spec.models.layers import (
     RMSNorm,
@@ -283,14 +284,19 @@ class Eagle3Head(nn.Module):
         c, d = self.config, self.config.head_dim
         x = torch.cat((self.embed_norm(token_embeds), self.hidden_norm(hidden)), dim=-1)
         kv = c.num_kv_heads * d
-        q, k, v = self._linear("qkv", x).split((c.num_heads * d, kv, kv), -1)
+        qkv = self._linear("qkv", x)
+        fused_rope = row_ops.applies(qkv)  # serving on CPU in float32: q and k in one C call
+        if fused_rope:
+            row_ops.rope_at_(qkv, c.num_heads + c.num_kv_heads, d, positions, self._inv_freq)
+        q, k, v = qkv.split((c.num_heads * d, kv, kv), -1)
         q = q.view(b, t, c.num_heads, d).transpose(1, 2)
         k = k.view(b, t, c.num_kv_heads, d).transpose(1, 2)
         v = v.view(b, t, c.num_kv_heads, d).transpose(1, 2)
-        if self._inv_freq.device != positions.device:
-            self._inv_freq = self._inv_freq.to(positions.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not fused_rope:
+            if self._inv_freq.device != positions.device:
+                self._inv_freq = self._inv_freq.to(positions.device)
+            cos, sin = rope_cos_sin(positions, self._inv_freq, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if cache is not None:
             start = cache.length

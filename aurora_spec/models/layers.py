@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aurora_spec.models import row_ops
+
 
 class RMSNorm(nn.Module):
     """RMSNorm; ``offset=1.0`` gives Gemma's (1 + weight) scaling."""
@@ -18,7 +20,9 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel instead of seven small ops
+        if row_ops.applies(x):  # inference in float32 on CPU: one C call (row_ops.py says why)
+            return row_ops.rms_norm(x, self.weight, self.eps, self.offset)
+        if x.dtype == torch.float32:
             w = self.weight + self.offset if self.offset else self.weight
             return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         # Lower precision: normalise in float32 (as the reference implementations do).

@@ -89,7 +89,7 @@ def _build(cache_dir: Path, compiler: str, defines: tuple[str, ...] = (),
     flags = (*FLAGS, *(f"-D{d}" for d in defines))
     key = hashlib.sha256("\0".join((source.read_text(), version, " ".join(flags),
                                     _cpu_flags())).encode()).hexdigest()[:16]
-    target = cache_dir / f"row_kernel-{key}.so"
+    target = cache_dir / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -105,23 +105,35 @@ def _build(cache_dir: Path, compiler: str, defines: tuple[str, ...] = (),
     return target
 
 
+def compile_and_load(source: Path, what: str, fallback: str, cache_dir: Path | None = None,
+                     compiler: str | None = None,
+                     defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """``source`` built (or found built) and loaded, or None with one log line that says why and
+    what runs instead (``what: ...; fallback``). Shared by the row kernel and row_ops.c."""
+    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    root = cache_dir or default_cache_dir()
+    if not compiler:
+        log.info("%s: no C compiler found; %s", what, fallback)
+        return None
+    try:
+        return ctypes.CDLL(str(_build(root, compiler, defines, source)))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        log.warning("%s: build or load failed (%s); %s", what,
+                    detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__,
+                    fallback)
+        return None
+
+
 @functools.cache
 def library(cache_dir: Path | None = None, compiler: str | None = None,
             defines: tuple[str, ...] = (), source: Path = SOURCE) -> ctypes.CDLL | None:
     """The compiled kernel, or None (logged once) where it cannot be built or loaded.
     ``defines`` (``("RB=6",)``: a narrower register tile, which gives the same bits) and
     ``source`` (another version of row_kernel.c) are for comparisons and tests only."""
-    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    root = cache_dir or default_cache_dir()
-    if not compiler:
-        log.info("row kernel: no C compiler found; CPU linears use oneDNN's packed kernel")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(root, compiler, defines, source)))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        log.warning("row kernel: build or load failed (%s); CPU linears use oneDNN's packed "
-                    "kernel", detail.strip().splitlines()[-1] if detail.strip() else type(e).__name__)
+    lib = compile_and_load(source, "row kernel", "CPU linears use oneDNN's packed kernel",
+                           cache_dir, compiler, defines)
+    if lib is None:
         return None
     if not lib.aurora_native_width():
         log.info("row kernel: this CPU has neither AVX-512 nor AVX2 with FMA; CPU linears use "

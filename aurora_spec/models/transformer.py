@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from aurora_spec.models.cpu_linear import CpuLinear, linear, packed_kernels_available
+from aurora_spec.models import row_ops
 from aurora_spec.models.layers import RMSNorm, RopeTable, rope_inv_freq, rotate
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2"}
@@ -147,14 +148,19 @@ class Block(nn.Module):
         b, t, _ = x.shape
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
         cpu = (self.kernels if packed else None) or _NO_KERNELS
-        qkv = linear(self.input_norm(x), self.qkv.weight, cpu[0], self.qkv.bias).view(b, t, -1, d)
-        qkv = qkv.transpose(1, 2)  # (B, heads, T, D)
-        if self.gemma:
-            qk = torch.cat((self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nkv])), dim=1)
+        qkv = linear(self.input_norm(x), self.qkv.weight, cpu[0], self.qkv.bias)
+        if not self.gemma and row_ops.applies(qkv):  # q and k rotated in place, one C call
+            row_ops.rope_(qkv, nq + nkv, d, cos, sin)
+            qkv = qkv.view(b, t, -1, d).transpose(1, 2)  # (B, heads, T, D)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         else:
-            qk = qkv[:, :nq + nkv]
-        qk = rotate(qk, cos, sin)
-        q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
+            qkv = qkv.view(b, t, -1, d).transpose(1, 2)
+            if self.gemma:
+                qk = torch.cat((self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nkv])), 1)
+            else:
+                qk = qkv[:, :nq + nkv]
+            qk = rotate(qk, cos, sin)
+            q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         if isinstance(write, PackedRows):
             write.store(k_cache, v_cache, k, v)
             q = write.to_grid(q)
