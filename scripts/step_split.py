@@ -4,7 +4,12 @@ the other, and each step's wall time is split into the target's verify forward, 
 proposal and the rest (the engine's bookkeeping). cProfile (scripts/profile_decode.py) says which
 functions cost; this says how far a speculative step is from one target forward.
 Usage: python scripts/step_split.py --draft-weights DIR [--domain chat] [--requests 10]
-[--max-tokens 64] [--threads 2]."""
+[--max-tokens 64] [--threads 2] [--no-lookup] [--compare-row-ops].
+``--compare-row-ops`` runs every engine twice per prompt, with and without models/row_ops.c
+(norms and rotary embeddings as C calls; "without" swaps ``row_ops.applies`` for a function that
+says no), in the order with, without, without, with, and prints both splits and the number of
+prompts whose outputs differ anywhere (use ``--no-lookup``: the lookup chain would draft a prompt
+better each time it sees it again)."""
 
 from __future__ import annotations
 
@@ -36,21 +41,22 @@ class Split:
                 f"{1e3 * (self.decode_s - self.verify_s - self.draft_s) / n:4.1f}")
 
 
-def timed(engine: Any, split: Split) -> None:
-    """Wrap the engine's verify and draft calls (instance attributes, this engine only)."""
+def timed(engine: Any, current: list[Split]) -> None:
+    """Wrap the engine's verify and draft calls (instance attributes, this engine only); their
+    time goes to ``current[0]``, the split the caller says is running."""
     verify, draft = engine.runner.verify_batch, engine._draft
 
     def verify_batch(items: list) -> Any:
         t0 = time.perf_counter()
         out = verify(items)
-        split.verify_s += time.perf_counter() - t0
-        split.verified_tokens += sum(len(it.proposal) + 1 for it in items)
+        current[0].verify_s += time.perf_counter() - t0
+        current[0].verified_tokens += sum(len(it.proposal) + 1 for it in items)
         return out
 
     def draft_step(seqs: list) -> Any:
         t0 = time.perf_counter()
         out = draft(seqs)
-        split.draft_s += time.perf_counter() - t0
+        current[0].draft_s += time.perf_counter() - t0
         return out
 
     engine.runner.verify_batch, engine._draft = verify_batch, draft_step
@@ -60,6 +66,7 @@ def main() -> None:
     from aurora_spec.bench.traffic import resolve_traffic_dir
     from aurora_spec.cli import encode_prompt, stop_token_ids
     from aurora_spec.config import DrafterConfig, ModelConfig
+    from aurora_spec.models import row_ops
     from aurora_spec.runtime import build_runtime
     from aurora_spec.types import SamplingParams
 
@@ -69,32 +76,53 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-lookup", action="store_true",
+                    help="eagle3 without the n-gram lookup chain (which remembers earlier "
+                    "outputs, so a prompt run twice drafts better the second time)")
+    ap.add_argument("--compare-row-ops", action="store_true",
+                    help="each engine with and without models/row_ops.c, interleaved")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     mcfg = ModelConfig(threads=a.threads, max_slots=1)
     engines = {"target-only": build_runtime(mcfg, DrafterConfig("none"))}
     for dtype in ("bfloat16", "float32"):
         engines[f"eagle3 {dtype}"] = build_runtime(mcfg, DrafterConfig(
-            "eagle3", a.draft_weights, lookup=True, draft_dtype=dtype))
+            "eagle3", a.draft_weights, lookup=not a.no_lookup, draft_dtype=dtype))
     rt = engines["target-only"]
+    applies = row_ops.applies
     path = Path(resolve_traffic_dir(None)) / f"{a.domain}.jsonl"
     prompts = [json.loads(line)["prompt"] for line in path.open()][:a.requests]
     stops = stop_token_ids(rt.info, rt.tokenizer)
     params = SamplingParams(max_tokens=a.max_tokens, stop_token_ids=stops)
     ids = [encode_prompt(rt.tokenizer, p, True) for p in prompts]
-    splits = {name: Split() for name in engines}
-    for name, r in engines.items():
+    modes = ("row ops", "torch ops", "torch ops", "row ops") if a.compare_row_ops else ("",)
+    splits = {(m, name): Split() for m in modes for name in engines}
+    current = [Split()]
+    for r in engines.values():
         r.engine.generate(ids[0], SamplingParams(max_tokens=16, stop_token_ids=stops))
-        timed(r.engine, splits[name])  # after the warm-up: it is not counted
+        timed(r.engine, current)  # after the warm-up: it is not counted
+    outputs: list[set[tuple[int, ...]]] = []
     for x in ids:  # one prompt through every engine, then the next: host drift hits all alike
-        for name, r in engines.items():
-            res = r.engine.generate(x, params)
-            s = splits[name]
-            s.steps += res.stats.verify_steps
-            s.emitted += res.stats.emitted
-            s.decode_s += res.stats.decode_s
-    for name, s in splits.items():
-        print(s.line(name))
+        outputs.append(set())
+        for mode in modes:
+            row_ops.applies = applies if mode != "torch ops" else _no
+            for name, r in engines.items():
+                current[0] = splits[(mode, name)]
+                res = r.engine.generate(x, params)
+                outputs[-1].add(res.token_ids)
+                s = current[0]
+                s.steps += res.stats.verify_steps
+                s.emitted += res.stats.emitted
+                s.decode_s += res.stats.decode_s
+    row_ops.applies = applies
+    for (mode, name), s in splits.items():
+        print(s.line(f"{mode} {name}".strip()))
+    print(f"{sum(len(o) > 1 for o in outputs)} of {len(ids)} prompts differ in output between "
+          f"engines{' and modes' if a.compare_row_ops else ''}")
+
+
+def _no(x: torch.Tensor) -> bool:
+    return False
 
 
 if __name__ == "__main__":
