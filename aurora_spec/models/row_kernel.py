@@ -186,12 +186,18 @@ class RowLinear:
 
 
 def main() -> None:
-    """``python -m aurora_spec.models.row_kernel``: build the kernel now (scripts/setup.sh does,
-    so the first server start does not compile) and say where it is or why it is not."""
+    """``python -m aurora_spec.models.row_kernel``: build the kernel and row_ops.c now
+    (scripts/setup.sh does, so the first server start does not compile) and say where they are
+    or why not."""
+    from aurora_spec.models import row_ops  # imports this module: not at the top
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     lib = library()
     print(f"row kernel: {lib._name}" if lib is not None
           else "row kernel: not available here (CPU linears use oneDNN's packed kernel)")
+    ops = row_ops.library()
+    print(f"row ops: {ops._name}" if ops is not None
+          else "row ops: not available here (RMSNorm and rotary embeddings use PyTorch)")
 
 
 if __name__ == "__main__":
