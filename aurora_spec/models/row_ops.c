@@ -9,6 +9,7 @@
  * Built by row_kernel.py's builder with the system C compiler (-O3 -march=native -fopenmp). */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define PARTS 16 /* partial sums of squares per row, in a fixed order (vectorises, any rows) */
 /* floats from which a call splits its rows between threads (prefill); which thread computes a
@@ -74,5 +75,61 @@ void aurora_rope_at(float *x, int64_t rows, int64_t row_stride, int64_t heads, i
         v[i + half] = hi * c[i] + lo * s[i];
       }
     }
+  }
+}
+
+/* One layer's attention for n query tokens, in the layout of the fused q/k/v projection (rows of
+ * width w: nq query heads, nkv key heads, nkv value heads, d floats each, q and k rotated).
+ * Token i writes its key and value into the cache, (B, nkv, cap, d), at batch row batch[i] and
+ * position pos[i], then attends over that row's first kv_len positions under mask row
+ * mask_row[i] of the additive (0 / -inf) mask, (rows, kv_len); out is (n, nq * d). With batch
+ * NULL the tokens are a plain (B, T) block written at start .. start + T - 1 (token i: batch row
+ * i / t, position start + i % t, mask row i).
+ *
+ * Each (token, head) pair is computed alone, masked keys skipped, unmasked keys in position
+ * order: a token's result does not depend on the tokens beside it, on kv_len past its own keys,
+ * or on the thread that computes it. */
+void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t nkv, int64_t d,
+                   float *k_cache, float *v_cache, int64_t cap, int64_t kv_len,
+                   const int64_t *batch, const int64_t *pos, const int64_t *mask_row,
+                   int64_t t, int64_t start, const float *mask, float scale, float *out,
+                   int threads) {
+  for (int64_t i = 0; i < n; i++) { /* keys and values first: every query may read them */
+    int64_t b = batch ? batch[i] : i / t, p = batch ? pos[i] : start + i % t;
+    for (int64_t g = 0; g < nkv; g++) {
+      memcpy(k_cache + ((b * nkv + g) * cap + p) * d, qkv + i * w + (nq + g) * d, d * 4);
+      memcpy(v_cache + ((b * nkv + g) * cap + p) * d, qkv + i * w + (nq + nkv + g) * d, d * 4);
+    }
+  }
+  int64_t group = nq / nkv;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * nq * kv_len * d >= BIG)
+  for (int64_t job = 0; job < n * nq; job++) {
+    int64_t i = job / nq, h = job % nq, b = batch ? batch[i] : i / t;
+    const float *q = qkv + i * w + h * d;
+    const float *keys = k_cache + (b * nkv + h / group) * cap * d;
+    const float *vals = v_cache + (b * nkv + h / group) * cap * d;
+    const float *m = mask + (batch ? mask_row[i] : i) * kv_len;
+    float score[kv_len], acc[d], top = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < kv_len; j++) {
+      if (m[j] == -INFINITY) continue;
+      float part[8] = {0};
+      int64_t c = 0;
+      for (; c + 8 <= d; c += 8)
+        for (int l = 0; l < 8; l++) part[l] += q[c + l] * keys[j * d + c + l];
+      float dot = 0.0f;
+      for (int l = 0; l < 8; l++) dot += part[l];
+      for (; c < d; c++) dot += q[c] * keys[j * d + c];
+      score[j] = dot * scale + m[j];
+      if (score[j] > top) top = score[j];
+    }
+    for (int64_t c = 0; c < d; c++) acc[c] = 0.0f;
+    for (int64_t j = 0; j < kv_len; j++) {
+      if (m[j] == -INFINITY) continue;
+      float e = expf(score[j] - top);
+      sum += e;
+      for (int64_t c = 0; c < d; c++) acc[c] += e * vals[j * d + c];
+    }
+    float *o = out + i * nq * d + h * d;
+    for (int64_t c = 0; c < d; c++) o[c] = sum > 0.0f ? acc[c] / sum : 0.0f;
   }
 }

@@ -41,6 +41,9 @@ def library() -> ctypes.CDLL | None:
     lib.aurora_rope.restype = None
     lib.aurora_rope_at.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
     lib.aurora_rope_at.restype = None
+    lib.aurora_attend.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr,
+                                  i64, i64, ptr, f32, ptr, i32]
+    lib.aurora_attend.restype = None
     return lib
 
 
@@ -109,3 +112,43 @@ def _rows(x: torch.Tensor, heads: int, head_dim: int) -> tuple[int, int]:
         raise ValueError(f"x {tuple(x.shape)} (contiguous {x.is_contiguous()}) does not fit "
                          f"{heads} heads of {head_dim}")
     return x.numel() // max(width, 1), width
+
+
+def attend(qkv: torch.Tensor, heads: tuple[int, int, int], cos: torch.Tensor,
+           sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
+           mask: torch.Tensor, scale: float, start: int = 0,
+           tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+           ) -> torch.Tensor | None:
+    """One layer's attention from the fused q/k/v projection ``qkv`` (B, T, W) with ``heads`` =
+    (query heads, key/value heads, head_dim): rotates q and k in place (``rope_``), writes each
+    token's key and value into ``k_cache`` / ``v_cache`` (B, n_kv, capacity, D), then attends
+    over the first ``kv_len`` positions of its batch row under the additive ``mask``
+    (B, 1, T, kv_len). Returns (B, T, n_q * D), or None, touching nothing, where the layout does
+    not fit (the caller keeps PyTorch's operations). The tokens are written at ``start`` ..
+    ``start + T - 1``, or, with ``tokens`` = (batch rows, positions, mask rows) of a packed
+    ragged batch (transformer's PackedRows: ``qkv`` is then (1, N, W)), each where those say."""
+    lib = library()
+    assert lib is not None
+    nq, nkv, d = heads
+    b, t, width = qkv.shape
+    grid_rows = mask.shape[0] * mask.shape[2]
+    fits = (qkv.is_contiguous() and width >= (nq + 2 * nkv) * d
+            and k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and v_cache.shape == k_cache.shape
+            and k_cache.dim() == 4 and k_cache.shape[1] == nkv and k_cache.shape[3] == d
+            and mask.dtype == torch.float32 and mask.is_contiguous()
+            and mask.shape[-1] == kv_len <= k_cache.shape[2])
+    if tokens is None:
+        fits = fits and grid_rows == b * t and b <= k_cache.shape[0] and start + t <= kv_len
+    else:
+        fits = fits and all(x.dtype == torch.int64 and x.is_contiguous() and x.numel() == t
+                            for x in tokens)
+    if not fits:
+        return None
+    rope_(qkv, nq + nkv, d, cos, sin_signed)
+    out = qkv.new_empty(b, t, nq * d)
+    ptrs = (None, None, None) if tokens is None else tuple(x.data_ptr() for x in tokens)
+    lib.aurora_attend(qkv.data_ptr(), b * t, width, nq, nkv, d, k_cache.data_ptr(),
+                      v_cache.data_ptr(), k_cache.shape[2], kv_len, *ptrs, t, start,
+                      mask.data_ptr(), scale, out.data_ptr(), torch.get_num_threads())
+    return out

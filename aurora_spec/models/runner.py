@@ -147,7 +147,9 @@ class TargetRunner:
         row = self._row[handle]
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
         positions = torch.arange(n, device=self.device)
-        out = self._forward(row, tokens, positions, causal, logits_rows=slice(n - 1, n))
+        # PyTorch's attention for a prompt's many queries (DecoderModel.forward says why).
+        out = self._forward(row, tokens, positions, causal, logits_rows=slice(n - 1, n),
+                            row_attention=False)
         self.cache.lengths[row] = n
         return out
 
@@ -189,7 +191,8 @@ class TargetRunner:
 
     @torch.inference_mode()
     def _forward(self, row: int, tokens: list[int], positions: torch.Tensor,
-                 new_allowed: torch.Tensor, logits_rows: slice | None = None) -> ForwardOutput:
+                 new_allowed: torch.Tensor, logits_rows: slice | None = None,
+                 row_attention: bool = True) -> ForwardOutput:
         length = self.cache.lengths[row]
         t = len(tokens)
         kv_len = length + t
@@ -201,7 +204,8 @@ class TargetRunner:
             sliding = mask & self._near(key_pos[None], positions[None])
         ids = torch.tensor([tokens], device=self.device)
         return self.model(ids, positions[None], self.cache.views(row), slice(length, kv_len),
-                          kv_len, mask, sliding, logits_rows, packed=self.packed_kernels)
+                          kv_len, mask, sliding, logits_rows, packed=self.packed_kernels,
+                          row_attention=row_attention)
 
     def _near(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """Sliding-window condition (B, 1, T, S) from key (B, S) and query (B, T) positions."""

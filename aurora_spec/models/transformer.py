@@ -140,27 +140,47 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | PackedRows,
-                kv_len: int, packed: bool = True) -> torch.Tensor:
+                kv_len: int, packed: bool = True, row_attention: bool = True) -> torch.Tensor:
         """``mask`` is additive (0 / -inf), (B, 1, T, kv_len). Written with functional calls and
         q and k rotated together: at batch 1 the decode step is bound by per-op overhead.
         With ``write`` a PackedRows, ``x`` holds only the batch's real tokens, (1, N, H).
-        ``packed=False``: F.linear even where packed copies exist (DecoderModel.forward)."""
-        b, t, _ = x.shape
-        nq, nkv, d = self.n_q, self.n_kv, self.head_dim
+        ``packed=False``: F.linear even where packed copies exist (DecoderModel.forward).
+        ``row_attention=False``: PyTorch's attention even where row_ops applies (prefill)."""
         cpu = (self.kernels if packed else None) or _NO_KERNELS
         qkv = linear(self.input_norm(x), self.qkv.weight, cpu[0], self.qkv.bias)
-        if not self.gemma and row_ops.applies(qkv):  # q and k rotated in place, one C call
-            row_ops.rope_(qkv, nq + nkv, d, cos, sin)
-            qkv = qkv.view(b, t, -1, d).transpose(1, 2)  # (B, heads, T, D)
-            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        attn = None
+        if row_attention and not self.gemma and row_ops.applies(qkv):  # rotation, cache, attention
+            attn = row_ops.attend(qkv, (self.n_q, self.n_kv, self.head_dim), cos, sin, k_cache,
+                                  v_cache, kv_len, mask, self.scale, **_tokens(write))
+        if attn is None:
+            attn = self._attend(qkv, cos, sin, mask, k_cache, v_cache, write, kv_len)
+        attn_out = linear(attn, self.o.weight, cpu[1])
+        if self.gemma:
+            x = x + self.post_attn_norm(attn_out)
+            mlp_in = self.pre_ffn_norm(x)
         else:
-            qkv = qkv.view(b, t, -1, d).transpose(1, 2)
-            if self.gemma:
-                qk = torch.cat((self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nkv])), 1)
-            else:
-                qk = qkv[:, :nq + nkv]
-            qk = rotate(qk, cos, sin)
-            q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
+            x = x + attn_out
+            mlp_in = self.post_attn_norm(x)
+        gate, up = linear(mlp_in, self.gate_up.weight, cpu[2]).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
+        mlp_out = linear(act * up, self.down.weight, cpu[3])
+        return x + (self.post_ffn_norm(mlp_out) if self.gemma else mlp_out)
+
+
+    def _attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | PackedRows,
+                kv_len: int) -> torch.Tensor:
+        """row_ops.attend in PyTorch operations (Gemma, other dtypes and devices, autograd):
+        (B, T, W) fused projection -> (B, T, n_q * D), keys and values written to the cache."""
+        b, t, _ = qkv.shape
+        nq, nkv, d = self.n_q, self.n_kv, self.head_dim
+        qkv = qkv.view(b, t, -1, d).transpose(1, 2)  # (B, heads, T, D)
+        if self.gemma:
+            qk = torch.cat((self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nkv])), dim=1)
+        else:
+            qk = qkv[:, :nq + nkv]
+        qk = rotate(qk, cos, sin)
+        q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         if isinstance(write, PackedRows):
             write.store(k_cache, v_cache, k, v)
             q = write.to_grid(q)
@@ -172,17 +192,14 @@ class Block(nn.Module):
             enable_gqa=nq != nkv)
         if isinstance(write, PackedRows):
             attn = write.from_grid(attn)
-        attn_out = linear(attn.transpose(1, 2).reshape(b, t, nq * d), self.o.weight, cpu[1])
-        if self.gemma:
-            x = x + self.post_attn_norm(attn_out)
-            mlp_in = self.pre_ffn_norm(x)
-        else:
-            x = x + attn_out
-            mlp_in = self.post_attn_norm(x)
-        gate, up = linear(mlp_in, self.gate_up.weight, cpu[2]).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
-        mlp_out = linear(act * up, self.down.weight, cpu[3])
-        return x + (self.post_ffn_norm(mlp_out) if self.gemma else mlp_out)
+        return attn.transpose(1, 2).reshape(b, t, nq * d)
+
+
+def _tokens(write: slice | PackedRows) -> dict:
+    """Where row_ops.attend writes keys and values: a start position, or a packed batch's rows."""
+    if isinstance(write, PackedRows):
+        return {"tokens": (write.batch, write.pos, write.rows)}
+    return {"start": write.start or 0}
 
 
 _NO_KERNELS = (None, None, None, None)
@@ -296,13 +313,18 @@ class DecoderModel(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 caches: list[tuple[torch.Tensor, torch.Tensor]], write: slice | PackedRows,
                 kv_len: int, mask: torch.Tensor, sliding_mask: torch.Tensor | None = None,
-                logits_rows: slice | None = None, packed: bool = True) -> ForwardOutput:
+                logits_rows: slice | None = None, packed: bool = True,
+                row_attention: bool = True) -> ForwardOutput:
         """tokens/positions: (B, T), or (1, N) with ``write`` a PackedRows (a ragged batch's real
         tokens); caches: per layer (k, v) of shape (B, n_kv, capacity, D); mask/sliding_mask:
         bool (B, 1, T, kv_len). ``logits_rows`` limits the lm_head to some rows
         (prefill needs only the last one). ``packed``: the linears read the packed copies
         (use_cpu_kernels), if any; False: F.linear, whose result for a row depends on how many
-        rows share the call (runtime.target_kernels says when an engine may use it)."""
+        rows share the call (runtime.target_kernels says when an engine may use it).
+        ``row_attention``: attention through row_ops.attend where it applies (decode and verify
+        steps: one call per layer, a token's result independent of the tokens beside it); False:
+        PyTorch's (prefill: hundreds of queries, where its blocked kernel is faster). Every
+        engine prefills and steps alike, so target-only and speculative outputs still match."""
         x = self.embed_tokens(tokens)
         cos, sin = self._rope("global").lookup(positions)
         if self.spec.is_gemma:
@@ -316,7 +338,7 @@ class DecoderModel(nn.Module):
             if sliding:
                 x = block(x, lcos, lsin, sliding_mask, kc, vc, write, kv_len, packed)
             else:
-                x = block(x, cos, sin, mask, kc, vc, write, kv_len, packed)
+                x = block(x, cos, sin, mask, kc, vc, write, kv_len, packed, row_attention)
             if i in self.hidden_layers:
                 saved[i] = x
         final = self.norm(x)

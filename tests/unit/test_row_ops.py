@@ -104,3 +104,92 @@ def test_rms_norm_module_takes_c_only_without_autograd() -> None:
     norm(x).sum().backward()
     assert x.grad is not None and norm.weight.grad is not None
     assert not row_ops.applies(x.detach().double())
+
+
+def _reference_attention(qkv: torch.Tensor, heads: tuple[int, int, int], k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, start: int, kv_len: int,
+                         mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """What transformer.Block._attend does with already-rotated q and k: the slow reference."""
+    nq, nkv, d = heads
+    b, t, _ = qkv.shape
+    grid = qkv.view(b, t, -1, d).transpose(1, 2)
+    k_cache[:, :, start:start + t] = grid[:, nq:nq + nkv]
+    v_cache[:, :, start:start + t] = grid[:, nq + nkv:nq + 2 * nkv]
+    attn = F.scaled_dot_product_attention(grid[:, :nq], k_cache[:, :, :kv_len],
+                                          v_cache[:, :, :kv_len], attn_mask=mask, scale=scale,
+                                          enable_gqa=True)
+    return attn.transpose(1, 2).reshape(b, t, nq * d)
+
+
+def _no_rotation(rows: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos 1, sin 0: attend's rotation leaves q and k as they are."""
+    return torch.ones(1, 1, rows, d), torch.zeros(1, 1, rows, d)
+
+
+def test_attend_matches_sdpa_and_a_token_does_not_depend_on_its_neighbours() -> None:
+    """A 5-token tree verify over a 40-position cache (9 query heads over 3 key/value heads, as
+    SmolLM2): sdpa's result, the keys and values written where sdpa's path writes them, and each
+    token's bits the same alone, with the others, and with masked positions past its keys."""
+    g = torch.Generator().manual_seed(3)
+    heads, (nq, nkv, d), cap, start, t = (9, 3, 64), (9, 3, 64), 64, 40, 5
+    qkv = torch.randn(1, t, (nq + 2 * nkv) * d, generator=g)
+    cache = torch.randn(2, 1, nkv, cap, d, generator=g)
+    allowed = torch.ones(t, start + t, dtype=torch.bool)
+    allowed[:, start:] = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0],
+                                       [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]], dtype=torch.bool)
+    mask = torch.zeros(1, 1, t, start + t).masked_fill_(~allowed, float("-inf"))
+    k_ref, v_ref = cache[0].clone(), cache[1].clone()
+    ref = _reference_attention(qkv, heads, k_ref, v_ref, start, start + t, mask, 0.125)
+    k, v = cache[0].clone(), cache[1].clone()
+    out = row_ops.attend(qkv.clone(), heads, *_no_rotation(t, d), k, v, start + t, mask, 0.125,
+                         start=start)
+    assert out is not None
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    for i in range(t):  # token i alone, its keys at its own position, 7 masked positions after
+        wide = torch.full((1, 1, 1, start + t + 7), float("-inf"))
+        wide[..., :start + t] = mask[:, :, i:i + 1]
+        k1, v1 = k.clone(), v.clone()
+        one = row_ops.attend(qkv[:, i:i + 1].clone(), heads, *_no_rotation(1, d), k1, v1,
+                             start + t + 7, wide, 0.125, start=start + i)
+        assert one is not None and torch.equal(one[0, 0], out[0, i]), i
+
+
+def test_attend_packed_batch_equals_each_request_alone() -> None:
+    """A ragged batch (transformer.PackedRows: request 0 with 3 tokens after 10 cached, request 1
+    with 1 token after 20) gives each token the bits it gets in its own request's call."""
+    g = torch.Generator().manual_seed(4)
+    heads, (nq, nkv, d), cap = (4, 2, 16), (4, 2, 16), 32
+    k = torch.randn(2, nkv, cap, d, generator=g)
+    v = torch.randn(2, nkv, cap, d, generator=g)
+    qkv = torch.randn(1, 4, (nq + 2 * nkv) * d, generator=g)
+    lens, sizes, t, kv_len = (10, 20), (3, 1), 3, 23
+    mask = torch.full((2, 1, t, kv_len), float("-inf"))
+    mask[:, :, :, 0] = 0.0  # padded grid rows see key 0 (as the runner builds it)
+    mask[0, 0, :3, :13] = torch.zeros(3, 13).masked_fill_(
+        torch.ones(3, 13, dtype=torch.bool).tril_(10).logical_not(), float("-inf"))
+    mask[1, 0, :1, :21] = 0.0
+    tokens = (torch.tensor([0, 0, 0, 1]), torch.tensor([10, 11, 12, 20]),
+              torch.tensor([0, 1, 2, 3]))
+    kb, vb = k.clone(), v.clone()
+    out = row_ops.attend(qkv.clone(), heads, *_no_rotation(4, d), kb, vb, kv_len, mask, 0.25,
+                         tokens=tokens)
+    assert out is not None
+    for r, (n, size, first) in enumerate(zip(lens, sizes, (0, 3), strict=True)):
+        kr, vr = k[r:r + 1].clone(), v[r:r + 1].clone()
+        alone = row_ops.attend(qkv[:, first:first + size].clone(), heads,
+                               *_no_rotation(size, d), kr, vr, n + size,
+                               mask[r:r + 1, :, :size, :n + size].contiguous(), 0.25, start=n)
+        assert alone is not None and torch.equal(alone[0], out[0, first:first + size]), r
+        assert torch.equal(kr[0], kb[r]) and torch.equal(vr[0], vb[r]), r
+
+
+def test_attend_refuses_what_does_not_fit_and_touches_nothing() -> None:
+    qkv = torch.randn(1, 2, 8 * 16)
+    k, v = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
+    cos, sin = torch.full((1, 1, 2, 16), 2.0), torch.ones(1, 1, 2, 16)
+    before = qkv.clone()
+    for mask, kv_len in ((torch.zeros(1, 1, 2, 5, dtype=torch.float64), 5),  # a double mask
+                         (torch.zeros(1, 1, 2, 9), 9)):  # more keys than the cache holds
+        assert row_ops.attend(qkv, (4, 2, 16), cos, sin, k, v, kv_len, mask, 1.0) is None
+    assert torch.equal(qkv, before) and not k.any()
