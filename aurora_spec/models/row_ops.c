@@ -1,10 +1,11 @@
 /* Row-wise float32 operations of a decoder layer, as single C calls (row_ops.py says why).
  *
  * At batch 1 a decode step is bound by per-operation cost outside the linears: torch.rms_norm
- * is seven small ATen operations on CPU, and the rotary embedding five. Each function here does
- * one row after another in one fixed order, so a row's result never depends on the rows beside
- * it (what keeps a verify step's logits equal to a one-token step's), and a row of many is
- * computed exactly as the same row alone.
+ * is seven small ATen operations on CPU, the rotary embedding five, and attention with its cache
+ * writes about ten. Each function here computes one row (or one token and head) after another in
+ * one fixed order, so a row's result never depends on the rows beside it (what keeps a verify
+ * step's logits equal to a one-token step's), and a row of many is computed exactly as the same
+ * row alone.
  *
  * Built by row_kernel.py's builder with the system C compiler (-O3 -march=native -fopenmp). */
 #include <math.h>

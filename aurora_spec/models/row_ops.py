@@ -1,18 +1,23 @@
-"""RMSNorm and the rotary embedding as single C calls for float32 CPU inference (``row_ops.c``).
+"""A decoder layer's row-wise work as single C calls for float32 CPU inference (``row_ops.c``):
+RMSNorm, the rotary embedding, and a decode or verify step's attention with its cache writes.
 
 Why: at batch 1 a decode step spends much of its time outside the linears, in per-operation
 cost. ``torch.rms_norm`` on CPU is seven ATen operations (pow, mean, add, rsqrt, two muls and
 conversions), 41 us for one 576-float row against 6 us for a single add (``python -m timeit``,
 README "Kernels depend on the CPU"), and a SmolLM2-135M forward calls it 61 times; the rotary
-embedding is five more operations per layer. Here each is one call of a few microseconds.
+embedding is five more operations per layer, and attention (two cache writes, slices, sdpa and
+a transpose back) ~150 us per layer on the AVX2 host. Here each is one call.
 
 Where it applies: float32 tensors on CPU with autograd off (serving runs under inference_mode,
 the trainer's judge under no_grad), when the C library builds. Training keeps the PyTorch
-operations, whose gradients it needs; other dtypes and devices keep them too. Rows are computed
-one by one in a fixed order, so a row's result does not depend on the rows beside it, which
-lossless speculation needs (tests/unit/test_row_ops.py). The results match PyTorch's to float32
-rounding, not bit for bit: every engine, target-only included, runs the same functions, so
-speculative output still equals target-only output token for token.
+operations, whose gradients it needs; other dtypes and devices keep them too, and so does a
+prefill's attention (hundreds of queries, where sdpa's blocked kernel is faster;
+``DecoderModel.forward(row_attention=False)``). Rows, and (token, head) pairs in attention, are
+computed one by one in a fixed order, so a token's result does not depend on the tokens beside
+it, on padding, or on threads, which lossless speculation needs (tests/unit/test_row_ops.py).
+The results match PyTorch's to float32 rounding, not bit for bit: every engine, target-only
+included, runs the same functions for the same kind of step, so speculative output still
+equals target-only output token for token.
 """
 
 from __future__ import annotations
