@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from aurora_spec.models.blocks import WindowBlocks
 from aurora_spec.models import row_ops
+from aurora_spec.models.blocks import WindowBlocks
 from aurora_spec.models.cpu_linear import CpuLinear, packed_kernels_available
 from aurora_spec.models.layers import (
     RMSNorm,

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from aurora_spec.models.cpu_linear import CpuLinear, linear, packed_kernels_available
 from aurora_spec.models import row_ops
+from aurora_spec.models.cpu_linear import CpuLinear, linear, packed_kernels_available
 from aurora_spec.models.layers import RMSNorm, RopeTable, rope_inv_freq, rotate
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2"}
@@ -166,12 +166,12 @@ class Block(nn.Module):
         mlp_out = linear(act * up, self.down.weight, cpu[3])
         return x + (self.post_ffn_norm(mlp_out) if self.gemma else mlp_out)
 
-
     def _attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, write: slice | PackedRows,
                 kv_len: int) -> torch.Tensor:
-        """row_ops.attend in PyTorch operations (Gemma, other dtypes and devices, autograd):
-        (B, T, W) fused projection -> (B, T, n_q * D), keys and values written to the cache."""
+        """row_ops.attend in PyTorch operations (prefill, Gemma, other dtypes and devices,
+        autograd): (B, T, W) fused projection -> (B, T, n_q * D), keys and values written to the
+        cache."""
         b, t, _ = qkv.shape
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
         qkv = qkv.view(b, t, -1, d).transpose(1, 2)  # (B, heads, T, D)
@@ -195,7 +195,7 @@ class Block(nn.Module):
         return attn.transpose(1, 2).reshape(b, t, nq * d)
 
 
-def _tokens(write: slice | PackedRows) -> dict:
+def _tokens(write: slice | PackedRows) -> dict[str, Any]:
     """Where row_ops.attend writes keys and values: a start position, or a packed batch's rows."""
     if isinstance(write, PackedRows):
         return {"tokens": (write.batch, write.pos, write.rows)}
