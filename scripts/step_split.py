@@ -6,7 +6,7 @@ functions cost; this says how far a speculative step is from one target forward.
 Usage: python scripts/step_split.py --draft-weights DIR [--domain chat] [--requests 10]
 [--max-tokens 64] [--threads 2] [--no-lookup] [--compare-row-ops].
 ``--compare-row-ops`` runs every engine twice per prompt, with and without models/row_ops.c
-(norms and rotary embeddings as C calls; "without" swaps ``row_ops.applies`` for a function that
+(norms, rotary embeddings and decode attention as C calls; "without" swaps ``row_ops.applies`` for a function that
 says no), in the order with, without, without, with, and prints both splits and the number of
 prompts whose outputs differ anywhere (use ``--no-lookup``: the lookup chain would draft a prompt
 better each time it sees it again)."""

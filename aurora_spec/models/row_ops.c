@@ -36,24 +36,28 @@ void aurora_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, 
   }
 }
 
-/* Rotary embedding in place, half-split layout (Llama, Gemma): the first `heads` head vectors of
- * each row (row_stride floats apart) rotate by that row's cos and sign-folded sin (RopeTable):
- * y[i] = x[i] * cos[i] + x[i +- half] * sin[i]. */
-void aurora_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
-                 const float *cos, const float *sin, int threads) {
+/* Rotate the first `heads` head vectors of one row in place by cos and sign-folded sin
+ * (RopeTable's layout): y[i] = x[i] * cos[i] + x[i +- half] * sin[i]. */
+static void rotate_row(float *row, int64_t heads, int64_t head_dim, const float *cos,
+                       const float *sin) {
   int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * heads * head_dim >= BIG)
-  for (int64_t r = 0; r < rows; r++) {
-    const float *cr = cos + r * head_dim, *sr = sin + r * head_dim;
-    for (int64_t h = 0; h < heads; h++) {
-      float *v = x + r * row_stride + h * head_dim;
-      for (int64_t i = 0; i < half; i++) {
-        float lo = v[i], hi = v[i + half];
-        v[i] = lo * cr[i] + hi * sr[i];
-        v[i + half] = hi * cr[i + half] + lo * sr[i + half];
-      }
+  for (int64_t h = 0; h < heads; h++) {
+    float *v = row + h * head_dim;
+    for (int64_t i = 0; i < half; i++) {
+      float lo = v[i], hi = v[i + half];
+      v[i] = lo * cos[i] + hi * sin[i];
+      v[i + half] = hi * cos[i + half] + lo * sin[i + half];
     }
   }
+}
+
+/* Rotary embedding in place, half-split layout (Llama, Gemma): the first `heads` head vectors of
+ * each row (row_stride floats apart) rotate by that row's cos and sign-folded sin (RopeTable). */
+void aurora_rope(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
+                 const float *cos, const float *sin, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * heads * head_dim >= BIG)
+  for (int64_t r = 0; r < rows; r++)
+    rotate_row(x + r * row_stride, heads, head_dim, cos + r * head_dim, sin + r * head_dim);
 }
 
 /* The same rotation with each row's angles computed here, pos[r] * inv_freq[i] in float32 as
@@ -62,20 +66,14 @@ void aurora_rope_at(float *x, int64_t rows, int64_t row_stride, int64_t heads, i
                     const int64_t *pos, const float *inv_freq) {
   int64_t half = head_dim / 2;
   for (int64_t r = 0; r < rows; r++) {
-    float c[half], s[half];
+    float c[head_dim], s[head_dim];
     for (int64_t i = 0; i < half; i++) {
       float angle = (float)pos[r] * inv_freq[i];
-      c[i] = cosf(angle);
-      s[i] = sinf(angle);
+      c[i] = c[i + half] = cosf(angle);
+      s[i + half] = sinf(angle);
+      s[i] = -s[i + half];
     }
-    for (int64_t h = 0; h < heads; h++) {
-      float *v = x + r * row_stride + h * head_dim;
-      for (int64_t i = 0; i < half; i++) {
-        float lo = v[i], hi = v[i + half];
-        v[i] = lo * c[i] - hi * s[i];
-        v[i + half] = hi * c[i] + lo * s[i];
-      }
-    }
+    rotate_row(x + r * row_stride, heads, head_dim, c, s);
   }
 }
 
