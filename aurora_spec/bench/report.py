@@ -299,6 +299,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += over_time_lines(results)
     lines += recovery_lines(results)
     lines += trainer_lines(results)
+    lines += thread_lines(results)
     lines += ["", "## Checks", "", "```"] + check_lines(results) + ["```", ""]
     extra = [k for k in results if k not in ("config", "arms", "checks", "requests")]
     if extra:
@@ -403,6 +404,44 @@ def trainer_lines(results: dict[str, Any]) -> list[str]:
             cell(st, "trainer_step"), cell(st, "step_cpu_ms"), cell(st, "step_ms"),
             cell(st, "swaps"), cell(st, "rollbacks"),
             f"{cell(st, 'gates')} ({cell(st, 'gate_rejections')})", cell(st, "rests")]) + " |")
+    return lines
+
+
+def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
+    """Per arm whose requests ran on more than one serving thread count (an online arm whose
+    trainer shares the cores: serving gives it a thread while it trains), how many of the last
+    ``block`` and of all requests ran on each count, and their median per-request ratio to the
+    reference arm on the same requests: what the trainer's share of the cores cost serving."""
+    recs = results.get("requests") or []
+    ref_arm = reference_arm(list(results["arms"]))
+    if not recs or ref_arm is None:
+        return []
+    ref = {r["index"]: r["tokens_per_s"] for r in recs if r["arm"] == ref_arm}
+    shared = {a: sorted({r["threads"] for r in recs if r["arm"] == a
+                         and r.get("threads") is not None}, reverse=True)
+              for a in results["arms"] if a != ref_arm}
+    shared = {a: counts for a, counts in shared.items() if len(counts) > 1}
+    if not shared:
+        return []
+    n = max(r["index"] for r in recs) + 1
+    counts = sorted({c for cs in shared.values() for c in cs}, reverse=True)
+    lines = ["", "## Serving threads", "",
+             "Per arm whose trainer shares the cores (serving runs on fewer threads while it "
+             "trains): requests served on each thread count, and their median per-request "
+             f"ratio to `{ref_arm}` on the same requests.", "",
+             "| arm | requests | " + " | ".join(f"on {c} thread(s)" for c in counts) + " |",
+             "|" + "---|" * (len(counts) + 2)]
+    spans = [(f"last {block} ({n - block}-{n - 1})", n - block)] if n > block else []
+    for a in shared:
+        for label, lo in spans + [(f"all (0-{n - 1})", 0)]:
+            mine = [r for r in recs if r["arm"] == a and r["index"] >= lo
+                    and ref.get(r["index"])]
+            cells = []
+            for c in counts:
+                ratios = [r["tokens_per_s"] / ref[r["index"]] for r in mine
+                          if r.get("threads") == c]
+                cells.append(f"{len(ratios)} · {_x(_median(ratios))}" if ratios else "0")
+            lines.append(f"| `{a}` | {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -519,6 +519,26 @@ def test_report_has_a_row_per_trainer() -> None:
     assert report.trainer_lines({"arm_status": {"eagle3": {}}}) == []
 
 
+def test_report_splits_requests_by_serving_threads() -> None:
+    """Serving threads: per arm that ran on more than one thread count, the requests on each and
+    their median ratio to the reference arm, over the last 50 and over all; arms on one count
+    only (the reference, a static head) get no row."""
+    recs = [{"arm": "none", "index": i, "tokens_per_s": 10.0} for i in range(60)]
+    recs += [{"arm": "static:h", "index": i, "tokens_per_s": 12.0, "threads": 2}
+             for i in range(60)]
+    # online: the first 30 requests on 1 thread at 1.1x, the last 30 on 2 at 1.5x and 1.3x
+    recs += [{"arm": "online", "index": i, "threads": 1 if i < 30 else 2,
+              "tokens_per_s": 11.0 if i < 30 else (15.0 if i % 2 else 13.0)} for i in range(60)]
+    lines = report.thread_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
+                                 "requests": recs})
+    assert "| arm | requests | on 2 thread(s) | on 1 thread(s) |" in lines
+    assert "| `online` | last 50 (10-59) | 30 · 1.40x | 20 · 1.10x |" in lines
+    assert "| `online` | all (0-59) | 30 · 1.40x | 30 · 1.10x |" in lines
+    assert not any("static:h" in line for line in lines)
+    single = [{**r, "threads": 2} for r in recs]
+    assert report.thread_lines({"arms": {"none": {}, "online": {}}, "requests": single}) == []
+
+
 def test_recovery_after_a_domain_change() -> None:
     """After each segment change: the level before (last 50), the new segment's mean, and after
     how many requests a 20-request mean is back to 90% of the level ('-': never)."""
