@@ -4,12 +4,15 @@ the other, and each step's wall time is split into the target's verify forward, 
 proposal and the rest (the engine's bookkeeping). cProfile (scripts/profile_decode.py) says which
 functions cost; this says how far a speculative step is from one target forward.
 Usage: python scripts/step_split.py --draft-weights DIR [--domain chat] [--requests 10]
-[--max-tokens 64] [--threads 2] [--no-lookup] [--compare-row-ops].
+[--max-tokens 64] [--threads 2] [--no-lookup] [--compare-row-ops [all|mlp]].
 ``--compare-row-ops`` runs every engine twice per prompt, with and without models/row_ops.c
-(norms, rotary embeddings and decode attention as C calls; "without" swaps ``row_ops.applies`` for a function that
-says no), in the order with, without, without, with, and prints both splits and the number of
-prompts whose outputs differ anywhere (use ``--no-lookup``: the lookup chain would draft a prompt
-better each time it sees it again)."""
+(norms, rotary embeddings, decode attention and the MLP's activation as C calls; "without" swaps
+``row_ops.applies`` for a function that says no), in the order with, without, without, with, and
+prints both splits and the number of prompts whose outputs differ anywhere (use ``--no-lookup``:
+the lookup chain would draft a prompt better each time it sees it again). ``--compare-row-ops
+mlp``: "without" keeps the rest of row_ops.c and swaps only its MLP calls (``silu_mul``,
+``add_rms_norm``) for PyTorch's operations; their silu rounds differently, so outputs may
+differ between the modes (not between engines within one)."""
 
 from __future__ import annotations
 
@@ -79,8 +82,9 @@ def main() -> None:
     ap.add_argument("--no-lookup", action="store_true",
                     help="eagle3 without the n-gram lookup chain (which remembers earlier "
                     "outputs, so a prompt run twice drafts better the second time)")
-    ap.add_argument("--compare-row-ops", action="store_true",
-                    help="each engine with and without models/row_ops.c, interleaved")
+    ap.add_argument("--compare-row-ops", nargs="?", const="all", choices=("all", "mlp"),
+                    help="each engine with and without models/row_ops.c (all of it, or only "
+                    "its MLP calls: silu_mul and add_rms_norm), interleaved")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     mcfg = ModelConfig(threads=a.threads, max_slots=1)
@@ -89,7 +93,9 @@ def main() -> None:
         engines[f"eagle3 {dtype}"] = build_runtime(mcfg, DrafterConfig(
             "eagle3", a.draft_weights, lookup=not a.no_lookup, draft_dtype=dtype))
     rt = engines["target-only"]
-    applies = row_ops.applies
+    with_c = (row_ops.applies, row_ops.silu_mul, row_ops.add_rms_norm)
+    without_c = (_no, *with_c[1:]) if a.compare_row_ops != "mlp" else (
+        with_c[0], _torch_silu_mul, _torch_add_rms_norm)
     path = Path(resolve_traffic_dir(None)) / f"{a.domain}.jsonl"
     prompts = [json.loads(line)["prompt"] for line in path.open()][:a.requests]
     stops = stop_token_ids(rt.info, rt.tokenizer)
@@ -101,28 +107,45 @@ def main() -> None:
     for r in engines.values():
         r.engine.generate(ids[0], SamplingParams(max_tokens=16, stop_token_ids=stops))
         timed(r.engine, current)  # after the warm-up: it is not counted
-    outputs: list[set[tuple[int, ...]]] = []
+    outputs: list[dict[str, set[tuple[int, ...]]]] = []  # per prompt: per mode, the outputs
     for x in ids:  # one prompt through every engine, then the next: host drift hits all alike
-        outputs.append(set())
+        outputs.append({m: set() for m in modes})
         for mode in modes:
-            row_ops.applies = applies if mode != "torch ops" else _no
+            row_ops.applies, row_ops.silu_mul, row_ops.add_rms_norm = (
+                without_c if mode == "torch ops" else with_c)
             for name, r in engines.items():
                 current[0] = splits[(mode, name)]
                 res = r.engine.generate(x, params)
-                outputs[-1].add(res.token_ids)
+                outputs[-1][mode].add(res.token_ids)
                 s = current[0]
                 s.steps += res.stats.verify_steps
                 s.emitted += res.stats.emitted
                 s.decode_s += res.stats.decode_s
-    row_ops.applies = applies
+    row_ops.applies, row_ops.silu_mul, row_ops.add_rms_norm = with_c
     for (mode, name), s in splits.items():
         print(s.line(f"{mode} {name}".strip()))
-    print(f"{sum(len(o) > 1 for o in outputs)} of {len(ids)} prompts differ in output between "
-          f"engines{' and modes' if a.compare_row_ops else ''}")
+    engines_differ = sum(any(len(out) > 1 for out in o.values()) for o in outputs)
+    print(f"{engines_differ} of {len(ids)} prompts differ in output between engines")
+    if a.compare_row_ops:
+        modes_differ = sum(len(set().union(*o.values())) > 1 for o in outputs)
+        print(f"{modes_differ} of {len(ids)} prompts differ in output anywhere (engines or modes)")
 
 
 def _no(x: torch.Tensor) -> bool:
     return False
+
+
+def _torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _torch_add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                        offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    from aurora_spec.models import row_ops
+
+    total = x + y
+    return total, row_ops.rms_norm(total, weight, eps, offset)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,52 @@ void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t n
     for (int64_t c = 0; c < d; c++) o[c] = sum > 0.0f ? acc[c] / sum : 0.0f;
   }
 }
+
+/* GCC vectorises the SiLU loop only without trapping math (the clamp is control flow
+ * otherwise), and contracts no multiply-add into an FMA, so that the vector body and a scalar
+ * remainder (which elements fall in which depends on the output's alignment) round every step
+ * alike: each float's result never depends on where it sits in memory. */
+#define ELEMENTWISE __attribute__((optimize("no-trapping-math", "fp-contract=off")))
+
+/* exp(x) for the SiLU, branch-free so the loop below vectorises (libm's expf is a call per
+ * float): Cody-Waite reduction x = n ln2 + r with ln2 in two parts, then Cephes' degree-6
+ * polynomial for exp(r), scaled by 2^n through the exponent bits; within a few ulp of expf over
+ * the clamped range [-87.3, 88.3] (tests/unit/test_row_ops.py). */
+static inline ELEMENTWISE float exp_poly(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  float n = floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+  return p * scale.f;
+}
+
+/* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, dim + i] for rows of the fused
+ * gate/up projection (2 * dim floats: gate, then up), silu(g) = g / (1 + exp(-g)). */
+ELEMENTWISE void aurora_silu_mul(const float *gu, int64_t rows, int64_t dim, float *out,
+                                 int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= BIG)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *g = gu + r * 2 * dim, *u = g + dim;
+    float *o = out + r * dim;
+    for (int64_t i = 0; i < dim; i++) o[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+  }
+}
+
+/* A residual add and the RMSNorm after it, in one pass: sum = x + y (written to sum, which may
+ * be x itself) and out = aurora_rms_norm(sum). The sum is the same float add PyTorch makes, so
+ * the residual stream keeps its bits. */
+void aurora_add_rms_norm(const float *x, const float *y, int64_t rows, int64_t dim,
+                         const float *w, float offset, float eps, float *sum, float *out,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * dim >= BIG)
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < dim; c++) sum[r * dim + c] = x[r * dim + c] + y[r * dim + c];
+  aurora_rms_norm(sum, rows, dim, w, offset, eps, out, threads);
+}

@@ -1,5 +1,6 @@
 """A decoder layer's row-wise work as single C calls for float32 CPU inference (``row_ops.c``):
-RMSNorm, the rotary embedding, and a decode or verify step's attention with its cache writes.
+RMSNorm (alone or after a residual add), the rotary embedding, a decode or verify step's
+attention with its cache writes, and the gated MLP's ``silu(gate) * up``.
 
 Why: at batch 1 a decode step spends much of its time outside the linears, in per-operation
 cost. ``torch.rms_norm`` on CPU is seven ATen operations (pow, mean, add, rsqrt, two muls and
@@ -50,6 +51,10 @@ def library() -> ctypes.CDLL | None:
     lib.aurora_attend.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr,
                                   i64, i64, ptr, f32, ptr, i32]
     lib.aurora_attend.restype = None
+    lib.aurora_silu_mul.argtypes = [ptr, i64, i64, ptr, i32]
+    lib.aurora_silu_mul.restype = None
+    lib.aurora_add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, f32, f32, ptr, ptr, i32]
+    lib.aurora_add_rms_norm.restype = None
     return lib
 
 
@@ -72,6 +77,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     x = x.contiguous()
     out = torch.empty_like(x)
     lib.aurora_rms_norm(x.data_ptr(), x.numel() // dim, dim, weight.data_ptr(), offset, eps,
+                        out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + y, rms_norm(x + y))`` in one pass (a residual add and the norm after it); the sum
+    has the bits of ``x + y`` (call where ``applies(x)``)."""
+    lib = library()
+    assert lib is not None
+    dim = x.shape[-1]
+    if y.shape != x.shape or y.dtype != x.dtype or weight.dtype != torch.float32 \
+            or weight.shape != (dim,):
+        raise ValueError(f"add_rms_norm: y {y.dtype} {tuple(y.shape)} and weight "
+                         f"{weight.dtype} {tuple(weight.shape)} do not fit x {tuple(x.shape)}")
+    x, y = x.contiguous(), y.contiguous()
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    lib.aurora_add_rms_norm(x.data_ptr(), y.data_ptr(), x.numel() // dim, dim, weight.data_ptr(),
+                            offset, eps, total.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return total, out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for the fused gate/up projection's output (..., 2 * I), gate first:
+    (..., I). Its exp is a polynomial within a few ulp of expf, not PyTorch's (call where
+    ``applies(gate_up)``; every engine's decode and verify steps do, so outputs still match)."""
+    lib = library()
+    assert lib is not None
+    width = gate_up.shape[-1]
+    if width % 2:
+        raise ValueError(f"silu_mul: the last dim must be gate and up, got {width}")
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(*gate_up.shape[:-1], width // 2)
+    lib.aurora_silu_mul(gate_up.data_ptr(), gate_up.numel() // max(width, 1), width // 2,
                         out.data_ptr(), torch.get_num_threads())
     return out
 

@@ -148,22 +148,32 @@ class Block(nn.Module):
         ``row_attention=False``: PyTorch's attention even where row_ops applies (prefill)."""
         cpu = (self.kernels if packed else None) or _NO_KERNELS
         qkv = linear(self.input_norm(x), self.qkv.weight, cpu[0], self.qkv.bias)
+        # A decode or verify step's row-wise work as C calls (row_ops.py): every engine takes
+        # the same path for the same kind of step, so their outputs still match
+        in_c = row_attention and not self.gemma and row_ops.applies(qkv)
         attn = None
-        if row_attention and not self.gemma and row_ops.applies(qkv):  # rotation, cache, attention
+        if in_c:  # rotation, cache writes, attention
             attn = row_ops.attend(qkv, (self.n_q, self.n_kv, self.head_dim), cos, sin, k_cache,
                                   v_cache, kv_len, mask, self.scale, **_tokens(write))
         if attn is None:
             attn = self._attend(qkv, cos, sin, mask, k_cache, v_cache, write, kv_len)
         attn_out = linear(attn, self.o.weight, cpu[1])
+        norm = self.post_attn_norm
         if self.gemma:
-            x = x + self.post_attn_norm(attn_out)
+            x = x + norm(attn_out)
             mlp_in = self.pre_ffn_norm(x)
+        elif in_c:
+            x, mlp_in = row_ops.add_rms_norm(x, attn_out, norm.weight, norm.eps, norm.offset)
         else:
             x = x + attn_out
-            mlp_in = self.post_attn_norm(x)
-        gate, up = linear(mlp_in, self.gate_up.weight, cpu[2]).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
-        mlp_out = linear(act * up, self.down.weight, cpu[3])
+            mlp_in = norm(x)
+        gate_up = linear(mlp_in, self.gate_up.weight, cpu[2])
+        if in_c:
+            act = row_ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = (F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)) * up
+        mlp_out = linear(act, self.down.weight, cpu[3])
         return x + (self.post_ffn_norm(mlp_out) if self.gemma else mlp_out)
 
     def _attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

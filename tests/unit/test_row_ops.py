@@ -1,6 +1,7 @@
-"""RMSNorm and the rotary embedding as C calls (models/row_ops.c): PyTorch's results to float32
-rounding, a row's bits never depend on the rows beside it or the thread count, and training
-keeps PyTorch's operations (and their gradients)."""
+"""RMSNorm, the rotary embedding, attention and the MLP's activation as C calls
+(models/row_ops.c): PyTorch's results to float32 rounding, a row's bits never depend on the
+rows beside it or the thread count, and training keeps PyTorch's operations (and their
+gradients)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,35 @@ def test_rms_norm_matches_torch_and_rows_are_independent(offset: float, dim: int
     torch.testing.assert_close(row_ops.rms_norm(x, w, 1e-5, offset), ref, atol=1e-5, rtol=1e-5)
     _rows_alone_and_together(lambda a, b: row_ops.rms_norm(x[a:b], w, 1e-5, offset), len(x))
     assert row_ops.rms_norm(x[:0], w, 1e-5).shape == (0, dim)  # an empty call
+
+
+@pytest.mark.parametrize("dim", [1536, 37])  # SmolLM2's MLP, a ragged tail (rows misaligned)
+def test_silu_mul_matches_torch_and_rows_are_independent(dim: int) -> None:
+    """silu(gate) * up from the fused gate/up output: PyTorch's to float32 rounding over the
+    whole range a gate takes (and past exp's: +-100), each row's bits its own."""
+    g = torch.Generator().manual_seed(4)
+    gu = torch.randn(300, 2 * dim, generator=g) * 4
+    gu[0, :dim] = torch.linspace(-100, 100, dim)
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(row_ops.silu_mul(gu), F.silu(gate) * up, atol=1e-6, rtol=2e-6)
+    _rows_alone_and_together(lambda a, b: row_ops.silu_mul(gu[a:b]), len(gu))
+    with pytest.raises(ValueError, match="gate and up"):
+        row_ops.silu_mul(gu[:, :-1])
+
+
+@pytest.mark.parametrize("dim", [576, 37])
+def test_add_rms_norm_is_the_add_then_the_norm(dim: int) -> None:
+    """The residual add's bits are x + y's, and the norm's are rms_norm's of that sum."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(300, dim, generator=g), torch.randn(300, dim, generator=g)
+    w = torch.randn(dim, generator=g)
+    total, normed = row_ops.add_rms_norm(x, y, w, 1e-5)
+    assert torch.equal(total, x + y)
+    assert torch.equal(normed, row_ops.rms_norm(x + y, w, 1e-5))
+    _rows_alone_and_together(lambda a, b: row_ops.add_rms_norm(x[a:b], y[a:b], w, 1e-5)[1],
+                             len(x))
+    with pytest.raises(ValueError, match="do not fit"):
+        row_ops.add_rms_norm(x, y[:, :-1], w, 1e-5)
 
 
 def test_rope_matches_rotate_and_rows_are_independent() -> None:
