@@ -197,7 +197,8 @@ def main() -> None:
           else "row kernel: not available here (CPU linears use oneDNN's packed kernel)")
     ops = row_ops.library()
     print(f"row ops: {ops._name}" if ops is not None
-          else "row ops: not available here (norms, rotary embeddings and attention use PyTorch)")
+          else "row ops: not available here (norms, rotary embeddings, attention and the MLP's "
+          "activation use PyTorch)")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ SOURCE = Path(__file__).with_name("row_ops.c")
 def library() -> ctypes.CDLL | None:
     """The compiled row_ops.c, or None (logged once) where it cannot be built or loaded."""
     lib = compile_and_load(SOURCE, "row ops",
-                           "RMSNorm, rotary embeddings and attention use PyTorch's operations")
+                           "RMSNorm, rotary embeddings, attention and the MLP's activation use "
+                           "PyTorch's operations")
     if lib is None:
         return None
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
