@@ -49,10 +49,11 @@ def main() -> None:
 
 def by_threads(rs: list[dict], ref_by_index: dict[int, dict]) -> dict[str, dict[str, float]]:
     """Median per-request ratio to the base arm, per number of serving threads."""
-    groups: dict[str, list[float]] = {}
-    for r in rs:
-        groups.setdefault(str(r.get("threads", "?")), []).append(
-            r["tokens_per_s"] / ref_by_index[r["index"]]["tokens_per_s"])
+    from aurora_spec.bench.report import ratios_by_threads
+
+    ref_tps = {i: r["tokens_per_s"] for i, r in ref_by_index.items()}
+    groups = {("?" if t is None else str(t)): v
+              for t, v in ratios_by_threads(rs, ref_tps).items()}
     return {t: {"requests": len(v), "median_ratio": round(statistics.median(v), 3)}
             for t, v in sorted(groups.items())}
 

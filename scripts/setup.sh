@@ -33,6 +33,6 @@ echo "== preparing the default model (smollm2-135m)"
 .venv/bin/python -m aurora_spec.models.loader smollm2-135m
 # Compile the CPU row kernel and row_ops.c once (<1 s each; aurora_spec/models/row_kernel.py,
 # row_ops.py): without a C compiler this says so, CPU linears keep oneDNN's packed kernel and
-# norms, rotary embeddings and attention keep PyTorch's operations.
+# norms, rotary embeddings, attention and the MLP's activation keep PyTorch's operations.
 .venv/bin/python -m aurora_spec.models.row_kernel
 echo "== setup done: .venv/bin/aurora --help"

@@ -407,6 +407,18 @@ def trainer_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ratios_by_threads(recs: Iterable[dict[str, Any]],
+                      ref_tps: dict[int, float]) -> dict[Any, list[float]]:
+    """Per serving thread count (None where a request recorded none), each request's tokens/s
+    over the reference arm's on the same request index (indices the reference lacks skipped)."""
+    groups: dict[Any, list[float]] = {}
+    for r in recs:
+        if ref_tps.get(r["index"]):
+            groups.setdefault(r.get("threads"), []).append(
+                r["tokens_per_s"] / ref_tps[r["index"]])
+    return groups
+
+
 def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
     """Per arm whose requests ran on more than one serving thread count (an online arm whose
     trainer shares the cores: serving gives it a thread while it trains), how many of the last
@@ -417,14 +429,13 @@ def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
     if not recs or ref_arm is None:
         return []
     ref = {r["index"]: r["tokens_per_s"] for r in recs if r["arm"] == ref_arm}
-    shared = {a: sorted({r["threads"] for r in recs if r["arm"] == a
-                         and r.get("threads") is not None}, reverse=True)
-              for a in results["arms"] if a != ref_arm}
-    shared = {a: counts for a, counts in shared.items() if len(counts) > 1}
+    counts_of = {a: {r["threads"] for r in recs if r["arm"] == a and r.get("threads") is not None}
+                 for a in results["arms"] if a != ref_arm}
+    shared = [a for a, cs in counts_of.items() if len(cs) > 1]
     if not shared:
         return []
     n = max(r["index"] for r in recs) + 1
-    counts = sorted({c for cs in shared.values() for c in cs}, reverse=True)
+    counts = sorted(set().union(*(counts_of[a] for a in shared)), reverse=True)
     lines = ["", "## Serving threads", "",
              "Per arm whose trainer shares the cores (serving runs on fewer threads while it "
              "trains): requests served on each thread count, and their median per-request "
@@ -434,13 +445,10 @@ def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
     spans = [(f"last {block} ({n - block}-{n - 1})", n - block)] if n > block else []
     for a in shared:
         for label, lo in spans + [(f"all (0-{n - 1})", 0)]:
-            mine = [r for r in recs if r["arm"] == a and r["index"] >= lo
-                    and ref.get(r["index"])]
-            cells = []
-            for c in counts:
-                ratios = [r["tokens_per_s"] / ref[r["index"]] for r in mine
-                          if r.get("threads") == c]
-                cells.append(f"{len(ratios)} · {_x(_median(ratios))}" if ratios else "0")
+            groups = ratios_by_threads(
+                (r for r in recs if r["arm"] == a and r["index"] >= lo), ref)
+            cells = [f"{len(groups[c])} · {_x(_median(groups[c]))}" if groups.get(c) else "0"
+                     for c in counts]
             lines.append(f"| `{a}` | {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -170,8 +170,8 @@ ELEMENTWISE void aurora_silu_mul(const float *gu, int64_t rows, int64_t dim, flo
   }
 }
 
-/* A residual add and the RMSNorm after it, in one pass: sum = x + y (written to sum, which may
- * be x itself) and out = aurora_rms_norm(sum). The sum is the same float add PyTorch makes, so
+/* A residual add and the RMSNorm after it, in one call: sum = x + y (written to sum, which may
+ * be x itself), then out = aurora_rms_norm(sum). The sum is the same float add PyTorch makes, so
  * the residual stream keeps its bits. */
 void aurora_add_rms_norm(const float *x, const float *y, int64_t rows, int64_t dim,
                          const float *w, float offset, float eps, float *sum, float *out,

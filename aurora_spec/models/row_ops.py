@@ -84,7 +84,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
                  offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x + y, rms_norm(x + y))`` in one pass (a residual add and the norm after it); the sum
+    """``(x + y, rms_norm(x + y))`` in one call (a residual add and the norm after it); the sum
     has the bits of ``x + y`` (call where ``applies(x)``)."""
     lib = library()
     assert lib is not None
