@@ -58,56 +58,100 @@ class PolicyConfig:
 
 @dataclass
 class CostModel:
-    """Measured forward times per number of tokens T (EMA), shared by all requests.
+    """Measured forward times per number of tokens T, shared by all requests, as speed x shape.
+
+    ``times`` is the shape: seconds per size at speed 1 (the speed of the calibration, or of the
+    first observation). ``speeds`` holds one speed per serving condition (``condition``: the
+    engine's thread count, set before each step), learnt fast from every verify, whatever its
+    size; a size's shape learns slowly, from what its times say beyond the speed. Why: the policy
+    verifies one or two sizes for long stretches, so a size it stopped choosing kept whatever its
+    last time was. The host's speed moves every size at once (a neighbour's burst, the trainer
+    taking a core, an hour of slow memory) and the policy needs the sizes' ratios, so a stale size
+    priced the wrong draft: in a shift run a 20 s stall during a request that did not draft put a
+    1-token forward at 165 ms (normal 45), drafting looked free next to it, and the static head
+    drafted trees of 7 tokens at ~20% fewer tokens/s than the same head in the other arm for 40
+    requests (docs/bench/shift-avx2, requests 14-52); in a day-0 run the estimated ratio of a
+    depth-1 tree's forward to a 1-token one drifted between 1.0 and 1.6 (measured on a fixed
+    thread count: 1.06-1.16) as the trainer took and gave back a core. Speed cancels out of every
+    choice the policy makes; it only keeps a slow-down from being learnt as a change of shape.
 
     One observation moves an estimate toward at most ``outlier`` times its current value. Why:
     the first forward of a new shape (oneDNN builds its kernels), a GC pause or a burst of another
-    process can take 5-10x the usual time, and sizes the policy stops choosing are never measured
-    again, so one such spike taken at face value stopped a trained head from drafting for a whole
-    benchmark (a 278 ms verify of a 10-token tree among 30-35 ms ones). A real, lasting slow-down
-    is still followed, by at most ema * (outlier - 1) per step.
+    process can take 5-10x the usual time, and one such spike taken at face value stopped a
+    trained head from drafting for a whole benchmark (a 278 ms verify of a 10-token tree among
+    30-35 ms ones). A real, lasting slow-down is followed within a few verifies, as speed.
 
-    More tokens never cost less: a size's time is at least that of every smaller size measured
+    More tokens never cost less: a size's shape is at least that of every smaller size measured
     within the last ``stale_after`` single-request verifies (and of 1 token). Why not every
     smaller size: a drafter verifies few of the sizes calibration times (a width-3 tree without
     the lookup chain: 1, 4, 7 ... tokens), and one calibration spike at an unused size then
     floored every larger one for good (a bench's static arm kept a 4-token verify at 45.6 ms
     where it measured ~40, so it priced its drafts 14% too dear and stopped drafting)."""
 
-    ema: float = 0.1
+    ema: float = 0.1  # weight of a new observation in a shape (and in drafting's time)
+    # The speed's, higher: it absorbs a slow-down within a few forwards, so the shapes see times
+    # divided by the speed of now. (Simulated with 7% noise, scripts-free: a 3.5x stall of 40
+    # 1-token forwards left the 1-token/7-token ratio 1.3x off, against 3.5x without a speed;
+    # a 1.5x calibration error of a size verified 3 times in 4 is 1.1x off after 60 verifies,
+    # against 1.0x; a drifting host moves the ratio +-3%, against +-17%.)
+    speed_ema: float = 0.5
     outlier: float = 2.0
     stale_after: int = 512
-    times: dict[int, float] = field(default_factory=dict)  # batch of 1, by tokens
+    times: dict[int, float] = field(default_factory=dict)  # shape: batch of 1, by tokens
     observed: int = 0  # single-request verifies observed
     last_seen: dict[int, int] = field(default_factory=dict)  # tokens -> ``observed`` then
     batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tokens)
-    draft_token_s: float = 0.0
+    draft_token_s: float = 0.0  # drafting one depth, at speed 1
+    condition: int = 0  # what serving runs on now (the engine's thread count)
+    speeds: dict[int, float] = field(default_factory=dict)  # condition -> speed
 
-    def _update(self, old: float | None, seconds: float) -> float:
+    def _update(self, old: float | None, seconds: float, ema: float) -> float:
         if not old:  # nothing measured yet: the first observation is all there is
             return seconds
-        return old + self.ema * (min(seconds, self.outlier * old) - old)
+        return old + ema * (min(seconds, self.outlier * old) - old)
+
+    @property
+    def speed(self) -> float:
+        return self.speeds.get(self.condition, 1.0)
 
     def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
         if batch == 1:
-            self.times[tokens] = self._update(self.times.get(tokens), seconds)
             self.observed += 1
             self.last_seen[tokens] = self.observed
+            self.times[tokens] = self._learn(self.times.get(tokens), seconds)
         else:
             key = (batch, tokens)
-            self.batch_times[key] = self._update(self.batch_times.get(key), seconds)
+            self.batch_times[key] = self._learn(self.batch_times.get(key), seconds)
+
+    def _learn(self, shape: float | None, seconds: float) -> float:
+        """Move the speed, then this size's shape; returns the shape."""
+        if not shape:  # a size not seen before: its shape at the speed of now
+            return seconds / self.speed
+        # A condition not seen before starts at speed 1 (a forward there may be a spike).
+        speed = self._update(self.speed, seconds / shape, self.speed_ema)
+        self.speeds[self.condition] = speed
+        return self._update(shape, seconds / speed, self.ema)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
-            self.draft_token_s = self._update(self.draft_token_s, seconds / tokens)
+            self.draft_token_s = self._update(self.draft_token_s, seconds / tokens / self.speed,
+                                              self.ema)
+
+    def draft_time(self) -> float:
+        """Seconds of drafting one depth now."""
+        return self.speed * self.draft_token_s
 
     def verify_time(self, tokens: int, batch: int = 1) -> float:
-        """t(T) for a forward over ``tokens`` tokens in total, from ``batch`` requests (a batch
-        forwards only its real tokens): measured when seen, else the single-request curve at the
-        same number of tokens (forwards are matmul-bound)."""
+        """t(T) now for a forward over ``tokens`` tokens in total, from ``batch`` requests (a
+        batch forwards only its real tokens)."""
+        return self.speed * self.shape(tokens, batch)
+
+    def shape(self, tokens: int, batch: int = 1) -> float:
+        """t(T) at speed 1: measured when seen, else the single-request curve at the same number
+        of tokens (forwards are matmul-bound)."""
         if batch > 1:
             seen = self.batch_times.get((batch, tokens))
-            base = seen if seen is not None else self.verify_time(tokens)
+            base = seen if seen is not None else self.shape(tokens)
             # The same guard per batch size: a larger measured total never looks cheaper.
             below = [t for (b, s), t in self.batch_times.items() if b == batch and s <= tokens]
             return max(base, max(below, default=0.0))
@@ -210,7 +254,7 @@ class DraftLengthPolicy:
 
     def best_length(self, limit: int) -> int:
         """The k in [0, limit] with the highest expected tokens per second."""
-        c = self.costs.draft_token_s
+        c = self.costs.draft_time()
         best_k, best_rate = 0, 1.0 / self.costs.verify_time(1)
         w = self.cfg.tree_width
         for k in range(1, min(limit, self.cfg.max_draft) + 1):
@@ -222,7 +266,7 @@ class DraftLengthPolicy:
     def snapshot(self) -> PolicySnapshot:
         c, w = self.costs, self.cfg.tree_width
         return PolicySnapshot(tuple(round(a, 3) for a in self.alpha[:3]),
-                              round(c.draft_token_s * 1e3, 2),
+                              round(c.draft_time() * 1e3, 2),
                               (round(c.verify_time(1) * 1e3, 2), round(c.verify_time(w + 1) * 1e3, 2)),
                               self.best_length(self.cfg.max_draft), self.probe.interval)
 

@@ -156,6 +156,9 @@ class Engine:
             self._retire(seq)
         if not self.running:
             return
+        # Costs are learnt per thread count: the learner moves serving between one and two
+        # threads as its trainer takes or gives back a core.
+        self.costs.condition = torch.get_num_threads()
         seqs = list(self.running)
         proposals = self._draft(seqs)
         t0 = time.perf_counter()
@@ -262,7 +265,7 @@ class Engine:
         wants = [_policy(seq).choose(self._draft_limit(seq)) for seq in seqs]
         if len(seqs) == 1 or self.cfg.policy.fixed_draft is not None or not any(wants):
             return wants
-        c, batch = self.costs.draft_token_s, len(seqs)
+        c, batch = self.costs.draft_time(), len(seqs)
         best_cap, best_rate = 0, 0.0
         for cap in range(max(wants) + 1):
             ks = [min(w, cap) for w in wants]
@@ -365,6 +368,9 @@ class Engine:
             context = min(context, self.runner.capacity // 2)
             prefill = self.runner.prefill(slot, [0] * context)
             room = self.runner.capacity - context - 1
+            # The times as shapes, at this thread count's speed 1.
+            self.costs.condition = torch.get_num_threads()
+            self.costs.speeds[self.costs.condition] = 1.0
             for t, seconds in self._time_verifies(slot, room, reps).items():
                 self.costs.times[t] = seconds
             timer = getattr(self.drafter, "time_draft", None)

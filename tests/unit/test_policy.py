@@ -197,9 +197,10 @@ def test_one_slow_forward_does_not_stop_drafting() -> None:
     c.observe_draft(2, 2 * 0.05)  # a 50 ms draft depth once: also a spike
     assert c.draft_token_s <= 0.001 * (1 + c.ema * (c.outlier - 1)) + 1e-12
     assert p.choose(8) > 0
-    for _ in range(40):  # a real 4x slow-down of that size is learnt within a few dozen steps
-        c.observe_verify(9, 4 * c.times[1] * 1.02)
-    assert c.times[9] > 3.5 * c.times[1]
+    slow = 4 * c.verify_time(9)
+    for _ in range(10):  # a real 4x slow-down is followed within a few steps (as speed)
+        c.observe_verify(9, slow)
+    assert c.verify_time(9) > 0.9 * slow
 
 
 def test_the_first_observation_is_taken_as_it_is() -> None:
@@ -235,9 +236,74 @@ def test_a_stale_calibration_spike_stops_flooring_larger_sizes() -> None:
         c.observe_verify(1, 0.040)
         c.observe_verify(4, 0.041)
     assert c.verify_time(4) < 0.045  # 3's 60 ms no longer counts
-    assert c.verify_time(3) == 0.060  # its own (stale) measurement still prices size 3
+    assert c.shape(3) == 0.060  # its own (stale) measurement still prices size 3
     c.observe_verify(2, 0.030)  # a fresh size below 1 token's time: still floored by it
     assert c.verify_time(2) == c.verify_time(1)
     p = DraftLengthPolicy(PolicyConfig(max_draft=4, tree_width=3, prior_alpha=0.25), c)
     c.draft_token_s = 0.003
     assert p.best_length(4) == 1  # 1.25 tokens / 44 ms beats 1 / 40 ms
+
+
+def recorded_costs(speed_ema: float) -> CostModel:
+    """The static arm's calibrated costs in docs/bench/shift-avx2 (ms: 45 for 1 token, 56 for a
+    depth-1 tree of width 3, 4 per draft depth)."""
+    c = CostModel(speed_ema=speed_ema)
+    c.times.update({1: 0.045, 4: 0.056, 7: 0.065, 10: 0.075, 13: 0.090})
+    c.draft_token_s = 0.004
+    return c
+
+
+def test_a_stall_while_not_drafting_does_not_make_drafting_look_free() -> None:
+    """A stall of the host while drafting is off (that run: one request at 6.4 tokens/s among
+    ~21) slows the 1-token forwards only, since those are all the policy verifies. Learnt as the
+    host's speed, it moves the sizes' ratios little, and the draft the policy picks after it
+    loses at most a few percent of tokens/s at the true costs; learnt per size (speed fixed,
+    the model before), it priced a 1-token forward at 156 ms next to trees at 56-65 ms, so
+    drafting looked free and a head with 30% acceptance drafted trees of 7 tokens (the run:
+    for 40 requests, ~15% fewer tokens/s than the same head in the other arm)."""
+    true = {1: 0.045, 4: 0.056, 7: 0.065, 10: 0.075, 13: 0.090}
+    alpha = [0.3, 0.27, 0.3, 0.3]
+    cfg = PolicyConfig(max_draft=4, tree_width=3)
+
+    def true_rate(k: int) -> float:
+        p = DraftLengthPolicy(cfg, CostModel())
+        p.alpha = list(alpha)
+        return p.expected_tokens(k) / (true[3 * k + 1] + k * 0.004)
+
+    best = max(true_rate(k) for k in range(5))
+    for speed_ema, worst in ((0.5, 0.97), (0.0, None)):
+        c = recorded_costs(speed_ema)
+        p = DraftLengthPolicy(cfg, c)
+        p.alpha = list(alpha)
+        for _ in range(60):
+            c.observe_verify(1, 0.156)
+        chosen = []
+        for _ in range(40):  # the stall is over; the policy verifies what it chooses
+            k = p.best_length(4)
+            chosen.append(k)
+            c.observe_verify(3 * k + 1, true[3 * k + 1])
+        loss = min(true_rate(k) for k in chosen) / best
+        if worst is not None:
+            assert loss >= worst and max(chosen) <= 1
+        else:  # the model before: trees of 7 tokens, 15% below the best
+            assert loss < 0.9 and min(chosen) >= 2
+
+
+def test_costs_are_learnt_per_thread_count() -> None:
+    """The learner moves serving between one thread (its trainer busy) and two: each count keeps
+    its own speed, so a switch prices forwards at that count's level at once, and the sizes'
+    ratios, shared, do not swing with the switches."""
+    c = recorded_costs(0.5)
+    rng = random.Random(0)
+    ratios = []
+    for step in range(400):
+        c.condition = 1 if (step // 50) % 2 else 2
+        slow = 1.6 if c.condition == 1 else 1.0
+        size = 1 if step % 5 == 0 else 4
+        c.observe_verify(size, slow * {1: 0.045, 4: 0.050}[size] * rng.uniform(0.95, 1.05))
+        ratios.append(c.verify_time(4) / c.verify_time(1))
+    assert c.speeds[1] > 1.4 * c.speeds[2]
+    c.condition = 2
+    assert abs(c.verify_time(1) - 0.045) < 0.005
+    tail = ratios[100:]
+    assert max(tail) - min(tail) < 0.1 and abs(tail[-1] - 0.050 / 0.045) < 0.05
