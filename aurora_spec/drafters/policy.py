@@ -67,13 +67,15 @@ class CostModel:
     verifies one or two sizes for long stretches, so a size it stopped choosing kept whatever its
     last time was. The host's speed moves every size at once (a neighbour's burst, the trainer
     taking a core, an hour of slow memory) and the policy needs the sizes' ratios, so a stale size
-    priced the wrong draft: in a shift run a 20 s stall during a request that did not draft put a
-    1-token forward at 165 ms (normal 45), drafting looked free next to it, and the static head
-    drafted trees of 7 tokens at ~20% fewer tokens/s than the same head in the other arm for 40
-    requests (docs/bench/shift-avx2, requests 14-52); in a day-0 run the estimated ratio of a
-    depth-1 tree's forward to a 1-token one drifted between 1.0 and 1.6 (measured on a fixed
-    thread count: 1.06-1.16) as the trainer took and gave back a core. Speed cancels out of every
-    choice the policy makes; it only keeps a slow-down from being learnt as a change of shape.
+    priced the wrong draft: in a shift run a stall of the host during a request that did not draft
+    (9.8 s for 63 tokens, ~3 s as usual) put a 1-token forward at 165 ms (normal 45), drafting
+    looked free next to it, and the static head drafted trees of 7 tokens at ~15% fewer tokens/s
+    than the same head in the other arm for 40 requests (docs/bench/shift-avx2, requests 14-52);
+    in a day-0 run the estimated ratio of a depth-1 tree's forward to a 1-token one drifted
+    between 1.0 and 1.8 as the trainer took and gave back a core (measured at a fixed thread
+    count: 1.14-1.17 on two, 1.18-1.33 on one; scripts/verify_shapes.py). Speed cancels out of
+    every choice the policy makes; it only keeps a slow-down from being learnt as a change of
+    shape.
 
     One observation moves an estimate toward at most ``outlier`` times its current value. Why:
     the first forward of a new shape (oneDNN builds its kernels), a GC pause or a burst of another
@@ -90,10 +92,10 @@ class CostModel:
 
     ema: float = 0.1  # weight of a new observation in a shape (and in drafting's time)
     # The speed's, higher: it absorbs a slow-down within a few forwards, so the shapes see times
-    # divided by the speed of now. (Simulated with 7% noise, scripts-free: a 3.5x stall of 40
-    # 1-token forwards left the 1-token/7-token ratio 1.3x off, against 3.5x without a speed;
-    # a 1.5x calibration error of a size verified 3 times in 4 is 1.1x off after 60 verifies,
-    # against 1.0x; a drifting host moves the ratio +-3%, against +-17%.)
+    # divided by the speed of now. The price: a size calibrated wrong and verified most of the
+    # time passes part of its error to the others for a while (scripts/cost_model_sim.py: a
+    # wandering host moves the ratio of two sizes by +-3% with it, -13%/+18% without; a 1.5x
+    # calibration error ends 1.10x off after 60 verifies with it, 1.01x without).
     speed_ema: float = 0.5
     outlier: float = 2.0
     stale_after: int = 512

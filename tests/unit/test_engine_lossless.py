@@ -261,3 +261,19 @@ def test_calibration_times_every_choosable_size_and_the_draft(kind) -> None:
     prompt = list(range(3, 23))
     got = engine.generate(prompt, SamplingParams(max_tokens=24)).token_ids
     assert list(got) == reference_greedy(hf, prompt, 24)
+
+
+def test_costs_follow_the_thread_count_serving_runs_on() -> None:
+    """The learner moves serving between one and two threads as its trainer takes or gives back
+    a core: the engine's cost model learns a speed for each count it served on."""
+    model, _ = tiny_target("llama", seed=3)
+    engine = make_engine(model, None, fixed=None)  # every step verifies one token
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            engine.generate(list(range(3, 23)), SamplingParams(max_tokens=8))
+    finally:
+        torch.set_num_threads(before)
+    assert set(engine.costs.speeds) == {1, 2}
+    assert all(s > 0 for s in engine.costs.speeds.values())
