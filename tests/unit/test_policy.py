@@ -245,8 +245,8 @@ def test_a_stale_calibration_spike_stops_flooring_larger_sizes() -> None:
 
 
 def recorded_costs(speed_ema: float) -> CostModel:
-    """The static arm's calibrated costs in docs/bench/shift-avx2 (ms: 45 for 1 token, 56 for a
-    depth-1 tree of width 3, 4 per draft depth)."""
+    """The static arm's costs in docs/bench/shift-avx2 as its policy recorded them (ms: 45 for 1
+    token, 56 for a depth-1 tree of width 3, 4 per draft depth); deeper trees' times assumed."""
     c = CostModel(speed_ema=speed_ema)
     c.times.update({1: 0.045, 4: 0.056, 7: 0.065, 10: 0.075, 13: 0.090})
     c.draft_token_s = 0.004
