@@ -65,18 +65,20 @@ def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> torch.d
     return target
 
 
-def draft_kernels(head: Any, tree_width: int) -> bool:
-    """Whether the draft head's linears run from packed copies (Eagle3Head.use_cpu_kernels): only
-    where that measures faster on this CPU, for a draft's row counts (1 at the root, one per branch
-    below it). Drafts only propose, so the kernel never changes an output. Measured on a plain
-    AVX-512 host, F.linear was the cheaper one there (``python scripts/draft_cost.py``)."""
+def draft_kernels(head: Any, tree_width: int) -> str:
+    """How the draft head's linears run (Eagle3Head.use_cpu_kernels): ``F.linear``, ``packed``
+    copies, or ``packed bf16`` (float32 weights' row-kernel copies stored in bfloat16): whichever
+    measures fastest on this CPU for a draft's row counts (1 at the root, one per branch below
+    it). Drafts only propose, so neither the kernel nor bfloat16 weights change an output. On a
+    plain AVX-512 host F.linear was the cheaper one; on an AVX2-only host bfloat16 weights
+    halve what a draft step reads (``python scripts/draft_cost.py``)."""
     if head.fc.weight.device.type != "cpu" or not packed_kernels_available():
-        return False
-    t = time_kernels(head.linear_weights(), rows=(1, tree_width))
-    log.info("draft head kernels: %s (one pass for %s rows: F.linear %.2f ms, packed %.2f ms)",
-             "packed" if t.packed_wins else "F.linear", "+".join(map(str, t.rows)), t.plain_ms,
-             t.packed_ms)
-    return t.packed_wins
+        return "F.linear"
+    t = time_kernels(head.linear_weights(), rows=(1, tree_width), bf16_weights=True)
+    bf16 = "" if t.packed_bf16_ms is None else f", packed bf16 {t.packed_bf16_ms:.2f} ms"
+    log.info("draft head kernels: %s (one pass for %s rows: F.linear %.2f ms, packed %.2f ms%s)",
+             t.fastest, "+".join(map(str, t.rows)), t.plain_ms, t.packed_ms, bf16)
+    return t.fastest
 
 
 def target_kernels(model: DecoderModel, drafting: bool, max_slots: int,
@@ -127,8 +129,10 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
         head_cfg = Eagle3Config.from_spec(model.spec, cfg.draft_vocab)
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
     width = cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"]
+    kernels = draft_kernels(head, width)
     learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
-                            tree_width=width, cpu_kernels=draft_kernels(head, width),
+                            tree_width=width, cpu_kernels=kernels != "F.linear",
+                            bf16_weights=kernels == "packed bf16",
                             prior_acceptance=head.heldout_alpha if cfg.draft_weights
                             else RANDOM_HEAD_PRIOR)
     if not cfg.lookup:

@@ -1,6 +1,8 @@
 """What one draft token costs serving: ``Eagle3Drafter.propose`` on the bundled model's head with
-plain ``F.linear`` weights, with the oneDNN-packed copies serving uses on CPU, and packed in
-bfloat16 (``--draft-dtype auto`` on CPUs with bf16 kernels), interleaved.
+plain ``F.linear`` weights, with the packed copies serving uses on CPU (the row kernel where it
+builds, else oneDNN), with float32 weights whose row-kernel copies are stored in bfloat16
+(``packed bf16 weights``, what runtime.draft_kernels picks where it measures fastest), and with a
+bfloat16 head (``packed bf16``: ``--draft-dtype auto`` on CPUs with bf16 kernels), interleaved.
 Usage: python scripts/draft_cost.py [--threads N] [--dtype TARGET_DTYPE]."""
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ def main() -> None:
     ids = torch.randint(0, model.spec.vocab_size, (args.context + 1,), generator=g).tolist()
     hidden = torch.randn(args.context, 3 * model.spec.hidden_size, generator=g).to(dtype)
     drafters = {}
-    for name, packed, head_dtype in (("F.linear", False, dtype), ("packed", True, dtype),
-                                     ("packed bf16", True, torch.bfloat16)):
+    for name, packed, bf16_weights, head_dtype in (
+            ("F.linear", False, False, dtype), ("packed", True, False, dtype),
+            ("packed bf16 weights", True, True, dtype), ("packed bf16", True, False, torch.bfloat16)):
         head = Eagle3Head.random(cfg).to(dtype=head_dtype)
-        d = Eagle3Drafter(head, model.embed.weight, model.spec.embed_scale, cpu_kernels=packed)
+        d = Eagle3Drafter(head, model.embed.weight, model.spec.embed_scale, cpu_kernels=packed,
+                          bf16_weights=bf16_weights)
         d.start("r", ids[:-1], ids[-1], hidden)
         drafters[name] = d
     params = SamplingParams()
@@ -56,7 +60,7 @@ def main() -> None:
           f"context {args.context}: ms per draft token (median of {args.repeats} proposals of "
           f"{args.k})")
     for name, ts in times.items():
-        print(f"  {name:12s} {1000 * statistics.median(ts):6.2f}")
+        print(f"  {name:20s} {1000 * statistics.median(ts):6.2f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ the other, and each step's wall time is split into the target's verify forward, 
 proposal and the rest (the engine's bookkeeping). cProfile (scripts/profile_decode.py) says which
 functions cost; this says how far a speculative step is from one target forward.
 Usage: python scripts/step_split.py --draft-weights DIR [--domain chat] [--requests 10]
-[--max-tokens 64] [--threads 2] [--no-lookup] [--compare-row-ops [all|mlp]].
+[--max-tokens 64] [--threads 2] [--no-lookup] [--compare-row-ops [all|mlp]]
+[--compare-bf16-weights].
 ``--compare-row-ops`` runs every engine twice per prompt, with and without models/row_ops.c
 (norms, rotary embeddings, decode attention and the MLP's activation as C calls; "without" swaps
 ``row_ops.applies`` for a function that says no), in the order with, without, without, with, and
@@ -37,7 +38,7 @@ class Split:
 
     def line(self, name: str) -> str:
         n = max(self.steps, 1)
-        return (f"{name:14s} tau {self.emitted / n:4.2f}  {self.emitted / self.decode_s:6.1f} "
+        return (f"{name:16s} tau {self.emitted / n:4.2f}  {self.emitted / self.decode_s:6.1f} "
                 f"tokens/s  per step: {1e3 * self.decode_s / n:5.1f} ms = verify "
                 f"{1e3 * self.verify_s / n:5.1f} ({self.verified_tokens / n:.1f} tokens) + draft "
                 f"{1e3 * self.draft_s / n:4.1f} + other "
@@ -85,6 +86,9 @@ def main() -> None:
     ap.add_argument("--compare-row-ops", nargs="?", const="all", choices=("all", "mlp"),
                     help="each engine with and without models/row_ops.c (all of it, or only "
                     "its MLP calls: silu_mul and add_rms_norm), interleaved")
+    ap.add_argument("--compare-bf16-weights", action="store_true",
+                    help="the float32 head twice: packed copies in float32 (\"eagle3 float32\")"
+                    " and in bfloat16 (\"eagle3 f32 bf16w\"), whatever draft_kernels picks")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     mcfg = ModelConfig(threads=a.threads, max_slots=1)
@@ -92,6 +96,14 @@ def main() -> None:
     for dtype in ("bfloat16", "float32"):
         engines[f"eagle3 {dtype}"] = build_runtime(mcfg, DrafterConfig(
             "eagle3", a.draft_weights, lookup=not a.no_lookup, draft_dtype=dtype))
+    if a.compare_bf16_weights:  # the float32 head's packed copies in float32 and in bfloat16
+        engines["eagle3 f32 bf16w"] = build_runtime(mcfg, DrafterConfig(
+            "eagle3", a.draft_weights, lookup=not a.no_lookup, draft_dtype="float32"))
+        for name, bf16 in (("eagle3 float32", False), ("eagle3 f32 bf16w", True)):
+            drafter: Any = engines[name].engine.drafter
+            learned = getattr(drafter, "learned", drafter)  # inside the lookup hybrid
+            learned.cpu_kernels, learned.bf16_weights = True, bf16
+            learned.pack(learned.head)
     rt = engines["target-only"]
     with_c = (row_ops.applies, row_ops.silu_mul, row_ops.add_rms_norm)
     without_c = (_no, *with_c[1:]) if a.compare_row_ops != "mlp" else (

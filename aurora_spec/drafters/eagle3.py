@@ -80,7 +80,7 @@ class Eagle3Drafter:
     def __init__(self, head: Eagle3Head, embed: torch.Tensor, embed_scale: float = 1.0,
                  tree_width: int = 1, chunk: int = 256,
                  prior_acceptance: float | tuple[float, ...] | None = None,
-                 cpu_kernels: bool = True) -> None:
+                 cpu_kernels: bool = True, bf16_weights: bool = False) -> None:
         if tree_width < 1:
             raise ValueError("tree_width must be >= 1")
         # What the engine's draft-length policy assumes before it has measured anything: a
@@ -88,8 +88,8 @@ class Eagle3Drafter:
         # trained head brings its held-out per-depth acceptance (Eagle3Head.heldout_alpha).
         self.prior_acceptance = prior_acceptance
         self.cpu_kernels = cpu_kernels  # packed weight copies on CPU (Eagle3Head.use_cpu_kernels)
-        if cpu_kernels:
-            head.use_cpu_kernels()
+        self.bf16_weights = bf16_weights  # ... in bfloat16 (runtime.draft_kernels)
+        self.pack(head)
         self.head = head
         self.embed = embed
         self.embed_scale = float(embed_scale)
@@ -135,12 +135,16 @@ class Eagle3Drafter:
     def finish(self, request_id: str, tokens: list[int]) -> None:
         self._requests.pop(request_id, None)
 
+    def pack(self, head: Eagle3Head) -> None:
+        """Give ``head`` the CPU kernels this drafter serves with (a no-op where it has them)."""
+        if self.cpu_kernels:
+            head.use_cpu_kernels(self.bf16_weights)
+
     def swap_head(self, head: Eagle3Head) -> None:
         """Use new weights from the next proposal on. Every request's draft cache was built by the
         old head, so it is emptied: the next catch-up re-runs all stored pairs in one forward.
         Heads arriving through the publisher are packed already (off the engine thread)."""
-        if self.cpu_kernels:
-            head.use_cpu_kernels()
+        self.pack(head)
         self.head = head
         c, w = head.config, head.fc.weight
         for req in self._requests.values():

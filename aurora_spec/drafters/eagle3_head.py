@@ -207,20 +207,23 @@ class Eagle3Head(nn.Module):
 
     _LINEARS = ("fc", "qkv", "o_proj", "gate_up", "down", "lm_head")
 
-    def use_cpu_kernels(self) -> bool:
+    def use_cpu_kernels(self, bf16_weights: bool = False) -> bool:
         """Serving on CPU: run the linears through packed weight copies (cpu_linear.py;
         ``python scripts/linear_kernels.py`` measures both). The copies are used only without
         autograd (serving runs under no_grad; training keeps plain linears so gradients flow),
         and a copy is dropped as soon as its weight changes (an optimizer step, set_vocab), so a
-        stale copy is never used. A no-op off CPU or without the kernels; returns whether the
+        stale copy is never used. ``bf16_weights``: float32 weights' copies in bfloat16 where the
+        row kernel runs them (half the bytes a draft step reads; the head then proposes as its
+        rounded weights would). A no-op off CPU or without the kernels; returns whether the
         head is packed."""
         if self.fc.weight.device.type != "cpu" or not packed_kernels_available():
             return False
         for name in self._LINEARS:
             weight = getattr(self, name).weight
-            if name not in self._packed or not self._fresh(name, weight):
+            if (name not in self._packed or not self._fresh(name, weight)
+                    or self._packed[name][2].bf16_weights != bf16_weights):
                 self._packed[name] = (weight, (weight._version, weight.data_ptr()),
-                                      CpuLinear(weight))
+                                      CpuLinear(weight, bf16_weights=bf16_weights))
         return True
 
     def linear_weights(self) -> list[torch.Tensor]:

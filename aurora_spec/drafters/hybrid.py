@@ -125,6 +125,9 @@ class LookupHybrid:
     def cpu_kernels(self) -> bool:
         return bool(self.learned.cpu_kernels)
 
+    def pack(self, head: Any) -> None:
+        self.learned.pack(head)
+
     @property
     def last_catch_up(self) -> int:
         return int(getattr(self.learned, "last_catch_up", 0))

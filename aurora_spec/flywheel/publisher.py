@@ -107,8 +107,7 @@ class Publisher:
         head.eval()
         for p in head.parameters():
             p.requires_grad_(False)
-        if self.drafter.cpu_kernels:  # packed here, not in the between-steps swap: a short pause
-            head.use_cpu_kernels()
+        self.drafter.pack(head)  # here, not in the between-steps swap: a short pause
         self.swap(head, watch=True, alpha=alpha)
         return head
 

@@ -60,10 +60,11 @@ class CpuLinear:
     pack here (bfloat16 without AVX-512) runs as an exact float32 copy through the float32
     kernels, inputs cast up and outputs back: row-independent still, at float32's memory. The
     packing is a copy: the source weight must not change afterwards (target weights are
-    frozen)."""
+    frozen). ``bf16_weights``: a float32 weight's row-kernel copy in bfloat16 (draft heads only,
+    see RowLinear); ignored where the row kernel does not run it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 use_row_kernel: bool = True) -> None:
+                 use_row_kernel: bool = True, bf16_weights: bool = False) -> None:
         self.dtype = weight.dtype
         self.upcast = weight.dtype != torch.float32 and not packs(weight.dtype)
         if self.upcast:
@@ -73,13 +74,16 @@ class CpuLinear:
         # float32 goes through the row kernel where it builds (as fast as MKL for 1 row, and
         # row-independent: row_kernel.py); other dtypes and hosts keep oneDNN's packed blocks
         use_row = use_row_kernel and row_kernel.supports(weight)
-        self.row = row_kernel.RowLinear(weight, bias) if use_row else None
+        self.bf16_weights = bf16_weights  # as asked; ``kernel`` says whether it applies
+        self.row = (row_kernel.RowLinear(weight, bias, bf16_weights=bf16_weights)
+                    if use_row else None)
         self.packed = None if self.row else torch.ops.mkldnn._reorder_linear_weight(
             weight.detach(), PACK_BATCH_HINT)
 
     @property
     def kernel(self) -> str:
-        name = "row kernel" if self.row else "oneDNN"
+        name = "oneDNN" if not self.row else (
+            "row kernel, bfloat16 weights" if self.row.bf16_weights else "row kernel")
         return f"{name} (float32 copy)" if self.upcast else name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,10 +115,19 @@ class KernelTiming:
     rows: tuple[int, ...]
     plain_ms: float
     packed_ms: float
+    packed_bf16_ms: float | None = None  # the packed copies in bfloat16 (None: not timed)
 
     @property
     def packed_wins(self) -> bool:
         return self.packed_ms < self.plain_ms
+
+    @property
+    def fastest(self) -> str:
+        """``F.linear``, ``packed`` or ``packed bf16``: the kernel with the least time."""
+        times = {"F.linear": self.plain_ms, "packed": self.packed_ms}
+        if self.packed_bf16_ms is not None:
+            times["packed bf16"] = self.packed_bf16_ms
+        return min(times, key=lambda name: times[name])
 
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -146,12 +159,16 @@ def plain_kernels(weights: Sequence[torch.Tensor]) -> list[Kernel]:
 
 
 def time_kernels(weights: Sequence[torch.Tensor], rows: Sequence[int] = (1,),
-                 repeats: int = 15) -> KernelTiming:
+                 repeats: int = 15, bf16_weights: bool = False) -> KernelTiming:
     """Time one pass over ``weights`` through ``F.linear`` and through packed copies, for each row
     count in ``rows``, interleaved (so a noisy moment hits both). Which kernel wins depends on the
     CPU: packed won at every row count on an AVX512-BF16 host (table above), while on a plain
     AVX-512 host MKL won for 1-3 rows (``python scripts/linear_kernels.py``). Where a choice cannot
-    change an output (draft heads), serving measures it at load."""
-    t = time_passes(weights, {"plain": plain_kernels(weights),
-                              "packed": [CpuLinear(w) for w in weights]}, rows, repeats)
-    return KernelTiming(tuple(rows), t["plain"], t["packed"])
+    change an output (draft heads), serving measures it at load. ``bf16_weights``: also time
+    packed copies in bfloat16 (float32 weights on the row kernel only; draft heads only)."""
+    kernels: dict[str, list[Kernel]] = {"plain": plain_kernels(weights),
+                                        "packed": [CpuLinear(w) for w in weights]}
+    if bf16_weights and all(row_kernel.supports(w) for w in weights):
+        kernels["bf16"] = [CpuLinear(w, bf16_weights=True) for w in weights]
+    t = time_passes(weights, kernels, rows, repeats)
+    return KernelTiming(tuple(rows), t["plain"], t["packed"], t.get("bf16"))

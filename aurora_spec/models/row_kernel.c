@@ -44,6 +44,24 @@ _Static_assert(RB >= 1 && RB <= MAX_RB, "RB must be 1..12");
 typedef float v16 __attribute__((vector_size(LANES * sizeof(float))));  /* one register */
 /* the same vector read from any float address */
 typedef float v16u __attribute__((vector_size(LANES * sizeof(float)), aligned(4), may_alias));
+/* LANES pairs of bfloat16 weights read from any address as 32-bit words */
+typedef uint32_t u32v __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint32_t u32u __attribute__((vector_size(LANES * sizeof(uint32_t)), aligned(2),
+                                     may_alias));
+
+/* Weight loads of one k step's NV vectors: float32 as stored, or bfloat16 (the upper half of
+ * the float32 it stands for) stored in pairs, output j of the block's first vector in a word's
+ * low half and output j of the second in its high half (aurora_pack_bf16), so one load, one
+ * shift and one mask widen both. The multiply-adds are float32 either way. */
+_Static_assert(NV == 2, "bfloat16 weights come in pairs: one per vector");
+static inline void load_f32(const float *p, v16 wv[NV]) {
+  for (int j = 0; j < NV; j++) wv[j] = *(const v16u *)(p + j * LANES);
+}
+static inline void load_bf16(const uint16_t *p, v16 wv[NV]) {
+  u32v pair = *(const u32u *)p;
+  wv[0] = (v16)(pair << 16);
+  wv[1] = (v16)(pair & 0xffff0000u);
+}
 
 /* Builds that use native registers: AVX-512, or AVX2 with FMA (each at its own tile size). An
  * earlier kernel that emulated 512-bit vectors in 256-bit registers ran out of registers and
@@ -70,18 +88,31 @@ void aurora_pack(const float *w, int64_t n, int64_t k, float *out) {
       for (int64_t c = 0; c < k; c++) out[(b * k + c) * NB + j] = w[(b * NB + j) * k + c];
 }
 
-/* One block of NB outputs for R input rows. Each accumulator sees the same sequence of
- * multiply-adds for any R, so the tile size cannot change a result. */
-#define TILE(R)                                                                           \
-  static void tile##R(const float *wb, const float *x, int64_t k, v16 out[MAX_RB][NV]) {  \
+/* bfloat16 weights (rounded by the caller): the same blocks, each k step's outputs j and
+ * LANES + j side by side (load_bf16) */
+void aurora_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *out) {
+  int64_t nblocks = (n + NB - 1) / NB;
+  memset(out, 0, sizeof(uint16_t) * aurora_packed_floats(n, k));
+  for (int64_t b = 0; b < nblocks; b++)
+    for (int64_t j = 0; j < NB && b * NB + j < n; j++) {
+      int64_t slot = j < LANES ? 2 * j : 2 * (j - LANES) + 1;
+      for (int64_t c = 0; c < k; c++) out[(b * k + c) * NB + slot] = w[(b * NB + j) * k + c];
+    }
+}
+
+/* One block of NB outputs for R input rows, weights of type WT read by LOAD. Each accumulator
+ * sees the same sequence of multiply-adds for any R, so the tile size cannot change a result. */
+#define TILE(NAME, WT, LOAD, R)                                                             \
+  static void NAME##R(const void *wb_, const float *x, int64_t k, v16 out[MAX_RB][NV]) {    \
+    const WT *wb = (const WT *)wb_;                                                       \
     v16 acc[R][NV];                                                                       \
     for (int r = 0; r < R; r++)                                                           \
       for (int j = 0; j < NV; j++) acc[r][j] = (v16){0};                                  \
     for (int64_t c = 0; c < k; c++) {                                                     \
-      const float *wc = wb + c * NB;                                                      \
+      const WT *wc = wb + c * NB;                                                         \
       for (int j = 0; j < NV; j++) __builtin_prefetch(wc + PREFETCH * NB + j * LANES);    \
       v16 wv[NV];                                                                         \
-      for (int j = 0; j < NV; j++) wv[j] = *(const v16u *)(wc + j * LANES);               \
+      LOAD(wc, wv);                                                                       \
       for (int r = 0; r < R; r++) {                                                       \
         float xs = x[r * k + c];                                                          \
         for (int j = 0; j < NV; j++) acc[r][j] += wv[j] * xs;                             \
@@ -90,29 +121,30 @@ void aurora_pack(const float *w, int64_t n, int64_t k, float *out) {
     for (int r = 0; r < R; r++)                                                           \
       for (int j = 0; j < NV; j++) out[r][j] = acc[r][j];                                 \
   }
-TILE(1)
-TILE(2)
-TILE(3)
-TILE(4)
-TILE(5)
-TILE(6)
-TILE(7)
-TILE(8)
-TILE(9)
-TILE(10)
-TILE(11)
-TILE(12)
+#define TILES_OF(NAME, WT, LOAD)                                                            \
+  TILE(NAME, WT, LOAD, 1) TILE(NAME, WT, LOAD, 2) TILE(NAME, WT, LOAD, 3)                   \
+  TILE(NAME, WT, LOAD, 4) TILE(NAME, WT, LOAD, 5) TILE(NAME, WT, LOAD, 6)                   \
+  TILE(NAME, WT, LOAD, 7) TILE(NAME, WT, LOAD, 8) TILE(NAME, WT, LOAD, 9)                   \
+  TILE(NAME, WT, LOAD, 10) TILE(NAME, WT, LOAD, 11) TILE(NAME, WT, LOAD, 12)
 
-typedef void (*tile_fn)(const float *, const float *, int64_t, v16[MAX_RB][NV]);
-static const tile_fn TILES[MAX_RB + 1] = {0,     tile1, tile2, tile3,  tile4,  tile5, tile6,
-                                          tile7, tile8, tile9, tile10, tile11, tile12};
+typedef void (*tile_fn)(const void *, const float *, int64_t, v16[MAX_RB][NV]);
+TILES_OF(tile_f32_, float, load_f32)
+TILES_OF(tile_bf16_, uint16_t, load_bf16)
+static const tile_fn TILES_F32[MAX_RB + 1] = {
+    0, tile_f32_1, tile_f32_2, tile_f32_3, tile_f32_4, tile_f32_5, tile_f32_6,
+    tile_f32_7, tile_f32_8, tile_f32_9, tile_f32_10, tile_f32_11, tile_f32_12};
+static const tile_fn TILES_BF16[MAX_RB + 1] = {
+    0, tile_bf16_1, tile_bf16_2, tile_bf16_3, tile_bf16_4, tile_bf16_5, tile_bf16_6,
+    tile_bf16_7, tile_bf16_8, tile_bf16_9, tile_bf16_10, tile_bf16_11, tile_bf16_12};
 
-/* Outputs of block b for input rows r0 .. r0 + RB - 1 (fewer at the end). */
-static void block_rows(const float *x, int64_t rows, int64_t k, const float *packed, int64_t n,
-                       const float *bias, float *y, int64_t b, int64_t r0) {
+/* Outputs of block b for input rows r0 .. r0 + RB - 1 (fewer at the end); ``esize`` is the
+ * size of one packed weight (4: float32, 2: bfloat16). */
+static void block_rows(const float *x, int64_t rows, int64_t k, const char *packed, int esize,
+                       const tile_fn *tiles, int64_t n, const float *bias, float *y, int64_t b,
+                       int64_t r0) {
   int64_t rb = rows - r0 < RB ? rows - r0 : RB, m = n - b * NB < NB ? n - b * NB : NB;
   v16 out[MAX_RB][NV];
-  TILES[rb](packed + b * k * NB, x + r0 * k, k, out);
+  tiles[rb](packed + b * k * NB * esize, x + r0 * k, k, out);
   for (int64_t r = 0; r < rb; r++) {
     const float *o = (const float *)out[r];
     float *yr = y + (r0 + r) * n + b * NB;
@@ -124,13 +156,14 @@ static void block_rows(const float *x, int64_t rows, int64_t k, const float *pac
  * threads. More rows (prefill, batches): groups of GROUP blocks stay in L2 while every tile of
  * RB rows runs over them. Either way each output is the same tile's same chain, so the loop
  * order cannot change a result. */
-void aurora_linear(const float *x, int64_t rows, int64_t k, const float *packed, int64_t n,
-                   const float *bias, float *y, int threads) {
+static void linear(const float *x, int64_t rows, int64_t k, const char *packed, int esize,
+                   const tile_fn *tiles, int64_t n, const float *bias, float *y, int threads) {
   int64_t nblocks = (n + NB - 1) / NB;
   if (rows <= 0) return; /* an empty call: nothing to write */
   if (rows <= RB) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < nblocks; b++) block_rows(x, rows, k, packed, n, bias, y, b, 0);
+    for (int64_t b = 0; b < nblocks; b++)
+      block_rows(x, rows, k, packed, esize, tiles, n, bias, y, b, 0);
     return;
   }
   int64_t groups = (nblocks + GROUP - 1) / GROUP;
@@ -138,5 +171,18 @@ void aurora_linear(const float *x, int64_t rows, int64_t k, const float *packed,
   for (int64_t g = 0; g < groups; g++)
     for (int64_t r0 = 0; r0 < rows; r0 += RB)
       for (int64_t b = g * GROUP; b < nblocks && b < (g + 1) * GROUP; b++)
-        block_rows(x, rows, k, packed, n, bias, y, b, r0);
+        block_rows(x, rows, k, packed, esize, tiles, n, bias, y, b, r0);
+}
+
+void aurora_linear(const float *x, int64_t rows, int64_t k, const float *packed, int64_t n,
+                   const float *bias, float *y, int threads) {
+  linear(x, rows, k, (const char *)packed, sizeof(float), TILES_F32, n, bias, y, threads);
+}
+
+/* Weights stored as bfloat16 (half the bytes a step reads), multiplied in float32: for draft
+ * heads, whose precision changes which tokens they propose, never an output. The packed layout
+ * is the float32 one's, in bfloat16 (aurora_pack_bf16). */
+void aurora_linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed,
+                        int64_t n, const float *bias, float *y, int threads) {
+  linear(x, rows, k, (const char *)packed, sizeof(uint16_t), TILES_BF16, n, bias, y, threads);
 }

@@ -142,8 +142,9 @@ def library(cache_dir: Path | None = None, compiler: str | None = None,
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.aurora_packed_floats.argtypes, lib.aurora_packed_floats.restype = [i64, i64], i64
     lib.aurora_pack.argtypes, lib.aurora_pack.restype = [ptr, i64, i64, ptr], None
-    lib.aurora_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
-    lib.aurora_linear.restype = None
+    lib.aurora_pack_bf16.argtypes, lib.aurora_pack_bf16.restype = [ptr, i64, i64, ptr], None
+    for fn in (lib.aurora_linear, lib.aurora_linear_bf16):
+        fn.argtypes, fn.restype = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int], None
     return lib
 
 
@@ -156,20 +157,34 @@ def supports(weight: torch.Tensor) -> bool:
 
 class RowLinear:
     """One weight (and bias) packed for the row kernel. The packing is a copy: the source weight
-    must not change afterwards (target weights are frozen)."""
+    must not change afterwards (target weights are frozen).
+
+    ``bf16_weights``: store the copy in bfloat16 (rounded to nearest) and multiply in float32.
+    A call then reads half the bytes, which is most of its time for the few rows of a draft
+    step; its results are those of the rounded weights, so it is for draft heads only (their
+    precision changes what they propose, never an output), never for a target."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 lib: ctypes.CDLL | None = None) -> None:
+                 lib: ctypes.CDLL | None = None, bf16_weights: bool = False) -> None:
         if not supports(weight):
             raise ValueError(f"row kernel cannot run a {tuple(weight.shape)} {weight.dtype} "
                              f"weight on {weight.device}")
         lib = lib or library()
         assert lib is not None
         self._lib = lib
+        self.bf16_weights = bf16_weights
         self.out_features, self.in_features = weight.shape
-        w = weight.detach().contiguous()
-        self.packed = torch.empty(lib.aurora_packed_floats(*w.shape), dtype=torch.float32)
-        lib.aurora_pack(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
+        size = lib.aurora_packed_floats(*weight.shape)
+        if bf16_weights:
+            w = weight.detach().to(torch.bfloat16).contiguous()
+            self.packed = torch.empty(size, dtype=torch.bfloat16)
+            lib.aurora_pack_bf16(w.data_ptr(), *w.shape, self.packed.data_ptr())
+            self._linear = lib.aurora_linear_bf16
+        else:
+            w = weight.detach().contiguous()
+            self.packed = torch.empty(size, dtype=torch.float32)
+            lib.aurora_pack(w.data_ptr(), *w.shape, self.packed.data_ptr())
+            self._linear = lib.aurora_linear
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +194,8 @@ class RowLinear:
         flat = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self._lib.aurora_linear(flat.data_ptr(), flat.shape[0], self.in_features,
-                                self.packed.data_ptr(), self.out_features, bias, out.data_ptr(),
-                                torch.get_num_threads())
+        self._linear(flat.data_ptr(), flat.shape[0], self.in_features, self.packed.data_ptr(),
+                     self.out_features, bias, out.data_ptr(), torch.get_num_threads())
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -64,3 +64,22 @@ def test_time_kernels_times_both_kernels_over_all_row_counts() -> None:
     t = time_kernels(weights, rows=(1, 3), repeats=3)
     assert t.rows == (1, 3) and t.plain_ms > 0 and t.packed_ms > 0
     assert t.packed_wins == (t.packed_ms < t.plain_ms)
+    assert t.packed_bf16_ms is None and t.fastest in ("F.linear", "packed")
+
+
+def test_draft_kernels_are_the_fastest_of_three_where_bfloat16_copies_run() -> None:
+    """runtime.draft_kernels times bfloat16 copies beside float32 ones for float32 heads
+    (where the row kernel builds) and takes whichever of the three is fastest."""
+    from aurora_spec.models import row_kernel
+
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g)]
+    t = time_kernels(weights, rows=(1, 3), repeats=3, bf16_weights=True)
+    if row_kernel.library() is None:
+        assert t.packed_bf16_ms is None
+        return
+    assert t.packed_bf16_ms is not None and t.packed_bf16_ms > 0
+    times = {"F.linear": t.plain_ms, "packed": t.packed_ms, "packed bf16": t.packed_bf16_ms}
+    assert t.fastest == min(times, key=lambda k: times[k])
+    bf16 = [w.bfloat16() for w in weights]  # a bfloat16 head has no float32 weights to round
+    assert time_kernels(bf16, rows=(1,), repeats=2, bf16_weights=True).packed_bf16_ms is None

@@ -314,6 +314,34 @@ def test_packed_serving_head_matches_plain_and_never_uses_stale_copies():
     assert "lm_head" not in head._packed
 
 
+@pytest.mark.skipif(not packed_kernels_available(), reason="no oneDNN packed linear")
+def test_bfloat16_copies_serve_the_rounded_head():
+    """A float32 head served from bfloat16 copies (runtime.draft_kernels' ``packed bf16``)
+    computes what its weights rounded to bfloat16 compute, and is repacked when the drafter's
+    choice changes."""
+    head = make_head(std=0.1)
+    rounded = copy.deepcopy(head)
+    with torch.no_grad():
+        for name in Eagle3Head._LINEARS:
+            w = getattr(rounded, name).weight
+            w.copy_(w.bfloat16().float())
+    drafter = Eagle3Drafter(head, embed_matrix(), bf16_weights=True)
+    kernels = {copy_.kernel for _, _, copy_ in head._packed.values()}
+    e, pos = torch.randn(1, 5, H, generator=torch.Generator().manual_seed(1)), torch.arange(5)[None]
+
+    def logits(h: Eagle3Head) -> torch.Tensor:
+        return h(h.fuse(rows(5, 1))[None], e, pos)[1]
+
+    with torch.no_grad():
+        if kernels == {"row kernel, bfloat16 weights"}:  # where the row kernel builds
+            torch.testing.assert_close(logits(head), logits(rounded), atol=1e-4, rtol=1e-4)
+        drafter.bf16_weights = False
+        drafter.pack(head)
+        assert not any(c.bf16_weights for _, _, c in head._packed.values())
+        torch.testing.assert_close(logits(head), logits(copy.deepcopy(head)), atol=1e-4,
+                                   rtol=1e-4)
+
+
 def test_last_catch_up_counts_the_backlog_a_proposal_ran():
     """The engine's cost model reads this to skip one-off catch-ups (drafters/eagle3.py)."""
     seq = Seq(Eagle3Drafter(make_head(), embed_matrix()), prompt_len=9)

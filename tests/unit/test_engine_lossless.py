@@ -163,6 +163,14 @@ def make_test_drafter(kind: str, model, reference: list[int]):
                                           draft_dtype="float32", lookup=False), model)
     if kind == "eagle3-nolookup":
         return make_drafter(DrafterConfig("eagle3", draft_vocab=64, lookup=False), model)
+    if kind == "eagle3-bf16-copies":  # a float32 head served from bfloat16 row-kernel copies
+        d = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32",
+                                       lookup=False), model)
+        if model.embed.weight.device.type != "cpu" or not packed_kernels_available():
+            pytest.skip("CPU kernels only")
+        d.cpu_kernels, d.bf16_weights = True, True
+        d.pack(d.head)
+        return d
     # defaults: a tree, the auto dtype, a lookup chain merged in
     return make_drafter(DrafterConfig("eagle3", draft_vocab=64), model)
 
@@ -185,7 +193,7 @@ def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
 
 
 @pytest.mark.parametrize("drafter_kind", ["ngram", "eagle3", "eagle3-nolookup",
-                                          "eagle3-chain-fp32"])
+                                          "eagle3-chain-fp32", "eagle3-bf16-copies"])
 def test_real_drafters_are_lossless(target, drafter_kind: str) -> None:
     model, _ = target
     base = make_engine(model, None)

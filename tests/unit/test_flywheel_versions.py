@@ -60,12 +60,14 @@ def test_candidates_are_served_with_the_drafters_kernels(tmp_path):
     candidate = head_for(model, seed=1)
     candidate.version = 1
     path = str(store.save(candidate))
-    for packed in (False, True):
-        drafter = Eagle3Drafter(head_for(model, std=0.3), model.embed.weight, cpu_kernels=packed)
+    for packed, bf16 in ((False, False), (True, False), (True, True)):
+        drafter = Eagle3Drafter(head_for(model, std=0.3), model.embed.weight, cpu_kernels=packed,
+                                bf16_weights=bf16)
         assert bool(drafter.head._packed) == packed
         pub = Publisher(drafter, make_engine(model, drafter), model, store)
         head = pub.offer(path)
         assert head is not None and bool(head._packed) == packed
+        assert all(c.bf16_weights == bf16 for _, _, c in head._packed.values())
 
 
 def test_corrupt_checkpoint_is_refused_and_serving_keeps_its_version(tmp_path, caplog):

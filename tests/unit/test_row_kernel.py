@@ -54,6 +54,26 @@ def test_a_rows_result_does_not_depend_on_the_call(shape: tuple[int, int]) -> No
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("shape", [(97, 64), (5, 64), (8192, 576), (33, 20)])
+def test_bfloat16_copies_compute_the_rounded_weights_in_float32(shape: tuple[int, int]) -> None:
+    """Draft heads' copies in bfloat16 (RowLinear bf16_weights): F.linear of the weights rounded
+    to bfloat16, in float32, for partial blocks too; a row's bits still never depend on the
+    rows beside it (both tile loop orders)."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
+    fast = RowLinear(w, b, bf16_weights=True)
+    assert fast.packed.dtype == torch.bfloat16 and fast.bf16_weights
+    x = torch.randn(20, shape[1], generator=g)
+    full = fast(x)
+    rounded = F.linear(x, w.bfloat16().float(), b)
+    torch.testing.assert_close(full, rounded, atol=1e-4, rtol=1e-5)
+    assert (full - F.linear(x, w, b)).abs().max() > (full - rounded).abs().max()  # not float32
+    alone = torch.cat([fast(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(full, alone)
+    for rows in (3, 7, 13):
+        assert torch.equal(fast(x[2:2 + rows]), full[2:2 + rows]), rows
+
+
 def test_another_register_tile_gives_the_same_bits(tmp_path: Path) -> None:
     """row_kernel.c's tile height is a speed choice only: a 3-row tile, built beside the
     default one (12 rows with AVX-512, 6 with AVX2), computes every row count bit for bit the
@@ -64,9 +84,11 @@ def test_another_register_tile_gives_the_same_bits(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(97, 576, generator=g), torch.randn(97, generator=g)
     default, narrow = RowLinear(w, b), RowLinear(w, b, lib=other)
+    half, half_narrow = (RowLinear(w, b, lib=lib, bf16_weights=True) for lib in (None, other))
     for rows in (1, 5, 6, 7, 12, 13, 30):
         x = torch.randn(rows, 576, generator=g)
         assert torch.equal(default(x), narrow(x)), rows
+        assert torch.equal(half(x), half_narrow(x)), rows
 
 
 def test_refuses_what_it_cannot_run() -> None:
@@ -84,6 +106,9 @@ def test_cpu_linear_takes_the_row_kernel_for_float32_only() -> None:
     bf16 = "oneDNN" if packs(torch.bfloat16) else "row kernel (float32 copy)"
     assert CpuLinear(torch.randn(8, 64).bfloat16()).kernel == bf16
     assert CpuLinear(torch.randn(8, 20)).kernel == "row kernel"  # any in-features
+    half = CpuLinear(torch.randn(8, 64), bf16_weights=True)
+    assert half.kernel == "row kernel, bfloat16 weights" and half.bf16_weights
+    assert CpuLinear(torch.randn(8, 64), use_row_kernel=False, bf16_weights=True).kernel == "oneDNN"
 
 
 def test_build_is_cached_and_a_missing_compiler_is_a_logged_fallback(
