@@ -19,6 +19,10 @@
  * so the same bits. On a 2-core AVX2-only EPYC it read a SmolLM2-135M forward's linears in 32-38
  * ms for 1-6 rows, against 54-69 ms for both MKL (1 row) and oneDNN packed.
  *
+ * Draft heads may store their copies in bfloat16 instead (aurora_linear_bf16): the same blocks
+ * and chains, each weight widened to float32 in registers, half the bytes read. Never a target's
+ * weights: rounding them would change the output.
+ *
  * Built by row_kernel.py with the system C compiler (-O3 -march=native -fopenmp). OpenMP
  * resolves to the libgomp PyTorch already loaded, so the kernel shares PyTorch's threads. */
 #include <stdint.h>
@@ -77,6 +81,7 @@ int aurora_native_width(void) {
 /* the tile this build uses (input rows), so a comparison can tell builds apart */
 int aurora_tile_rows(void) { return RB; }
 
+/* elements of a packed copy (floats, or bfloat16s for aurora_pack_bf16) */
 int64_t aurora_packed_floats(int64_t n, int64_t k) { return (n + NB - 1) / NB * NB * k; }
 
 /* packed layout: [n/NB blocks][k][NB], zero outputs past n */

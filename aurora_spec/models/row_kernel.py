@@ -38,6 +38,11 @@ weights (~15 GB/s; README, "Kernels depend on the CPU"), and 8-12 rows are bound
 multiply-adds. On a
 CPU with neither, the callers keep oneDNN.
 
+Draft heads can keep their copies in bfloat16 (``RowLinear(bf16_weights=True)``): the same
+chains over weights rounded to bfloat16 and widened in registers, half the bytes a call reads; a
+draft token on the AVX2-only EPYC 2.87 against 4.71 ms on one thread (``python
+scripts/draft_cost.py``). Only where an output cannot depend on it: never a target.
+
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$AURORA_KERNEL_CACHE`` (default ``~/.cache/aurora-spec/kernels``), keyed by source, compiler
 and CPU flags; the build is written then renamed, so concurrent processes never load a
