@@ -55,29 +55,34 @@ def load_target(cfg: ModelConfig) -> tuple[ModelInfo, Any, DecoderModel]:
 
 def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> torch.dtype:
     """The eagle3 head's dtype: ``name`` from DTYPES, or auto: bfloat16 on a CPU that multiplies
-    it natively (aurora_spec/hardware.py), else the target's."""
+    it natively (aurora_spec/hardware.py) and has no packed kernels to time it against (else
+    draft_kernels may still choose it), otherwise the target's."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"unknown draft dtype {name!r} (auto, {', '.join(DTYPES)})")
         return DTYPES[name]
-    if device.type == "cpu" and cpu_native_bf16():
+    if device.type == "cpu" and cpu_native_bf16() and not packed_kernels_available():
         return torch.bfloat16
     return target
 
 
-def draft_kernels(head: Any, tree_width: int) -> str:
+def draft_kernels(head: Any, tree_width: int, bf16_head: bool = False) -> str:
     """How the draft head's linears run (Eagle3Head.use_cpu_kernels): ``F.linear``, ``packed``
-    copies, or ``packed bf16`` (float32 weights' row-kernel copies stored in bfloat16): whichever
-    measures fastest on this CPU for a draft's row counts (1 at the root, one per branch below
-    it). Drafts only propose, so neither the kernel nor bfloat16 weights change an output. On a
-    plain AVX-512 host F.linear was the cheaper one; on an AVX2-only host bfloat16 weights
-    halve what a draft step reads (``python scripts/draft_cost.py``)."""
+    copies, ``packed bf16`` (float32 weights' row-kernel copies stored in bfloat16) or, where
+    ``bf16_head`` allows it, ``bf16 head`` (the head cast to bfloat16, packed by oneDNN):
+    whichever measures fastest on this CPU for a draft's row counts (1 at the root, one per
+    branch below it). Drafts only propose, so neither the kernel nor bfloat16 weights change an
+    output. On a plain AVX-512 host F.linear was the cheaper one; on AVX2-only and AVX512-BF16
+    hosts bfloat16 copies, which halve what a draft step reads and multiply in float32
+    (``python scripts/draft_cost.py``)."""
     if head.fc.weight.device.type != "cpu" or not packed_kernels_available():
         return "F.linear"
-    t = time_kernels(head.linear_weights(), rows=(1, tree_width), bf16_weights=True)
-    bf16 = "" if t.packed_bf16_ms is None else f", packed bf16 {t.packed_bf16_ms:.2f} ms"
+    t = time_kernels(head.linear_weights(), rows=(1, tree_width), bf16_weights=True,
+                     bf16_head=bf16_head)
+    more = "".join(f", {name} {ms:.2f} ms" for name, ms in (
+        ("packed bf16", t.packed_bf16_ms), ("bf16 head", t.bf16_head_ms)) if ms is not None)
     log.info("draft head kernels: %s (one pass for %s rows: F.linear %.2f ms, packed %.2f ms%s)",
-             t.fastest, "+".join(map(str, t.rows)), t.plain_ms, t.packed_ms, bf16)
+             t.fastest, "+".join(map(str, t.rows)), t.plain_ms, t.packed_ms, more)
     return t.fastest
 
 
@@ -129,7 +134,12 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
         head_cfg = Eagle3Config.from_spec(model.spec, cfg.draft_vocab)
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
     width = cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"]
-    kernels = draft_kernels(head, width)
+    # auto on a CPU with native bfloat16: a bfloat16 head is timed against float32's kernels
+    bf16_head = (cfg.draft_dtype == "auto" and device.type == "cpu" and cpu_native_bf16()
+                 and dtype == torch.float32)
+    kernels = draft_kernels(head, width, bf16_head)
+    if kernels == "bf16 head":
+        head = head.to(dtype=torch.bfloat16)
     learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
                             tree_width=width, cpu_kernels=kernels != "F.linear",
                             bf16_weights=kernels == "packed bf16",

@@ -116,6 +116,7 @@ class KernelTiming:
     plain_ms: float
     packed_ms: float
     packed_bf16_ms: float | None = None  # the packed copies in bfloat16 (None: not timed)
+    bf16_head_ms: float | None = None  # a bfloat16 copy of the weights, packed (None: not timed)
 
     @property
     def packed_wins(self) -> bool:
@@ -123,10 +124,12 @@ class KernelTiming:
 
     @property
     def fastest(self) -> str:
-        """``F.linear``, ``packed`` or ``packed bf16``: the kernel with the least time."""
+        """``F.linear``, ``packed``, ``packed bf16`` or ``bf16 head``: the least time."""
         times = {"F.linear": self.plain_ms, "packed": self.packed_ms}
         if self.packed_bf16_ms is not None:
             times["packed bf16"] = self.packed_bf16_ms
+        if self.bf16_head_ms is not None:
+            times["bf16 head"] = self.bf16_head_ms
         return min(times, key=lambda name: times[name])
 
 
@@ -159,16 +162,26 @@ def plain_kernels(weights: Sequence[torch.Tensor]) -> list[Kernel]:
 
 
 def time_kernels(weights: Sequence[torch.Tensor], rows: Sequence[int] = (1,),
-                 repeats: int = 15, bf16_weights: bool = False) -> KernelTiming:
+                 repeats: int = 15, bf16_weights: bool = False,
+                 bf16_head: bool = False) -> KernelTiming:
     """Time one pass over ``weights`` through ``F.linear`` and through packed copies, for each row
     count in ``rows``, interleaved (so a noisy moment hits both). Which kernel wins depends on the
     CPU: packed won at every row count on an AVX512-BF16 host (table above), while on a plain
     AVX-512 host MKL won for 1-3 rows (``python scripts/linear_kernels.py``). Where a choice cannot
     change an output (draft heads), serving measures it at load. ``bf16_weights``: also time
-    packed copies in bfloat16 (float32 weights on the row kernel only; draft heads only)."""
+    packed copies in bfloat16 (float32 weights on the row kernel only; draft heads only).
+    ``bf16_head``: also time a bfloat16 copy of the weights, packed (``--draft-dtype auto``'s
+    other choice where oneDNN multiplies bfloat16 natively); its calls take float32 rows and
+    cast them, as a bfloat16 head's caller would."""
     kernels: dict[str, list[Kernel]] = {"plain": plain_kernels(weights),
                                         "packed": [CpuLinear(w) for w in weights]}
     if bf16_weights and all(row_kernel.supports(w) for w in weights):
         kernels["bf16"] = [CpuLinear(w, bf16_weights=True) for w in weights]
+    if bf16_head and all(w.dtype == torch.float32 for w in weights):
+        kernels["bf16 head"] = [_from_float32(CpuLinear(w.bfloat16())) for w in weights]
     t = time_passes(weights, kernels, rows, repeats)
-    return KernelTiming(tuple(rows), t["plain"], t["packed"], t.get("bf16"))
+    return KernelTiming(tuple(rows), t["plain"], t["packed"], t.get("bf16"), t.get("bf16 head"))
+
+
+def _from_float32(kernel: Kernel) -> Kernel:
+    return lambda x: kernel(x.to(torch.bfloat16))

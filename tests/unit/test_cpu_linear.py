@@ -83,3 +83,19 @@ def test_draft_kernels_are_the_fastest_of_three_where_bfloat16_copies_run() -> N
     assert t.fastest == min(times, key=lambda k: times[k])
     bf16 = [w.bfloat16() for w in weights]  # a bfloat16 head has no float32 weights to round
     assert time_kernels(bf16, rows=(1,), repeats=2, bf16_weights=True).packed_bf16_ms is None
+
+
+def test_a_bfloat16_head_is_timed_beside_the_float32_kernels_when_asked() -> None:
+    """``--draft-dtype auto`` on a CPU with native bfloat16 times a bfloat16 copy of the head
+    beside float32's kernels (runtime.draft_kernels) and serves whichever is fastest."""
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g)]
+    assert time_kernels(weights, rows=(1, 3), repeats=2).bf16_head_ms is None
+    t = time_kernels(weights, rows=(1, 3), repeats=3, bf16_weights=True, bf16_head=True)
+    assert t.bf16_head_ms is not None and t.bf16_head_ms > 0
+    times = {"F.linear": t.plain_ms, "packed": t.packed_ms, "bf16 head": t.bf16_head_ms}
+    if t.packed_bf16_ms is not None:
+        times["packed bf16"] = t.packed_bf16_ms
+    assert t.fastest == min(times, key=lambda k: times[k])
+    bf16 = [w.bfloat16() for w in weights]  # already bfloat16: nothing else to time
+    assert time_kernels(bf16, rows=(1,), repeats=2, bf16_head=True).bf16_head_ms is None

@@ -163,6 +163,9 @@ def make_test_drafter(kind: str, model, reference: list[int]):
                                           draft_dtype="float32", lookup=False), model)
     if kind == "eagle3-nolookup":
         return make_drafter(DrafterConfig("eagle3", draft_vocab=64, lookup=False), model)
+    if kind == "eagle3-bf16-head":  # what --draft-dtype auto may choose on native bfloat16
+        return make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="bfloat16",
+                                          lookup=False), model)
     if kind == "eagle3-bf16-copies":  # a float32 head served from bfloat16 row-kernel copies
         d = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32",
                                        lookup=False), model)
@@ -184,7 +187,14 @@ def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
     bf16 = cpu_native_bf16() and model.embed.weight.device.type == "cpu"
     assert isinstance(d, LookupHybrid) and d.learned.tree_width == 3
     assert d.tree_width == 4  # the policy prices the lookup chain as one more branch
-    assert d.head.fc.weight.dtype == (torch.bfloat16 if bf16 else model.embed.weight.dtype)
+    # auto: the target's dtype, or on native bfloat16 whichever of a bfloat16 head and float32's
+    # kernels times faster (runtime.draft_kernels), the bfloat16 head without packed kernels
+    dtypes = {model.embed.weight.dtype}
+    if bf16:
+        dtypes = {torch.bfloat16} | (dtypes if packed_kernels_available() else set())
+    assert d.head.fc.weight.dtype in dtypes
+    if d.head.fc.weight.dtype == torch.bfloat16 and packed_kernels_available():
+        assert d.learned.cpu_kernels and not d.learned.bf16_weights
     chain = make_test_drafter("eagle3-chain-fp32", model, [])
     assert chain.tree_width == 1 and chain.head.fc.weight.dtype == torch.float32
     assert not isinstance(make_test_drafter("eagle3-nolookup", model, []), LookupHybrid)
@@ -193,7 +203,8 @@ def test_eagle3_defaults_tree_and_draft_dtype(target) -> None:
 
 
 @pytest.mark.parametrize("drafter_kind", ["ngram", "eagle3", "eagle3-nolookup",
-                                          "eagle3-chain-fp32", "eagle3-bf16-copies"])
+                                          "eagle3-chain-fp32", "eagle3-bf16-copies",
+                                          "eagle3-bf16-head"])
 def test_real_drafters_are_lossless(target, drafter_kind: str) -> None:
     model, _ = target
     base = make_engine(model, None)
