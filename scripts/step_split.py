@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--draft-weights", required=True)
     ap.add_argument("--domain", default="chat")
     ap.add_argument("--requests", type=int, default=10)
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip this many prompts of the domain's file first: `aurora train "
+                    "--requests N` trains on its first N, so --offset N measures a head on "
+                    "prompts it has not seen")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-lookup", action="store_true",
@@ -109,7 +113,7 @@ def main() -> None:
     without_c = (_no, *with_c[1:]) if a.compare_row_ops != "mlp" else (
         with_c[0], _torch_silu_mul, _torch_add_rms_norm)
     path = Path(resolve_traffic_dir(None)) / f"{a.domain}.jsonl"
-    prompts = [json.loads(line)["prompt"] for line in path.open()][:a.requests]
+    prompts = [json.loads(line)["prompt"] for line in path.open()][a.offset:a.offset + a.requests]
     stops = stop_token_ids(rt.info, rt.tokenizer)
     params = SamplingParams(max_tokens=a.max_tokens, stop_token_ids=stops)
     ids = [encode_prompt(rt.tokenizer, p, True) for p in prompts]
