@@ -105,6 +105,12 @@ class EngineArm:
         return ("packed" if runner.packed_kernels and runner.model.cpu_lm_head is not None
                 else "plain")
 
+    @property
+    def draft_kernels(self) -> str | None:
+        """The learned draft head's kernels and dtype (Eagle3Drafter.kernels); None without one."""
+        drafter = self.engine.drafter
+        return getattr(getattr(drafter, "learned", drafter), "kernels", None)
+
     def status(self) -> dict[str, Any]:
         """The drafter's own counters, when it keeps any (ngram, eagle3 + lookup)."""
         stats = getattr(self.engine.drafter, "stats", None)

@@ -172,6 +172,12 @@ def kernels_of(arms: Sequence[Arm]) -> dict[str, str]:
     return {a.name: k for a in arms if (k := getattr(a, "target_kernels", None))}
 
 
+def draft_kernels_of(arms: Sequence[Arm]) -> dict[str, str]:
+    """Each eagle3 arm's draft-head kernels and dtype as chosen at load (EngineArm.draft_kernels):
+    ``--draft-dtype auto`` picks by timing, so the run records what it served."""
+    return {a.name: k for a in arms if (k := getattr(a, "draft_kernels", None))}
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole benchmark
 
@@ -285,6 +291,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "draft_dtype": cfg.arm_options.draft_dtype, "lookup": cfg.arm_options.lookup,
         "load": cfg.arm_options.load,
         "reference_arm": reference, "target_kernels": kernels_of(arms),
+        "draft_kernels": draft_kernels_of(arms),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,
         "torch": torch.__version__, "transformers": transformers.__version__,

@@ -102,6 +102,15 @@ class Eagle3Drafter:
         # probe after k = 0 steps, the first after a swap): a one-off cost, not the per-token one.
         self.last_catch_up = 0
 
+    @property
+    def kernels(self) -> str:
+        """How the head's linears run now, with its dtype (runtime.draft_kernels chose it at
+        load): ``F.linear``, ``packed`` or ``packed bf16`` (bfloat16 row-kernel copies), e.g.
+        ``packed bf16, float32 head``. The bench records it per arm."""
+        name = ("F.linear" if not self.head._packed
+                else "packed bf16" if self.bf16_weights else "packed")
+        return f"{name}, {str(self.head.fc.weight.dtype).removeprefix('torch.')} head"
+
     # ---- lifecycle ----
 
     def start(self, request_id: str, prompt_ids: list[int], first_token: int,

@@ -60,6 +60,7 @@ def test_bench_end_to_end(smollm2_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert kernels["ngram"] == kernels["none@packed"] == "packed"
     assert kernels["none"] in ("plain", "packed")
     assert cfg["reference_arm"] == ("none" if kernels["none"] == "packed" else "none@packed")
+    assert cfg["draft_kernels"] == {}  # no eagle3 arm here (test_eagle3: Eagle3Drafter.kernels)
     for name, arm in results["arms"].items():
         assert arm["requests"] == 4
         assert arm["tokens_per_s"] > 0 and arm["tokens_per_s_p10"] <= arm["tokens_per_s_p90"]
