@@ -1,8 +1,9 @@
 """What one draft token costs serving: ``Eagle3Drafter.propose`` on the bundled model's head with
 plain ``F.linear`` weights, with the packed copies serving uses on CPU (the row kernel where it
 builds, else oneDNN), with float32 weights whose row-kernel copies are stored in bfloat16
-(``packed bf16 weights``, what runtime.draft_kernels picks where it measures fastest), and with a
-bfloat16 head (``packed bf16``: ``--draft-dtype auto`` on CPUs with bf16 kernels), interleaved.
+(``packed bf16``, what runtime.draft_kernels picks where it measures fastest), and with a
+bfloat16 head (``bf16 head``: what ``--draft-dtype auto`` served on CPUs with bf16 kernels until
+0f29e9e, now timed beside the others), interleaved; the names are runtime.draft_kernels' own.
 Usage: python scripts/draft_cost.py [--threads N] [--dtype TARGET_DTYPE]."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     drafters = {}
     for name, packed, bf16_weights, head_dtype in (
             ("F.linear", False, False, dtype), ("packed", True, False, dtype),
-            ("packed bf16 weights", True, True, dtype), ("packed bf16", True, False, torch.bfloat16)):
+            ("packed bf16", True, True, dtype), ("bf16 head", True, False, torch.bfloat16)):
         head = Eagle3Head.random(cfg).to(dtype=head_dtype)
         d = Eagle3Drafter(head, model.embed.weight, model.spec.embed_scale, cpu_kernels=packed,
                           bf16_weights=bf16_weights)

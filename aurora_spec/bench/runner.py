@@ -167,15 +167,12 @@ def pick_reference(arms: Sequence[ArmSpec | Arm]) -> str | None:
     return next((a.name for a in arms if a.kind == "hf"), None)
 
 
-def kernels_of(arms: Sequence[Arm]) -> dict[str, str]:
-    """Each engine arm's target kernels (EngineArm.target_kernels), for the report's checks."""
-    return {a.name: k for a in arms if (k := getattr(a, "target_kernels", None))}
-
-
-def draft_kernels_of(arms: Sequence[Arm]) -> dict[str, str]:
-    """Each eagle3 arm's draft-head kernels and dtype as chosen at load (EngineArm.draft_kernels):
-    ``--draft-dtype auto`` picks by timing, so the run records what it served."""
-    return {a.name: k for a in arms if (k := getattr(a, "draft_kernels", None))}
+def kernels_of(arms: Sequence[Arm], which: str = "target_kernels") -> dict[str, str]:
+    """Each engine arm's target kernels (EngineArm.target_kernels, for the report's checks), or
+    with ``which="draft_kernels"`` each eagle3 arm's draft-head kernels and dtype as chosen at
+    load (EngineArm.draft_kernels: ``--draft-dtype auto`` picks by timing, so the run records
+    what it served)."""
+    return {a.name: k for a in arms if (k := getattr(a, which, None))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +288,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "draft_dtype": cfg.arm_options.draft_dtype, "lookup": cfg.arm_options.lookup,
         "load": cfg.arm_options.load,
         "reference_arm": reference, "target_kernels": kernels_of(arms),
-        "draft_kernels": draft_kernels_of(arms),
+        "draft_kernels": kernels_of(arms, "draft_kernels"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,
         "torch": torch.__version__, "transformers": transformers.__version__,

@@ -327,7 +327,9 @@ def test_bfloat16_copies_serve_the_rounded_head():
             w.copy_(w.bfloat16().float())
     drafter = Eagle3Drafter(head, embed_matrix(), bf16_weights=True)
     kernels = {copy_.kernel for _, _, copy_ in head._packed.values()}
-    assert drafter.kernels == "packed bf16, float32 head"  # what the bench records
+    assert drafter.kernels == ("packed bf16, float32 head"  # what the bench records
+                               if kernels == {"row kernel, bfloat16 weights"}
+                               else "packed, float32 head")
     assert Eagle3Drafter(make_head(), embed_matrix(), cpu_kernels=False).kernels == (
         "F.linear, float32 head")
     e, pos = torch.randn(1, 5, H, generator=torch.Generator().manual_seed(1)), torch.arange(5)[None]
