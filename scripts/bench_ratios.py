@@ -49,7 +49,7 @@ def main() -> None:
 
 def by_threads(rs: list[dict], ref_by_index: dict[int, dict]) -> dict[str, dict[str, float]]:
     """Median per-request ratio to the base arm, per number of serving threads."""
-    from aurora_spec.bench.report import ratios_by_threads
+    from aurora_spec.bench.stream_report import ratios_by_threads
 
     ref_tps = {i: r["tokens_per_s"] for i, r in ref_by_index.items()}
     groups = {("?" if t is None else str(t)): v

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aurora_spec.bench.report import percentile
+from aurora_spec.bench.figures import percentile
 from aurora_spec.types import SamplingParams
 
 

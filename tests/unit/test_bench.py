@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aurora_spec.bench import plots, report
+from aurora_spec.bench import plots, report, stream_report
 from aurora_spec.bench.arms import (
     ArmOutput,
     BenchError,
@@ -474,33 +474,33 @@ def test_requests_over_time_table() -> None:
                      "domain": "chat", "segment": 0})
         recs.append({"arm": "online", "index": i, "tau": 2.0, "tau_head": 1.5,
                      "tokens_per_s": 10.0 if i < 50 else 30.0, "domain": "chat", "segment": 0})
-    assert [r[0] for r in report.request_ranges(recs)] == [
+    assert [r[0] for r in stream_report.request_ranges(recs)] == [
         "first 10 (0-9)", "0-49", "50-59", "last 50 (10-59)", "all (0-59)"]
     results = {"arms": {"none": {}, "online": {}}, "requests": recs}
-    lines = report.over_time_lines(results)
+    lines = stream_report.over_time_lines(results)
     assert "| 50-59 | 1.00 · 10.0 | 2.00 (1.50) · 30.0 · 3.00x |" in lines
     assert "| 0-49 | 1.00 · 10.0 | 2.00 (1.50) · 10.0 · 1.00x |" in lines
     for r in recs:
         r["segment"] = 0 if r["index"] < 30 else 1
         r["domain"] = "chat" if r["index"] < 30 else "code"
-    labels = [r[0] for r in report.request_ranges(recs)]
+    labels = [r[0] for r in stream_report.request_ranges(recs)]
     assert labels[1:3] == ["segment 0: chat (0-29)", "segment 1: code (30-59)"]
-    assert report.over_time_lines({"arms": {"none": {}}, "requests": recs[:20]}) == []
+    assert stream_report.over_time_lines({"arms": {"none": {}}, "requests": recs[:20]}) == []
     # Three segments: a row for all after the first change (the shift goal's range); without a
     # none arm the ratios are to the first static head.
     for r in recs:
         r["segment"] = min(r["index"] // 20, 2)
         if r["arm"] == "none":
             r["arm"] = "static:h"
-    labels = [r[0] for r in report.request_ranges(recs)]
+    labels = [r[0] for r in stream_report.request_ranges(recs)]
     assert labels[4] == "after the first change (20-59)", labels
-    lines = report.over_time_lines({"arms": {"static:h": {}, "online": {}}, "requests": recs})
+    lines = stream_report.over_time_lines({"arms": {"static:h": {}, "online": {}}, "requests": recs})
     assert any("ratio to `static:h`" in line for line in lines)
     assert "| after the first change (20-59) | 1.00 · 10.0 | 2.00 (1.50) · 10.0 · 1.00x |" in lines
     assert "| segment 2: code (40-59) | 1.00 · 10.0 | 2.00 (1.50) · 20.0 · 2.00x |" in lines
     # With none and a static head, online arms get both ratios: to none and to the static head.
     recs += [{**r, "arm": "none", "tokens_per_s": 5.0} for r in recs if r["arm"] == "static:h"]
-    lines = report.over_time_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
+    lines = stream_report.over_time_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
                                     "requests": recs})
     assert any("also their ratio to `static:h`" in line for line in lines)
     assert ("| segment 2: code (40-59) | 1.00 · 5.0 | 1.00 · 10.0 · 2.00x "
@@ -513,10 +513,10 @@ def test_report_has_a_row_per_trainer() -> None:
     status = {"trainer_step": 1187, "step_cpu_ms": 627.4, "step_ms": 1464.2, "swaps": 8,
               "rollbacks": 0, "gates": 47, "gate_rejections": 39, "rests": 0}
     results = {"arm_status": {"online-from:h@idle": status, "eagle3": {"draft_versions": 1}}}
-    lines = report.trainer_lines(results)
+    lines = stream_report.trainer_lines(results)
     assert "| `online-from:h@idle` | 1187 | 627.4 | 1464.2 | 8 | 0 | 47 (39) | 0 |" in lines
     assert not any("eagle3" in line for line in lines)
-    assert report.trainer_lines({"arm_status": {"eagle3": {}}}) == []
+    assert stream_report.trainer_lines({"arm_status": {"eagle3": {}}}) == []
 
 
 def test_report_splits_requests_by_serving_threads() -> None:
@@ -529,22 +529,22 @@ def test_report_splits_requests_by_serving_threads() -> None:
     # online: the first 30 requests on 1 thread at 1.1x, the last 30 on 2 at 1.5x and 1.3x
     recs += [{"arm": "online", "index": i, "threads": 1 if i < 30 else 2,
               "tokens_per_s": 11.0 if i < 30 else (15.0 if i % 2 else 13.0)} for i in range(60)]
-    lines = report.thread_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
+    lines = stream_report.thread_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
                                  "requests": recs})
     assert "| arm | requests | on 2 thread(s) | on 1 thread(s) |" in lines
     assert "| `online` | last 50 (10-59) | 30 · 1.40x | 20 · 1.10x |" in lines
     assert "| `online` | all (0-59) | 30 · 1.40x | 30 · 1.10x |" in lines
     assert not any("static:h" in line for line in lines)
     single = [{**r, "threads": 2} for r in recs]
-    assert report.thread_lines({"arms": {"none": {}, "online": {}}, "requests": single}) == []
+    assert stream_report.thread_lines({"arms": {"none": {}, "online": {}}, "requests": single}) == []
 
 
 def test_recovery_after_a_domain_change() -> None:
     """After each segment change: the level before (last 50), the new segment's mean, and after
     how many requests a 20-request mean is back to 90% of the level ('-': never)."""
     # The first 20-request mean with at most 4 of the 1.0s (>= 1.8) ends at the 21st request.
-    assert report.recovery([1.0] * 5 + [2.0] * 30, 1.8, window=20) == 21
-    assert report.recovery([1.0] * 40, 1.8, window=20) is None
+    assert stream_report.recovery([1.0] * 5 + [2.0] * 30, 1.8, window=20) == 21
+    assert stream_report.recovery([1.0] * 40, 1.8, window=20) is None
     recs = []
     for i in range(100):
         seg = int(i >= 60)
@@ -553,10 +553,10 @@ def test_recovery_after_a_domain_change() -> None:
             recs.append({"arm": arm, "index": i, "tau": t, "tokens_per_s": 10.0,
                          "domain": "code" if seg else "chat", "segment": seg})
     arms = {"none": {"tau": 1.0}, "online": {"tau": 1.8}, "static": {"tau": 1.6}}
-    lines = report.recovery_lines({"arms": arms, "requests": recs})
+    lines = stream_report.recovery_lines({"arms": arms, "requests": recs})
     assert lines[-1] == "| chat -> code (at 60) | 2.00 -> 1.75, 26 | 2.00 -> 1.00, - |"
     single = [r for r in recs if r["index"] < 60]
-    assert report.recovery_lines({"arms": arms, "requests": single}) == []
+    assert stream_report.recovery_lines({"arms": arms, "requests": single}) == []
 
 
 def test_target_only_on_other_kernels_is_measured_not_failed() -> None:
