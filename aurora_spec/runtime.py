@@ -53,17 +53,30 @@ def load_target(cfg: ModelConfig) -> tuple[ModelInfo, Any, DecoderModel]:
     return info, tokenizer, model
 
 
-def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> torch.dtype:
-    """The eagle3 head's dtype: ``name`` from DTYPES, or auto: bfloat16 on a CPU that multiplies
-    it natively (aurora_spec/hardware.py) and has no packed kernels to time it against (else
-    draft_kernels may still choose it), otherwise the target's."""
+@dataclass(frozen=True)
+class DraftDtype:
+    """How ``--draft-dtype`` resolves on this device: the dtype the head is loaded in, and
+    whether draft_kernels also times a bfloat16 copy of a float32 head (``bf16 head``)."""
+
+    dtype: torch.dtype
+    time_bf16_head: bool = False
+
+
+def draft_dtype(name: str, target: torch.dtype, device: torch.device) -> DraftDtype:
+    """The eagle3 head's dtype: ``name`` from DTYPES, or auto. Auto on a CPU that multiplies
+    bfloat16 natively (aurora_spec/hardware.py): bfloat16 outright where there are no packed
+    kernels to time it against; else the target's dtype, with a bfloat16 copy of the head timed
+    beside the float32 kernels (on the AVX512-BF16 host bfloat16 row-kernel copies of a float32
+    head beat it, ``python scripts/draft_cost.py``). Elsewhere auto is the target's dtype."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"unknown draft dtype {name!r} (auto, {', '.join(DTYPES)})")
-        return DTYPES[name]
-    if device.type == "cpu" and cpu_native_bf16() and not packed_kernels_available():
-        return torch.bfloat16
-    return target
+        return DraftDtype(DTYPES[name])
+    if device.type != "cpu" or not cpu_native_bf16():
+        return DraftDtype(target)
+    if not packed_kernels_available():
+        return DraftDtype(torch.bfloat16)
+    return DraftDtype(target, time_bf16_head=target == torch.float32)
 
 
 def draft_kernels(head: Any, tree_width: int, bf16_head: bool = False) -> str:
@@ -126,7 +139,8 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
 
     device = model.embed.weight.device
-    dtype = draft_dtype(cfg.draft_dtype, model.embed.weight.dtype, device)
+    precision = draft_dtype(cfg.draft_dtype, model.embed.weight.dtype, device)
+    dtype = precision.dtype
     if cfg.draft_weights:
         head = Eagle3Head.load(Path(cfg.draft_weights), device=device, dtype=dtype)
         _check_head_fits(head, model)
@@ -134,10 +148,7 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
         head_cfg = Eagle3Config.from_spec(model.spec, cfg.draft_vocab)
         head = Eagle3Head.random(head_cfg, seed=cfg.seed).to(device=device, dtype=dtype)
     width = cfg.tree_width or DEFAULT_TREE_WIDTH["eagle3"]
-    # auto on a CPU with native bfloat16: a bfloat16 head is timed against float32's kernels
-    bf16_head = (cfg.draft_dtype == "auto" and device.type == "cpu" and cpu_native_bf16()
-                 and dtype == torch.float32)
-    kernels = draft_kernels(head, width, bf16_head)
+    kernels = draft_kernels(head, width, precision.time_bf16_head)
     if kernels == "bf16 head":
         head = head.to(dtype=torch.bfloat16)
     learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,

@@ -7,7 +7,7 @@ import torch
 from aurora_spec.flywheel.trainer import bf16_autocast_ok
 from aurora_spec.hardware import cpu_flags_in_cpuinfo, cpu_native_bf16, native_bf16_in_cpuinfo
 from aurora_spec.models.cpu_linear import packed_kernels_available
-from aurora_spec.runtime import draft_dtype
+from aurora_spec.runtime import DraftDtype, draft_dtype
 
 # Abridged /proc/cpuinfo texts (two CPUs each: only the first one's flags count).
 ICE_LAKE = """processor\t: 0
@@ -45,8 +45,14 @@ def test_defaults_follow_the_cpu() -> None:
     cpu = torch.device("cpu")
     native = cpu_native_bf16()
     assert bf16_autocast_ok(cpu) == native
-    # auto: bfloat16 outright only where no packed kernels could time it against float32's
-    alone = native and not packed_kernels_available()
-    assert draft_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if alone else torch.float32)
-    assert draft_dtype("float32", torch.float32, cpu) == torch.float32  # an explicit choice stands
-    assert draft_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    # auto: bfloat16 outright only where no packed kernels could time it against float32's;
+    # with them, a float32 head and a bfloat16 copy of it timed beside its kernels
+    packed = packed_kernels_available()
+    auto = draft_dtype("auto", torch.float32, cpu)
+    assert auto.dtype == (torch.bfloat16 if native and not packed else torch.float32)
+    assert auto.time_bf16_head == (native and packed)
+    # an explicit choice stands, and nothing else is timed
+    assert draft_dtype("float32", torch.float32, cpu) == DraftDtype(torch.float32)
+    assert draft_dtype("bfloat16", torch.float32, cpu) == DraftDtype(torch.bfloat16)
+    # a bfloat16 target: auto keeps it, with no second bfloat16 head to time
+    assert not draft_dtype("auto", torch.bfloat16, cpu).time_bf16_head
