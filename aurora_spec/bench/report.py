@@ -28,7 +28,7 @@ from aurora_spec.bench.figures import (fmt_f, fmt_x, mean, median, percentile, r
                                        stats_of)
 from aurora_spec.bench.plots import plot_requests
 from aurora_spec.bench.stream_report import (over_time_lines, recovery_lines, thread_lines,
-                                             trainer_lines)
+                                             trainer_lines, training_lines)
 
 # The figures issue 2 asks for (README quotes the check lines).
 ENGINE_VS_HF_MIN = 1.3  # target-only engine vs transformers generate(), float32
@@ -262,6 +262,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += recovery_lines(results)
     lines += trainer_lines(results)
     lines += thread_lines(results)
+    lines += training_lines(results)
     lines += ["", "## Checks", "", "```"] + check_lines(results) + ["```", ""]
     extra = [k for k in results if k not in ("config", "arms", "checks", "requests")]
     if extra:

@@ -157,6 +157,66 @@ def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
     return lines
 
 
+def training_periods(recs: Sequence[dict[str, Any]]) -> list[tuple[int, int, Any, Any]]:
+    """One arm's training periods, as (first index, last index, version at the start, version
+    after): runs of consecutive requests served on fewer threads than the arm's most (its trainer
+    shares the cores and was training). "After" is the version of the next request served on
+    every thread, or of the period's last request when the run ended in it."""
+    counts = [r["threads"] for r in recs if r.get("threads") is not None]
+    if len(set(counts)) < 2:
+        return []
+    full = max(counts)
+    periods: list[tuple[int, int, Any, Any]] = []
+    start: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    for r in sorted(recs, key=lambda r: r["index"]):
+        training = r.get("threads") is not None and r["threads"] < full
+        if training and start is None:
+            start = r
+        elif not training and start is not None and last is not None:
+            periods.append((start["index"], last["index"], start.get("draft_version"),
+                            r.get("draft_version")))
+            start = None
+        last = r
+    if start is not None and last is not None:
+        periods.append((start["index"], last["index"], start.get("draft_version"),
+                        last.get("draft_version")))
+    return periods
+
+
+def training_lines(results: dict[str, Any]) -> list[str]:
+    """Per arm whose trainer shares the cores: each training period (the requests served on
+    fewer threads) and whether a new version went live by its end. A period that ends on the
+    same version cost serving its second thread for nothing the head kept (a probe whose
+    candidates did not pass the gate)."""
+    recs = results.get("requests") or []
+    rows = []
+    for a in results["arms"]:
+        periods = training_periods([r for r in recs if r["arm"] == a])
+        if not periods:
+            continue
+        end = max(r["index"] for r in recs if r["arm"] == a)
+        closed = [p for p in periods if p[1] < end]  # the run did not end in it
+        gained = [p for p in closed if p[2] != p[3]]
+        idle = [p for p in closed if p[2] == p[3]]
+
+        def size(ps: list[tuple[int, int, Any, Any]]) -> int:
+            return sum(hi - lo + 1 for lo, hi, _, _ in ps)
+
+        listed = ", ".join(f"{lo}-{hi} (v{v0}" + (f"->v{v1}" if v1 != v0 else "")
+                           + (", run ended)" if hi == end else ")") for lo, hi, v0, v1 in periods)
+        rows.append(f"| `{a}` | {len(gained)} · {size(gained)} | {len(idle)} · {size(idle)} | "
+                    f"{listed} |")
+    if not rows:
+        return []
+    return ["", "## Training periods", "",
+            "Per arm whose trainer shares the cores: periods served on fewer threads while it "
+            "trained, with a new version live by their end (periods · requests) and without (a "
+            "period the run ended in counts in neither); each period's requests and versions.",
+            "",
+            "| arm | new version | none | periods |", "|---|---|---|---|", *rows]
+
+
 def recovery(ys: Sequence[float], target: float, window: int = 20) -> int | None:
     """How many requests of a segment until the mean of the last ``window`` reaches ``target``
     (None: never within the segment)."""

@@ -494,14 +494,15 @@ def test_requests_over_time_table() -> None:
             r["arm"] = "static:h"
     labels = [r[0] for r in stream_report.request_ranges(recs)]
     assert labels[4] == "after the first change (20-59)", labels
-    lines = stream_report.over_time_lines({"arms": {"static:h": {}, "online": {}}, "requests": recs})
+    lines = stream_report.over_time_lines({"arms": {"static:h": {}, "online": {}},
+                                           "requests": recs})
     assert any("ratio to `static:h`" in line for line in lines)
     assert "| after the first change (20-59) | 1.00 · 10.0 | 2.00 (1.50) · 10.0 · 1.00x |" in lines
     assert "| segment 2: code (40-59) | 1.00 · 10.0 | 2.00 (1.50) · 20.0 · 2.00x |" in lines
     # With none and a static head, online arms get both ratios: to none and to the static head.
     recs += [{**r, "arm": "none", "tokens_per_s": 5.0} for r in recs if r["arm"] == "static:h"]
     lines = stream_report.over_time_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
-                                    "requests": recs})
+                                           "requests": recs})
     assert any("also their ratio to `static:h`" in line for line in lines)
     assert ("| segment 2: code (40-59) | 1.00 · 5.0 | 1.00 · 10.0 · 2.00x "
             "| 2.00 (1.50) · 20.0 · 4.00x · 2.00x vs static |") in lines
@@ -530,13 +531,36 @@ def test_report_splits_requests_by_serving_threads() -> None:
     recs += [{"arm": "online", "index": i, "threads": 1 if i < 30 else 2,
               "tokens_per_s": 11.0 if i < 30 else (15.0 if i % 2 else 13.0)} for i in range(60)]
     lines = stream_report.thread_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
-                                 "requests": recs})
+                                        "requests": recs})
     assert "| arm | requests | on 2 thread(s) | on 1 thread(s) |" in lines
     assert "| `online` | last 50 (10-59) | 30 · 1.40x | 20 · 1.10x |" in lines
     assert "| `online` | all (0-59) | 30 · 1.40x | 30 · 1.10x |" in lines
     assert not any("static:h" in line for line in lines)
     single = [{**r, "threads": 2} for r in recs]
-    assert stream_report.thread_lines({"arms": {"none": {}, "online": {}}, "requests": single}) == []
+    assert stream_report.thread_lines({"arms": {"none": {}, "online": {}},
+                                       "requests": single}) == []
+
+
+def test_report_lists_training_periods() -> None:
+    """Training periods: runs of requests an arm served on fewer threads (its trainer training),
+    each with the version before and after it; one that ends on the same version counts as
+    gaining nothing, one the run ended in counts in neither column."""
+    threads = [1] * 5 + [2] * 5 + [1] * 3 + [2] * 4 + [1] * 3
+    versions = [0, 0, 0, 1, 1] + [1] * 15
+    recs = [{"arm": "online", "index": i, "threads": t, "draft_version": v}
+            for i, (t, v) in enumerate(zip(threads, versions, strict=True))]
+    recs += [{"arm": "static:h", "index": i, "threads": 2, "draft_version": 0} for i in range(20)]
+    recs += [{"arm": "none", "index": i} for i in range(20)]
+    assert stream_report.training_periods([r for r in recs if r["arm"] == "online"]) == [
+        (0, 4, 0, 1), (10, 12, 1, 1), (17, 19, 1, 1)]
+    lines = stream_report.training_lines({"arms": {"none": {}, "static:h": {}, "online": {}},
+                                          "requests": recs})
+    assert lines[-1] == ("| `online` | 1 · 5 | 1 · 3 | 0-4 (v0->v1), 10-12 (v1), "
+                         "17-19 (v1, run ended) |")
+    assert not any("static:h" in line or "`none`" in line for line in lines)
+    steady = [r for r in recs if r["arm"] != "online"]
+    assert stream_report.training_lines({"arms": {"none": {}, "static:h": {}},
+                                         "requests": steady}) == []
 
 
 def test_recovery_after_a_domain_change() -> None:
