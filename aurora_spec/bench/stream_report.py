@@ -1,6 +1,7 @@
 """The report.md sections of streams and online arms: tau and tokens/s over ranges of requests,
-recovery after each domain change, the trainers at the end of the run, and what serving on fewer
-threads (a trainer sharing the cores) cost per request."""
+recovery after each domain change, the trainers at the end of the run, what serving on fewer
+threads (a trainer sharing the cores) cost per request, and which of those training periods put
+a new version live."""
 
 from __future__ import annotations
 
@@ -184,11 +185,15 @@ def training_periods(recs: Sequence[dict[str, Any]]) -> list[tuple[int, int, Any
     return periods
 
 
+def _requests_in(periods: list[tuple[int, int, Any, Any]]) -> int:
+    return sum(hi - lo + 1 for lo, hi, _, _ in periods)
+
+
 def training_lines(results: dict[str, Any]) -> list[str]:
     """Per arm whose trainer shares the cores: each training period (the requests served on
     fewer threads) and whether a new version went live by its end. A period that ends on the
-    same version cost serving its second thread for nothing the head kept (a probe whose
-    candidates did not pass the gate)."""
+    same version cost serving its second thread for nothing the head kept (its candidates did
+    not pass the gate; most such periods are probes)."""
     recs = results.get("requests") or []
     rows = []
     for a in results["arms"]:
@@ -199,14 +204,10 @@ def training_lines(results: dict[str, Any]) -> list[str]:
         closed = [p for p in periods if p[1] < end]  # the run did not end in it
         gained = [p for p in closed if p[2] != p[3]]
         idle = [p for p in closed if p[2] == p[3]]
-
-        def size(ps: list[tuple[int, int, Any, Any]]) -> int:
-            return sum(hi - lo + 1 for lo, hi, _, _ in ps)
-
         listed = ", ".join(f"{lo}-{hi} (v{v0}" + (f"->v{v1}" if v1 != v0 else "")
                            + (", run ended)" if hi == end else ")") for lo, hi, v0, v1 in periods)
-        rows.append(f"| `{a}` | {len(gained)} · {size(gained)} | {len(idle)} · {size(idle)} | "
-                    f"{listed} |")
+        rows.append(f"| `{a}` | {len(gained)} · {_requests_in(gained)} | "
+                    f"{len(idle)} · {_requests_in(idle)} | {listed} |")
     if not rows:
         return []
     return ["", "## Training periods", "",
