@@ -77,6 +77,74 @@ void aurora_rope_at(float *x, int64_t rows, int64_t row_stride, int64_t heads, i
   }
 }
 
+/* GCC vectorises the exp loops (SiLU, attention's softmax) only without trapping math (the
+ * clamp is control flow otherwise), and contracts no multiply-add into an FMA, so that the
+ * vector body and a scalar remainder (which elements fall in which depends on the output's
+ * alignment) round every step alike: each float's result never depends on where it sits in
+ * memory. */
+#define ELEMENTWISE __attribute__((optimize("no-trapping-math", "fp-contract=off")))
+
+/* exp(x) for the SiLU and the softmax, branch-free so their loops vectorise (libm's expf is a
+ * call per float: ~30% of attention's time with one per key): Cody-Waite reduction
+ * x = n ln2 + r with ln2 in two parts, then Cephes' degree-6 polynomial for exp(r), scaled by
+ * 2^n through the exponent bits; within a few ulp of expf over the clamped range [-87.3, 88.3]
+ * (tests/unit/test_row_ops.py). */
+static inline ELEMENTWISE float exp_poly(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  float n = floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+  return p * scale.f;
+}
+
+/* e[j] = exp(s[j] - top) in place for one head's scores; masked keys (m[j] = -inf) get 0 (and
+ * exp_poly sees 0 for them, never a NaN, even when every key is masked and top is -inf). */
+static ELEMENTWISE void exp_scores(float *s, const float *m, int64_t n, float top) {
+  for (int64_t j = 0; j < n; j++) {
+    int masked = m[j] == -INFINITY;
+    float e = exp_poly(masked ? 0.0f : s[j] - top);
+    s[j] = masked ? 0.0f : e;
+  }
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+/* acc[c] = sum over unmasked keys j, in position order, of e[j] * vals[j, c]: each output the
+ * chain the plain loop (pv_any) makes, with the D outputs in registers instead of stored back
+ * at every key (the store of each key's update bounded the loop). */
+#define PV_FIXED(D)                                                                         \
+  static void pv_##D(const float *e, const float *m, const float *vals, int64_t kv_len,     \
+                     float *acc) {                                                          \
+    v16 a[D / 16];                                                                          \
+    for (int v = 0; v < D / 16; v++) a[v] = (v16){0};                                       \
+    for (int64_t j = 0; j < kv_len; j++) {                                                  \
+      if (m[j] == -INFINITY) continue;                                                      \
+      for (int v = 0; v < D / 16; v++) a[v] += e[j] * *(const v16u *)(vals + j * D + v * 16); \
+    }                                                                                       \
+    for (int v = 0; v < D / 16; v++) *(v16u *)(acc + v * 16) = a[v];                       \
+  }
+PV_FIXED(64)
+#ifdef __AVX512F__
+PV_FIXED(128) /* 8 registers of 16; with AVX2's 16 registers of 8 it would spill */
+#endif
+
+static void pv_any(const float *e, const float *m, const float *vals, int64_t kv_len, int64_t d,
+                   float *acc) {
+  for (int64_t c = 0; c < d; c++) acc[c] = 0.0f;
+  for (int64_t j = 0; j < kv_len; j++) {
+    if (m[j] == -INFINITY) continue;
+    for (int64_t c = 0; c < d; c++) acc[c] += e[j] * vals[j * d + c];
+  }
+}
+
 /* One layer's attention for n query tokens, in the layout of the fused q/k/v projection (rows of
  * width w: nq query heads, nkv key heads, nkv value heads, d floats each, q and k rotated).
  * Token i writes its key and value into the cache, (B, nkv, cap, d), at batch row batch[i] and
@@ -110,6 +178,7 @@ void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t n
     const float *m = mask + (batch ? mask_row[i] : i) * kv_len;
     float score[kv_len], acc[d], top = -INFINITY, sum = 0.0f;
     for (int64_t j = 0; j < kv_len; j++) {
+      score[j] = -INFINITY; /* masked keys: a defined value for the exp pass, weighted 0 there */
       if (m[j] == -INFINITY) continue;
       float part[8] = {0};
       int64_t c = 0;
@@ -121,41 +190,20 @@ void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t n
       score[j] = dot * scale + m[j];
       if (score[j] > top) top = score[j];
     }
-    for (int64_t c = 0; c < d; c++) acc[c] = 0.0f;
-    for (int64_t j = 0; j < kv_len; j++) {
-      if (m[j] == -INFINITY) continue;
-      float e = expf(score[j] - top);
-      sum += e;
-      for (int64_t c = 0; c < d; c++) acc[c] += e * vals[j * d + c];
-    }
+    exp_scores(score, m, kv_len, top);  /* score[j] is now key j's weight */
+    for (int64_t j = 0; j < kv_len; j++)
+      if (m[j] != -INFINITY) sum += score[j];
+    if (d == 64)
+      pv_64(score, m, vals, kv_len, acc);
+#ifdef __AVX512F__
+    else if (d == 128)
+      pv_128(score, m, vals, kv_len, acc);
+#endif
+    else
+      pv_any(score, m, vals, kv_len, d, acc);
     float *o = out + i * nq * d + h * d;
     for (int64_t c = 0; c < d; c++) o[c] = sum > 0.0f ? acc[c] / sum : 0.0f;
   }
-}
-
-/* GCC vectorises the SiLU loop only without trapping math (the clamp is control flow
- * otherwise), and contracts no multiply-add into an FMA, so that the vector body and a scalar
- * remainder (which elements fall in which depends on the output's alignment) round every step
- * alike: each float's result never depends on where it sits in memory. */
-#define ELEMENTWISE __attribute__((optimize("no-trapping-math", "fp-contract=off")))
-
-/* exp(x) for the SiLU, branch-free so the loop below vectorises (libm's expf is a call per
- * float): Cody-Waite reduction x = n ln2 + r with ln2 in two parts, then Cephes' degree-6
- * polynomial for exp(r), scaled by 2^n through the exponent bits; within a few ulp of expf over
- * the clamped range [-87.3, 88.3] (tests/unit/test_row_ops.py). */
-static inline ELEMENTWISE float exp_poly(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  float n = floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-  return p * scale.f;
 }
 
 /* The gated MLP's activation: out[r, i] = silu(gu[r, i]) * gu[r, dim + i] for rows of the fused

@@ -35,9 +35,11 @@ SOURCE = Path(__file__).with_name("row_ops.c")
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled row_ops.c, or None (logged once) where it cannot be built or loaded."""
-    lib = compile_and_load(SOURCE, "row ops",
+def library(source: Path = SOURCE) -> ctypes.CDLL | None:
+    """The compiled row_ops.c, or None (logged once) where it cannot be built or loaded.
+    ``source``: another version of it, for before/after comparisons (scripts/verify_shapes.py
+    ``--baseline-row-ops``); its results may differ in the last bits."""
+    lib = compile_and_load(source, "row ops",
                            "RMSNorm, rotary embeddings, attention and the MLP's activation use "
                            "PyTorch's operations")
     if lib is None:

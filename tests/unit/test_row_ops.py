@@ -156,12 +156,14 @@ def _no_rotation(rows: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(1, 1, rows, d), torch.zeros(1, 1, rows, d)
 
 
-def test_attend_matches_sdpa_and_a_token_does_not_depend_on_its_neighbours() -> None:
+@pytest.mark.parametrize("d", [64, 128, 96])
+def test_attend_matches_sdpa_and_a_token_does_not_depend_on_its_neighbours(d: int) -> None:
     """A 5-token tree verify over a 40-position cache (9 query heads over 3 key/value heads, as
     SmolLM2): sdpa's result, the keys and values written where sdpa's path writes them, and each
-    token's bits the same alone, with the others, and with masked positions past its keys."""
+    token's bits the same alone, with the others, and with masked positions past its keys. Head
+    sizes 64 and 128 take the kernel's register paths for the weighted values, 96 its loop."""
     g = torch.Generator().manual_seed(3)
-    heads, (nq, nkv, d), cap, start, t = (9, 3, 64), (9, 3, 64), 64, 40, 5
+    heads, (nq, nkv), cap, start, t = (9, 3, d), (9, 3), 64, 40, 5
     qkv = torch.randn(1, t, (nq + 2 * nkv) * d, generator=g)
     cache = torch.randn(2, 1, nkv, cap, d, generator=g)
     allowed = torch.ones(t, start + t, dtype=torch.bool)
