@@ -106,13 +106,10 @@ class Eagle3Drafter:
     def kernels(self) -> str:
         """How the head's linears run now, with its dtype (runtime.draft_kernels chose it at
         load): ``F.linear``, ``packed`` or ``packed bf16`` (bfloat16 row-kernel copies), e.g.
-        ``packed bf16, float32 head``, read off the copies themselves (bfloat16 copies are only
-        asked for, not made, where the row kernel does not build). The bench records it."""
-        copies = [c for _, _, c in self.head._packed.values()]
-        name = ("F.linear" if not copies
-                else "packed bf16" if any(c.row and c.row.bf16_weights for c in copies)
-                else "packed")
-        return f"{name}, {str(self.head.fc.weight.dtype).removeprefix('torch.')} head"
+        ``packed bf16, float32 head``, read off the copies themselves (Eagle3Head.cpu_kernels).
+        The bench records it."""
+        dtype = str(self.head.fc.weight.dtype).removeprefix("torch.")
+        return f"{self.head.cpu_kernels()}, {dtype} head"
 
     # ---- lifecycle ----
 

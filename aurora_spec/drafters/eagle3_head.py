@@ -226,6 +226,15 @@ class Eagle3Head(nn.Module):
                                       CpuLinear(weight, bf16_weights=bf16_weights))
         return True
 
+    def cpu_kernels(self) -> str:
+        """The copies serving reads now, in runtime.draft_kernels' names: ``F.linear`` (none),
+        ``packed``, or ``packed bf16`` (bfloat16 row-kernel copies; a host without the row kernel
+        ignores the request for them, so this reads the copies, not the request)."""
+        copies = [c for _, _, c in self._packed.values()]
+        if not copies:
+            return "F.linear"
+        return "packed bf16" if any(c.row and c.row.bf16_weights for c in copies) else "packed"
+
     def linear_weights(self) -> list[torch.Tensor]:
         """The weights use_cpu_kernels packs (what runtime.draft_kernels times)."""
         return [getattr(self, name).weight for name in self._LINEARS]
