@@ -178,6 +178,9 @@ class GenerationStats:
     accepted_per_depth: list[int] = field(default_factory=list)
     proposed_per_depth: list[int] = field(default_factory=list)
     draft_versions: set[int] = field(default_factory=set)
+    # Verify steps per serving thread count (torch's, when the step ran). Serving moves between
+    # thread counts while an online trainer shares the cores, also in the middle of a request.
+    steps_by_threads: dict[int, int] = field(default_factory=dict)
     # The draft-length policy's state when the request started and when it ended
     # (drafters/policy.py PolicySnapshot.as_dict); None without a drafter.
     policy_start: dict[str, object] | None = None

@@ -47,6 +47,9 @@ class ArmOutput:
     tau_head: float | None = None
     tau_lookup: float | None = None
     threads: int | None = None  # serving threads, when the arm changes them (online arms)
+    # Verify steps per serving thread count (GenerationStats.steps_by_threads): an online arm's
+    # trainer may start or stop training, and serving change its thread count, mid-request.
+    threads_steps: dict[int, int] | None = None
     # The draft-length policy at the request's start and end (PolicySnapshot.as_dict).
     policy: dict[str, Any] | None = None
 
@@ -93,7 +96,7 @@ class EngineArm:
                          s.emitted, s.decode_s, s.prefill_s, s.tau,
                          max(s.draft_versions, default=0),
                          s.proposed if speculates else None, s.accepted if speculates else None,
-                         tau_head, tau_lookup,
+                         tau_head, tau_lookup, threads_steps=dict(s.steps_by_threads),
                          policy=({"start": s.policy_start, "end": s.policy_end}
                                  if s.policy_start is not None else None))
 

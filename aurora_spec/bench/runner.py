@@ -92,7 +92,10 @@ def make_record(arm: Arm, index: int, req: BenchRequest, out: ArmOutput, order: 
         "token_ids_sha1": token_hash(out.token_ids), "diverged_at": None,
     }
     if out.threads is not None:  # online arms: 1 while the trainer trains, all while it rests
-        rec["threads"] = out.threads
+        rec["threads"] = out.threads  # at its start
+        if out.threads_steps:  # verify steps per thread count ({"2": 40, "1": 12}: mixed)
+            rec["threads_steps"] = {str(n): c for n, c in sorted(out.threads_steps.items(),
+                                                                 reverse=True)}
     if out.tau_head is not None:  # a drafter with a lookup chain: each source's share
         rec["tau_head"] = round(out.tau_head, 4)
         rec["tau_lookup"] = None if out.tau_lookup is None else round(out.tau_lookup, 4)

@@ -112,14 +112,34 @@ def trainer_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+MIXED = "mixed"
+
+
+def served_on(r: dict[str, Any]) -> set[int]:
+    """The serving thread counts a request's verify steps ran on: its ``threads_steps`` where
+    recorded, else the count it started on (older results), else none."""
+    if r.get("threads_steps"):
+        return {int(n) for n, steps in r["threads_steps"].items() if steps}
+    return {r["threads"]} if r.get("threads") is not None else set()
+
+
+def thread_class(r: dict[str, Any]) -> Any:
+    """A request's serving thread count, ``MIXED`` when it moved between counts (its trainer
+    started or stopped training mid-request), None when it recorded none."""
+    counts = served_on(r)
+    if not counts:
+        return None
+    return counts.pop() if len(counts) == 1 else MIXED
+
+
 def ratios_by_threads(recs: Iterable[dict[str, Any]],
                       ref_tps: dict[int, float]) -> dict[Any, list[float]]:
-    """Per serving thread count (None where a request recorded none), each request's tokens/s
-    over the reference arm's on the same request index (indices the reference lacks skipped)."""
+    """Per serving thread count (``thread_class``), each request's tokens/s over the reference
+    arm's on the same request index (indices the reference lacks skipped)."""
     groups: dict[Any, list[float]] = {}
     for r in recs:
         if ref_tps.get(r["index"]):
-            groups.setdefault(r.get("threads"), []).append(
+            groups.setdefault(thread_class(r), []).append(
                 r["tokens_per_s"] / ref_tps[r["index"]])
     return groups
 
@@ -134,18 +154,27 @@ def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
     if not recs or ref_arm is None:
         return []
     ref = {r["index"]: r["tokens_per_s"] for r in recs if r["arm"] == ref_arm}
-    counts_of = {a: {r["threads"] for r in recs if r["arm"] == a and r.get("threads") is not None}
-                 for a in results["arms"] if a != ref_arm}
+    counts_of: dict[str, set[int]] = {a: set() for a in results["arms"] if a != ref_arm}
+    mixed = False
+    for r in recs:
+        if r["arm"] in counts_of:
+            counts_of[r["arm"]] |= served_on(r)
+            mixed = mixed or thread_class(r) == MIXED
     shared = [a for a, cs in counts_of.items() if len(cs) > 1]
     if not shared:
         return []
     n = max(r["index"] for r in recs) + 1
-    counts = sorted(set().union(*(counts_of[a] for a in shared)), reverse=True)
+    counts: list[Any] = sorted(set().union(*(counts_of[a] for a in shared)), reverse=True)
+    heads = [f"on {c} thread(s)" for c in counts]
+    if mixed:  # requests whose trainer started or stopped training while they were served
+        counts.append(MIXED)
+        heads.append("mixed")
     lines = ["", "## Serving threads", "",
              "Per arm whose trainer shares the cores (serving runs on fewer threads while it "
-             "trains): requests served on each thread count, and their median per-request "
+             "trains): requests served on each thread count (mixed: on more than one, the "
+             "trainer started or stopped mid-request), and their median per-request "
              f"ratio to `{ref_arm}` on the same requests.", "",
-             "| arm | requests | " + " | ".join(f"on {c} thread(s)" for c in counts) + " |",
+             "| arm | requests | " + " | ".join(heads) + " |",
              "|" + "---|" * (len(counts) + 2)]
     spans = [(f"last {block} ({n - block}-{n - 1})", n - block)] if n > block else []
     for a in shared:
@@ -160,18 +189,19 @@ def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
 
 def training_periods(recs: Sequence[dict[str, Any]]) -> list[tuple[int, int, Any, Any]]:
     """One arm's training periods, as (first index, last index, version at the start, version
-    after): runs of consecutive requests served on fewer threads than the arm's most (its trainer
-    shares the cores and was training). "After" is the version of the next request served on
-    every thread, or of the period's last request when the run ended in it."""
-    counts = [r["threads"] for r in recs if r.get("threads") is not None]
-    if len(set(counts)) < 2:
+    after): runs of consecutive requests served on fewer threads than the arm's most, for all or
+    part of the request (its trainer shares the cores and was training). "After" is the version
+    of the next request served on every thread, or of the period's last request when the run
+    ended in it."""
+    counts = set().union(*(served_on(r) for r in recs))
+    if len(counts) < 2:
         return []
     full = max(counts)
     periods: list[tuple[int, int, Any, Any]] = []
     start: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     for r in sorted(recs, key=lambda r: r["index"]):
-        training = r.get("threads") is not None and r["threads"] < full
+        training = min(served_on(r), default=full) < full  # on fewer threads, at least a while
         if training and start is None:
             start = r
         elif not training and start is not None and last is not None:

@@ -158,8 +158,11 @@ class Engine:
             return
         # Costs are learnt per thread count: the learner moves serving between one and two
         # threads as its trainer takes or gives back a core.
-        self.costs.condition = torch.get_num_threads()
+        threads = self.costs.condition = torch.get_num_threads()
         seqs = list(self.running)
+        for seq in seqs:
+            by = seq.stats.steps_by_threads
+            by[threads] = by.get(threads, 0) + 1
         proposals = self._draft(seqs)
         t0 = time.perf_counter()
         outs = self.runner.verify_batch([VerifyItem(seq.slot, seq.output[-1], prop)

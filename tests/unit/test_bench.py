@@ -563,6 +563,50 @@ def test_report_lists_training_periods() -> None:
                                          "requests": steady}) == []
 
 
+def test_requests_that_changed_thread_count_are_mixed() -> None:
+    """A request whose steps ran on two thread counts (the trainer woke or rested while it was
+    served) is 'mixed' in Serving threads, not counted under the count it started on, and it
+    starts or ends a training period; records without threads_steps (older results) keep the
+    count they started on."""
+    recs = [{"arm": "none", "index": i, "tokens_per_s": 10.0} for i in range(6)]
+    steps = [{"2": 30}, {"2": 20, "1": 8}, {"1": 25}, {"2": 5, "1": 20}, {"2": 30}, None]
+    recs += [{"arm": "online", "index": i, "threads": 2, "tokens_per_s": 10.0 + i,
+              "draft_version": int(i >= 3), **({"threads_steps": st} if st else {})}
+             for i, st in enumerate(steps)]
+    assert [stream_report.thread_class(r) for r in recs[6:]] == [2, "mixed", 1, "mixed", 2, 2]
+    lines = stream_report.thread_lines({"arms": {"none": {}, "online": {}}, "requests": recs})
+    assert "| arm | requests | on 2 thread(s) | on 1 thread(s) | mixed |" in lines
+    assert "| `online` | all (0-5) | 3 · 1.40x | 1 · 1.20x | 2 · 1.20x |" in lines
+    periods = stream_report.training_periods([r for r in recs if r["arm"] == "online"])
+    assert periods == [(1, 3, 0, 1)]
+
+
+def test_engine_counts_steps_per_thread_count() -> None:
+    """GenerationStats.steps_by_threads: every verify step under the thread count it ran on,
+    also when the count changes mid-request (a trainer starting or stopping)."""
+    import torch
+
+    from aurora_spec.engine.engine import Engine, EngineConfig
+    from aurora_spec.models.runner import CacheConfig, TargetRunner
+    from aurora_spec.types import SamplingParams
+    from tests.tiny_models import tiny_target
+
+    model, _ = tiny_target()
+    engine = Engine(TargetRunner(model, CacheConfig(1, 64)), None, EngineConfig(calibrate=False))
+    outer = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seq = engine.add_request([1, 2, 3], SamplingParams(max_tokens=6))
+        engine.step()  # prefill and the first verify step
+        engine.step()
+        torch.set_num_threads(1)
+        while not seq.finished:
+            engine.step()
+    finally:
+        torch.set_num_threads(outer)
+    assert seq.stats.steps_by_threads == {2: 2, 1: seq.stats.verify_steps - 2}
+
+
 def test_recovery_after_a_domain_change() -> None:
     """After each segment change: the level before (last 50), the new segment's mean, and after
     how many requests a 20-request mean is back to 90% of the level ('-': never)."""
