@@ -114,6 +114,13 @@ class TrainerConfig:
     # day-0 stream to ~0.95 every ~4096 emitted tokens, with no change in the traffic. A real
     # shift also drops the served acceptance, and that wake keeps rest_after_rejections.
     rest_coverage_probe: bool = True
+    # > 0: a probe (a wake on new windows or on coverage, see above) judges its first candidate
+    # after this many optimizer steps instead of publish_every. Why: a probe that finds nothing
+    # costs serving its second thread until that gate (7-11 requests on the day-0 stream), and
+    # most probes of a head that stopped improving find nothing; the price is a probe that
+    # would have found a better head after publish_every steps and does not after fewer.
+    # 0: publish_every (the default; bench suffix @trainer.probe_publish_every=N to compare).
+    probe_publish_every: int = 0
     rest_min_windows: int = 16
     rest_max_windows: int = 256
     # Served acceptance: the live head's own accepted tokens per drafting step on the newest

@@ -55,6 +55,7 @@ class Resting:
         self._served_level: float | None = None  # ... their mean at rest (None: not known yet)
         self._served_drop_seen = False  # a fall seen in one window, to confirm in the next
         self._rest_needs = cfg.rest_after_rejections  # judged gates without a pass before a rest
+        self.probing = False  # woke on new windows or coverage alone, no gate with progress since
 
     def maybe_rest(self) -> bool:
         """Stop training (``resting``) after ``rest_after_rejections`` judged gates in a row
@@ -76,6 +77,7 @@ class Resting:
     def _start_rest(self, held_out_level: float | None) -> None:
         """Rest from now; a level left None is measured on the first traffic of the rest."""
         self.resting = True
+        self.probing = False
         self._rest_level = held_out_level
         self._rest_windows = self.store.windows_seen
         self._checked_holdout = self.store.holdout_added
@@ -122,11 +124,20 @@ class Resting:
         # Nothing says the traffic changed: one gate without a better candidate ends the probe.
         probe = kind == "windows" or (kind == "coverage" and c.rest_coverage_probe)
         self._rest_needs = 1 if probe else c.rest_after_rejections
+        self.probing = probe
         self.stats.wakes += 1
         self.stats.wake_kinds[kind] = self.stats.wake_kinds.get(kind, 0) + 1
         self.stats.last_wake = reason
         log.info("trainer awake: %s", reason)
         return True
+
+    @property
+    def steps_before_gate(self) -> int:
+        """Optimizer steps between candidates: publish_every, or probe_publish_every while a
+        probe has not made progress yet."""
+        c = self.cfg
+        return c.probe_publish_every if self.probing and c.probe_publish_every > 0 \
+            else c.publish_every
 
     def _served_drop(self) -> str:
         """Why to wake when the live head's served acceptance over the newest rest_wake_steps

@@ -382,6 +382,7 @@ class Trainer(Resting):
             self.stats.gates_without_progress = 0
             self.stats.rests_since_pass = 0
             self._rest_needs = c.rest_after_rejections
+            self.probing = False
         elif n >= c.gate_min_positions:  # refused, or passed by too little to train on for
             self.stats.gates_without_progress += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
@@ -451,6 +452,7 @@ class Trainer(Resting):
         self.stats.gates_without_progress = 0
         self.stats.rests_since_pass = 0
         self._rest_needs = self.cfg.rest_after_rejections
+        self.probing = False
 
     def status(self) -> dict:
         s = self.stats

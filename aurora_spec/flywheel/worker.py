@@ -103,7 +103,6 @@ class _Worker:
         self.device = trainer.device
         self.store = CheckpointStore(spec["checkpoint_dir"], spec["keep"])
         self.published = {trainer.live.version: trainer.live}  # versions a verdict may compare
-        self.publish_every = spec["trainer_cfg"].publish_every
         self.paused = False
         self.pending: tuple[int, Any] | None = None  # (version, head) offered, not yet answered
         self.want_out = False  # asked serving for traces and not answered yet
@@ -134,7 +133,8 @@ class _Worker:
                 self.trainer.train_step()
                 self.since_publish += 1
             if (self.pending is None and (busy or self.force_publish)
-                    and (self.since_publish >= self.publish_every or self.force_publish)):
+                    and (self.since_publish >= self.trainer.steps_before_gate
+                         or self.force_publish)):
                 self._offer_candidate()
             if time.monotonic() - self.last_status > 0.5:
                 self.send_status()

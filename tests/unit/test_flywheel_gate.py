@@ -70,7 +70,7 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     passed gate in between lasts twice as many windows."""
     model, head, trainer = trained_trainer(rest_after_rejections=2, rest_min_windows=10_000,
                                            rest_max_windows=10_000, vocab_rebuild_coverage=0.0,
-                                           rest_wake_coverage=0.0)
+                                           rest_wake_coverage=0.0, probe_publish_every=5)
     cfg = trainer.cfg
     got = trainer.propose_candidate()
     assert got is not None
@@ -87,6 +87,7 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     collect_windows(model, trainer, [[7, 8, 9, 10]] * 6, head)  # some requests are held out
     assert trainer.maybe_wake() and not trainer.resting
     assert trainer.status()["wakes"] == 1 and "held-out" in trainer.status()["last_wake"]
+    assert trainer.steps_before_gate == cfg.publish_every  # evidence of new traffic: no probe
     # Rest again, now for twice the windows (no candidate passed since the first rest); enough
     # new training windows wake it whatever the held-out slice says.
     trainer.cfg = dataclasses.replace(cfg, rest_min_windows=3)
@@ -96,9 +97,11 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.rest_windows == 5
     collect_windows(model, trainer, [[11, 12, 13, 14, 15]] * 9, head)
     assert trainer.maybe_wake() and "new training windows" in trainer.status()["last_wake"]
+    assert trainer.steps_before_gate == 5  # a probe judges its first candidate sooner
     # A third rest; the draft vocabulary's coverage falling below rest_wake_coverage wakes it.
     assert trainer.propose_candidate() is None and trainer.propose_candidate() is None
     assert trainer.maybe_rest() and not trainer.maybe_wake()
+    assert trainer.steps_before_gate == cfg.publish_every  # resting: not probing
     trainer.cfg = dataclasses.replace(trainer.cfg, rest_wake_coverage=1.01)
     assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
     # ... a probe (rest_coverage_probe): one gate without a better candidate and it rests again;
@@ -106,13 +109,17 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.propose_candidate() is None and trainer.maybe_rest()
     trainer.cfg = dataclasses.replace(trainer.cfg, rest_coverage_probe=False)
     assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
+    assert trainer.steps_before_gate == cfg.publish_every  # evidence of new tokens: no probe
     assert trainer.propose_candidate() is None and not trainer.maybe_rest()
     assert trainer.propose_candidate() is None and trainer.maybe_rest()
     assert trainer.maybe_wake()
     # A candidate that passes resets the backoff.
     trainer.head = copy.deepcopy(got[0]).train()
     trainer.set_live(head_for(model, std=0.3, seed=9, draft_vocab=64))
+    trainer.probing = True  # as after a probe's wake
+    assert trainer.steps_before_gate == 5
     assert trainer.propose_candidate() is not None and trainer.rest_windows == 3
+    assert trainer.steps_before_gate == cfg.publish_every  # progress ends the probe
 
 
 def test_a_pass_by_less_than_rest_progress_is_published_but_is_no_progress():
