@@ -119,30 +119,127 @@ typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
 
 /* acc[c] = sum over unmasked keys j, in position order, of e[j] * vals[j, c]: each output the
  * chain the plain loop (pv_any) makes, with the D outputs in registers instead of stored back
- * at every key (the store of each key's update bounded the loop). */
+ * at every key (the store of each key's update bounded the loop). Returns the weights' sum, in
+ * the same order as the plain sum loop (here its chain of adds overlaps the multiply-adds). */
 #define PV_FIXED(D)                                                                         \
-  static void pv_##D(const float *e, const float *m, const float *vals, int64_t kv_len,     \
-                     float *acc) {                                                          \
+  static float pv_##D(const float *e, const float *m, const float *vals, int64_t kv_len,    \
+                      float *acc) {                                                         \
     v16 a[D / 16];                                                                          \
+    float sum = 0.0f;                                                                       \
     for (int v = 0; v < D / 16; v++) a[v] = (v16){0};                                       \
     for (int64_t j = 0; j < kv_len; j++) {                                                  \
       if (m[j] == -INFINITY) continue;                                                      \
+      sum += e[j];                                                                          \
       for (int v = 0; v < D / 16; v++) a[v] += e[j] * *(const v16u *)(vals + j * D + v * 16); \
     }                                                                                       \
     for (int v = 0; v < D / 16; v++) *(v16u *)(acc + v * 16) = a[v];                       \
+    return sum;                                                                             \
   }
 PV_FIXED(64)
 #ifdef __AVX512F__
 PV_FIXED(128) /* 8 registers of 16; with AVX2's 16 registers of 8 it would spill */
 #endif
 
-static void pv_any(const float *e, const float *m, const float *vals, int64_t kv_len, int64_t d,
-                   float *acc) {
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* The score loop's dot product for d = 8 * n8, its arithmetic exactly: eight lane partials,
+ * each an FMA chain over the head's n8 8-float slices from 0, then summed in lane order from 0. */
+INLINE float dot_d(const v8 *q, const float *k, int n8) {
+  v8 part = (v8){0};
+  for (int c = 0; c < n8; c++) part += q[c] * *(const v8u *)(k + 8 * c);
+  float dot = 0.0f;
+  for (int l = 0; l < 8; l++) dot += part[l];
+  return dot;
+}
+
+/* Eight keys' dot products with q, each as dot_d computes it: the partials of key r are p[r];
+ * transposed, lane l of all eight keys is one vector, so the lane-order sums of the eight keys
+ * are eight vector adds instead of 56 scalar ones (those sums, a chain of dependent adds per
+ * key, were the loop's bottleneck). */
+INLINE v8 dots8(const v8 *q, const float *k, int n8) {
+  v8 p[8];
+  for (int r = 0; r < 8; r++) {
+    v8 a = (v8){0};
+    for (int c = 0; c < n8; c++) a += q[c] * *(const v8u *)(k + (r * n8 + c) * 8);
+    p[r] = a;
+  }
+  v8 t[8], u[8], lane[8];
+  for (int r = 0; r < 8; r += 2) { /* pairs of keys, interleaved within 128-bit halves */
+    t[r] = __builtin_shufflevector(p[r], p[r + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[r + 1] = __builtin_shufflevector(p[r], p[r + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int r = 0; r < 8; r += 4) { /* four keys: lanes (0|4), (1|5), (2|6), (3|7) */
+    u[r] = __builtin_shufflevector(t[r], t[r + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[r + 1] = __builtin_shufflevector(t[r], t[r + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[r + 2] = __builtin_shufflevector(t[r + 1], t[r + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[r + 3] = __builtin_shufflevector(t[r + 1], t[r + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int l = 0; l < 4; l++) { /* keys 0-3 and 4-7 side by side: lane l, lane l + 4 */
+    lane[l] = __builtin_shufflevector(u[l], u[l + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    lane[l + 4] = __builtin_shufflevector(u[l], u[l + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  v8 dot = (v8){0};
+  for (int l = 0; l < 8; l++) dot += lane[l];
+  return dot;
+}
+
+/* score[j] = q . key j * scale for unmasked keys, -inf for masked ones; returns the largest.
+ * The plain loop's values (aurora_attend, any d), eight keys at a time, for d = 8 * n8 with
+ * q's n8 slices in registers. */
+INLINE float scores_d(const float *q, const float *keys, const float *m, int64_t kv_len,
+                      float scale, float *score, int n8) {
+  v8 qv[16];
+  for (int c = 0; c < n8; c++) qv[c] = *(const v8u *)(q + 8 * c);
+  const v8 ninf = (v8){0} - INFINITY;
+  v8 topv = ninf;
+  int64_t j = 0;
+  for (; j + 8 <= kv_len; j += 8) {
+    v8 mv = *(const v8u *)(m + j);
+    v8i masked = mv == ninf;
+    v8 s = dots8(qv, keys + j * n8 * 8, n8) * scale + mv;
+    s = (v8)(((v8i)s & ~masked) | ((v8i)ninf & masked));
+    *(v8u *)(score + j) = s;
+    v8i more = s > topv;
+    topv = (v8)(((v8i)s & more) | ((v8i)topv & ~more));
+  }
+  float top = -INFINITY;
+  for (int l = 0; l < 8; l++)
+    if (topv[l] > top) top = topv[l];
+  for (; j < kv_len; j++) {
+    score[j] = -INFINITY;
+    if (m[j] == -INFINITY) continue;
+    score[j] = dot_d(qv, keys + j * n8 * 8, n8) * scale + m[j];
+    if (score[j] > top) top = score[j];
+  }
+  return top;
+}
+
+static float scores_64(const float *q, const float *keys, const float *m, int64_t kv_len,
+                       float scale, float *score) {
+  return scores_d(q, keys, m, kv_len, scale, score, 8);
+}
+
+#ifdef __AVX512F__
+static float scores_128(const float *q, const float *keys, const float *m, int64_t kv_len,
+                        float scale, float *score) { /* q's 16 slices fit AVX-512's registers */
+  return scores_d(q, keys, m, kv_len, scale, score, 16);
+}
+#endif
+
+static float pv_any(const float *e, const float *m, const float *vals, int64_t kv_len,
+                    int64_t d, float *acc) {
+  float sum = 0.0f;
   for (int64_t c = 0; c < d; c++) acc[c] = 0.0f;
   for (int64_t j = 0; j < kv_len; j++) {
     if (m[j] == -INFINITY) continue;
+    sum += e[j];
     for (int64_t c = 0; c < d; c++) acc[c] += e[j] * vals[j * d + c];
   }
+  return sum;
 }
 
 /* One layer's attention for n query tokens, in the layout of the fused q/k/v projection (rows of
@@ -153,9 +250,12 @@ static void pv_any(const float *e, const float *m, const float *vals, int64_t kv
  * NULL the tokens are a plain (B, T) block written at start .. start + T - 1 (token i: batch row
  * i / t, position start + i % t, mask row i).
  *
- * Each (token, head) pair is computed alone, masked keys skipped, unmasked keys in position
- * order: a token's result does not depend on the tokens beside it, on kv_len past its own keys,
- * or on the thread that computes it. */
+ * Each (token, head) pair is computed alone, masked keys contributing nothing (for head sizes
+ * 64 and 128 their scores are computed in blocks of eight keys and dropped), unmasked keys in
+ * position order: a token's result does not depend on the tokens beside it, on kv_len past its
+ * own keys, or on the thread that computes it. A key's score has the same bits in a block of
+ * eight as in the tail after the last block: both are the multiply-adds the compiler contracts
+ * (GCC's default -ffp-contract=fast) in the same order (tests/unit/test_row_ops.py). */
 void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t nkv, int64_t d,
                    float *k_cache, float *v_cache, int64_t cap, int64_t kv_len,
                    const int64_t *batch, const int64_t *pos, const int64_t *mask_row,
@@ -176,8 +276,14 @@ void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t n
     const float *keys = k_cache + (b * nkv + h / group) * cap * d;
     const float *vals = v_cache + (b * nkv + h / group) * cap * d;
     const float *m = mask + (batch ? mask_row[i] : i) * kv_len;
-    float score[kv_len], acc[d], top = -INFINITY, sum = 0.0f;
-    for (int64_t j = 0; j < kv_len; j++) {
+    float score[kv_len], acc[d], top = -INFINITY, sum;
+    int fixed = d == 64;
+    if (fixed) top = scores_64(q, keys, m, kv_len, scale, score);
+#ifdef __AVX512F__
+    fixed = fixed || d == 128;
+    if (d == 128) top = scores_128(q, keys, m, kv_len, scale, score);
+#endif
+    for (int64_t j = 0; j < kv_len && !fixed; j++) { /* any other d: the plain loop */
       score[j] = -INFINITY; /* masked keys: a defined value for the exp pass, weighted 0 there */
       if (m[j] == -INFINITY) continue;
       float part[8] = {0};
@@ -191,16 +297,14 @@ void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t n
       if (score[j] > top) top = score[j];
     }
     exp_scores(score, m, kv_len, top);  /* score[j] is now key j's weight */
-    for (int64_t j = 0; j < kv_len; j++)
-      if (m[j] != -INFINITY) sum += score[j];
     if (d == 64)
-      pv_64(score, m, vals, kv_len, acc);
+      sum = pv_64(score, m, vals, kv_len, acc);
 #ifdef __AVX512F__
     else if (d == 128)
-      pv_128(score, m, vals, kv_len, acc);
+      sum = pv_128(score, m, vals, kv_len, acc);
 #endif
     else
-      pv_any(score, m, vals, kv_len, d, acc);
+      sum = pv_any(score, m, vals, kv_len, d, acc);
     float *o = out + i * nq * d + h * d;
     for (int64_t c = 0; c < d; c++) o[c] = sum > 0.0f ? acc[c] / sum : 0.0f;
   }

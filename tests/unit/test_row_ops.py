@@ -161,7 +161,9 @@ def test_attend_matches_sdpa_and_a_token_does_not_depend_on_its_neighbours(d: in
     """A 5-token tree verify over a 40-position cache (9 query heads over 3 key/value heads, as
     SmolLM2): sdpa's result, the keys and values written where sdpa's path writes them, and each
     token's bits the same alone, with the others, and with masked positions past its keys. Head
-    sizes 64 and 128 take the kernel's register paths for the weighted values, 96 its loop."""
+    sizes 64 and 128 take the kernel's register paths (scores eight keys at a time, weighted
+    values in registers), 96 its loops; 45 keys with the others and 52 alone put the last keys
+    in the scores' tail in one call and in a block of eight in the other: the same bits."""
     g = torch.Generator().manual_seed(3)
     heads, (nq, nkv), cap, start, t = (9, 3, d), (9, 3), 64, 40, 5
     qkv = torch.randn(1, t, (nq + 2 * nkv) * d, generator=g)
