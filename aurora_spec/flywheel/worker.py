@@ -92,7 +92,8 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
 class _Worker:
     """The trainer process's loop: drain the parent's messages first (one ``_on_<kind>`` method
     per kind, see the protocol above), then one training step when there is work, a candidate
-    every ``publish_every`` steps, and a status now and then."""
+    every ``publish_every`` steps (``probe_publish_every`` in a probe, Trainer.steps_before_gate),
+    and a status now and then."""
 
     def __init__(self, spec: dict[str, Any], trainer: Trainer, inbox: Any, outbox: Any,
                  priority: str) -> None:
