@@ -15,6 +15,7 @@ dim; ``gate_up`` is gate_proj, up_proj stacked; ``embed_norm`` is EAGLE-3's inpu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils import skip_init
 
 from aurora_spec.models import row_ops
 from aurora_spec.models.blocks import WindowBlocks
@@ -177,25 +179,29 @@ class Eagle3Head(nn.Module):
     d2t: torch.Tensor  # buffers, registered in __init__
     t2d: torch.Tensor
 
-    def __init__(self, config: Eagle3Config) -> None:
+    def __init__(self, config: Eagle3Config, init: bool = True) -> None:
+        """``init=False``: the linears' weights are left uninitialised, for a caller that loads
+        every weight next (a checkpoint, a payload): their random init was ~45 of a checkpoint
+        load's ~57 ms, CPU that a swap's load takes beside serving."""
         super().__init__()
         c = config
+        linear = nn.Linear if init else functools.partial(skip_init, nn.Linear)
         self.config = c
         self.version = 0
         # Per-depth acceptance measured on held-out traffic when this version was made (aurora
         # train, the online gate); it seeds the draft-length policy when the head is loaded.
         self.heldout_alpha: tuple[float, ...] | None = None
         h, d = c.hidden_size, c.head_dim
-        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.fc = linear(3 * h, h, bias=False)
         self.embed_norm = RMSNorm(h, c.rms_norm_eps)
         self.hidden_norm = RMSNorm(h, c.rms_norm_eps)
-        self.qkv = nn.Linear(2 * h, (c.num_heads + 2 * c.num_kv_heads) * d, bias=False)
-        self.o_proj = nn.Linear(c.num_heads * d, h, bias=False)
+        self.qkv = linear(2 * h, (c.num_heads + 2 * c.num_kv_heads) * d, bias=False)
+        self.o_proj = linear(c.num_heads * d, h, bias=False)
         self.post_attn_norm = RMSNorm(h, c.rms_norm_eps)
-        self.gate_up = nn.Linear(h, 2 * c.intermediate_size, bias=False)
-        self.down = nn.Linear(c.intermediate_size, h, bias=False)
+        self.gate_up = linear(h, 2 * c.intermediate_size, bias=False)
+        self.down = linear(c.intermediate_size, h, bias=False)
         self.norm = RMSNorm(h, c.rms_norm_eps)
-        self.lm_head = nn.Linear(h, c.draft_vocab_size, bias=False)
+        self.lm_head = linear(h, c.draft_vocab_size, bias=False)
         self.register_buffer("d2t", default_draft_vocab(c))
         self.register_buffer("t2d", _target_to_draft(self.d2t, c.target_vocab_size),
                              persistent=False)
@@ -368,7 +374,7 @@ class Eagle3Head(nn.Module):
         if meta.get("format") != FORMAT or meta.get("version") != str(version):
             raise ValueError(f"{src}: weights (version {meta.get('version')}) do not match "
                              f"{MANIFEST_FILE} (version {version}); torn or mixed checkpoint")
-        head = Eagle3Head(config)
+        head = Eagle3Head(config, init=False)
         _check_state(head, tensors, src)
         _check_d2t(tensors["d2t"], config.target_vocab_size)
         head.load_state_dict(tensors)

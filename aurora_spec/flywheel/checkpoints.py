@@ -59,7 +59,7 @@ def head_from_payload(p: dict, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> Eagle3Head:
     cfg = dict(p["config"])
     cfg["target_layers"] = tuple(cfg["target_layers"])
-    head = Eagle3Head(Eagle3Config(**cfg))
+    head = Eagle3Head(Eagle3Config(**cfg), init=False)
     head.load_state_dict(p["state"])
     head.t2d = _target_to_draft(head.d2t, head.config.target_vocab_size)
     head.version = int(p["version"])
