@@ -230,6 +230,26 @@ static float scores_128(const float *q, const float *keys, const float *m, int64
 }
 #endif
 
+/* scores_d's job for any head size, one key at a time. */
+static float scores_any(const float *q, const float *keys, const float *m, int64_t kv_len,
+                        int64_t d, float scale, float *score) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < kv_len; j++) {
+    score[j] = -INFINITY; /* masked keys: a defined value for the exp pass, weighted 0 there */
+    if (m[j] == -INFINITY) continue;
+    float part[8] = {0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8)
+      for (int l = 0; l < 8; l++) part[l] += q[c + l] * keys[j * d + c + l];
+    float dot = 0.0f;
+    for (int l = 0; l < 8; l++) dot += part[l];
+    for (; c < d; c++) dot += q[c] * keys[j * d + c];
+    score[j] = dot * scale + m[j];
+    if (score[j] > top) top = score[j];
+  }
+  return top;
+}
+
 static float pv_any(const float *e, const float *m, const float *vals, int64_t kv_len,
                     int64_t d, float *acc) {
   float sum = 0.0f;
@@ -276,26 +296,15 @@ void aurora_attend(const float *qkv, int64_t n, int64_t w, int64_t nq, int64_t n
     const float *keys = k_cache + (b * nkv + h / group) * cap * d;
     const float *vals = v_cache + (b * nkv + h / group) * cap * d;
     const float *m = mask + (batch ? mask_row[i] : i) * kv_len;
-    float score[kv_len], acc[d], top = -INFINITY, sum;
-    int fixed = d == 64;
-    if (fixed) top = scores_64(q, keys, m, kv_len, scale, score);
+    float score[kv_len], acc[d], top, sum;
+    if (d == 64)
+      top = scores_64(q, keys, m, kv_len, scale, score);
 #ifdef __AVX512F__
-    fixed = fixed || d == 128;
-    if (d == 128) top = scores_128(q, keys, m, kv_len, scale, score);
+    else if (d == 128)
+      top = scores_128(q, keys, m, kv_len, scale, score);
 #endif
-    for (int64_t j = 0; j < kv_len && !fixed; j++) { /* any other d: the plain loop */
-      score[j] = -INFINITY; /* masked keys: a defined value for the exp pass, weighted 0 there */
-      if (m[j] == -INFINITY) continue;
-      float part[8] = {0};
-      int64_t c = 0;
-      for (; c + 8 <= d; c += 8)
-        for (int l = 0; l < 8; l++) part[l] += q[c + l] * keys[j * d + c + l];
-      float dot = 0.0f;
-      for (int l = 0; l < 8; l++) dot += part[l];
-      for (; c < d; c++) dot += q[c] * keys[j * d + c];
-      score[j] = dot * scale + m[j];
-      if (score[j] > top) top = score[j];
-    }
+    else
+      top = scores_any(q, keys, m, kv_len, d, scale, score);
     exp_scores(score, m, kv_len, top);  /* score[j] is now key j's weight */
     if (d == 64)
       sum = pv_64(score, m, vals, kv_len, acc);
