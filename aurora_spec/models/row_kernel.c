@@ -44,6 +44,16 @@
 _Static_assert(RB >= 1 && RB <= MAX_RB, "RB must be 1..12");
 #define GROUP 4    /* blocks per L2-resident group when there are more than RB rows */
 #define PREFETCH 32 /* k steps ahead (4 KiB); 16, 32 and 64 measured alike on the 2-core host */
+/* Tiles of FAR_ROWS rows or more also prefetch FAR k steps ahead (16 KiB) into L2. Why: from 5
+ * rows on a k step's multiply-adds take about as long as its weights take to arrive, and a 4 KiB
+ * lead no longer hid the memory; a SmolLM2-135M verify of 5-8 tokens cost 1.10-1.12x one token
+ * where 2-4 tokens cost 1.01x, and 5 and 7 rows cost more than 6. With the far prefetch 5-8
+ * tokens took 5-11% less on two threads, 7 and 8 tokens 8-11% less on one, 1-4 tokens the same
+ * (python scripts/verify_shapes.py --threads 2,1 --sizes 1,4,5,6,7,8 --rounds 40
+ * --baseline-row-kernel OLD.c). For fewer rows it cost about what it gained: their loop is a
+ * pure stream, which the hardware prefetcher already runs ahead of. Prefetches change no result. */
+#define FAR_ROWS 5
+#define FAR (4 * PREFETCH)
 
 typedef float v16 __attribute__((vector_size(LANES * sizeof(float))));  /* one register */
 /* the same vector read from any float address */
@@ -115,7 +125,10 @@ void aurora_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *out) {
       for (int j = 0; j < NV; j++) acc[r][j] = (v16){0};                                  \
     for (int64_t c = 0; c < k; c++) {                                                     \
       const WT *wc = wb + c * NB;                                                         \
-      for (int j = 0; j < NV; j++) __builtin_prefetch(wc + PREFETCH * NB + j * LANES);    \
+      for (int j = 0; j < NV; j++) {                                                      \
+        __builtin_prefetch(wc + PREFETCH * NB + j * LANES);                               \
+        if (R >= FAR_ROWS) __builtin_prefetch(wc + FAR * NB + j * LANES, 0, 2); /* to L2 */ \
+      }                                                                                   \
       v16 wv[NV];                                                                         \
       LOAD(wc, wv);                                                                       \
       for (int r = 0; r < R; r++) {                                                       \
