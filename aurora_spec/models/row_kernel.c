@@ -50,8 +50,9 @@ _Static_assert(RB >= 1 && RB <= MAX_RB, "RB must be 1..12");
  * where 2-4 tokens cost 1.01x, and 5 and 7 rows cost more than 6. With the far prefetch 5, 7
  * and 8 tokens took 3-11% less on two threads (6 the same), 7 and 8 tokens 8-16% less on one,
  * 1-4 tokens the same (python scripts/verify_shapes.py --threads 2,1 --sizes 1,4,5,6,7,8
- * --rounds 40 --baseline-row-kernel OLD.c). For fewer rows it cost about what it gained: their loop is a
- * pure stream, which the hardware prefetcher already runs ahead of. Prefetches change no result. */
+ * --rounds 40 --baseline-row-kernel OLD.c). For fewer rows it cost about what it gained: their
+ * loop is a pure stream, which the hardware prefetcher already runs ahead of. Prefetches change
+ * no result. */
 #define FAR_ROWS 5
 #define FAR (4 * PREFETCH)
 
