@@ -158,9 +158,8 @@ def thread_lines(results: dict[str, Any], block: int = 50) -> list[str]:
     mixed = False
     for r in recs:
         if r["arm"] in counts_of:
-            on = served_on(r)
-            counts_of[r["arm"]] |= on
-            mixed = mixed or len(on) > 1
+            counts_of[r["arm"]] |= served_on(r)
+            mixed = mixed or thread_class(r) == MIXED  # the one definition of "mixed"
     shared = [a for a, cs in counts_of.items() if len(cs) > 1]
     if not shared:
         return []
