@@ -91,6 +91,7 @@ def main() -> None:
         builds["baseline row_kernel.c"] = functools.partial(row_kernel_from, lib)
     times: dict[tuple[str, int, int], list[float]] = {
         (b, n, t): [] for b in builds for n in args.threads for t in args.sizes}
+    check_bits = "baseline row_kernel.c" in builds  # row_ops.c builds may differ in bits
     with torch.inference_mode():
         runner.prefill(slot, [5] * args.context)
         for rnd in range(args.rounds + 1):  # round 0 warms every shape up and is discarded
@@ -105,9 +106,10 @@ def main() -> None:
                             float(out.logits[0, -1, 0])
                             if rnd:
                                 times[(build, n, t)].append(time.perf_counter() - start)
-                        logits[build] = out.logits.clone()
-                    other = logits.get("baseline row_kernel.c")
-                    if other is not None and not torch.equal(other, logits["current"]):
+                        if check_bits:
+                            logits[build] = out.logits.clone()
+                    if check_bits and not torch.equal(logits["baseline row_kernel.c"],
+                                                      logits["current"]):
                         raise SystemExit(f"row_kernel.c builds give different logits at T={t}")
     print(f"{args.model}, context {args.context}: median ms per verify forward of T tokens "
           f"(ratio to 1 token), {args.rounds} interleaved rounds")
