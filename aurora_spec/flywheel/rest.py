@@ -4,9 +4,10 @@ and wakes on evidence that training has something to gain again (TrainerConfig.r
 Why rest at all: on 2 cores a sharing trainer's step is taken from serving's second thread
 (~25-30% of serving's tokens/s), so a head that stopped improving should be trained rarely.
 The evidence that wakes it: the live head's served acceptance (from the traces, all traffic)
-falling, the draft vocabulary's coverage falling (new tokens), its held-out acceptance on
-requests held out since the rest falling, or enough new training windows (a probe, which one
-gate without progress ends; a coverage wake is one too, TrainerConfig.rest_coverage_probe).
+falling, the draft vocabulary covering too few of the tokens emitted since the rest (new
+tokens), its held-out acceptance on requests held out since the rest falling, or enough new
+training windows (a probe, which one gate without progress ends; a coverage wake is one too,
+TrainerConfig.rest_coverage_probe).
 A mixin of ``Trainer`` (flywheel/trainer.py): it reads the trainer's store, live head, vocabulary
 and stats, and keeps its own state.
 """
@@ -33,11 +34,9 @@ class Resting:
         cfg: TrainerConfig
         store: WindowStore
         live: Eagle3Head
+        head: Eagle3Head
         vocab: VocabBuilder
         stats: TrainerStats
-
-        @property
-        def coverage(self) -> float: ...
 
         def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
                                depth: int | None = None) -> tuple[float, int]: ...
@@ -47,6 +46,7 @@ class Resting:
         # The live head's acceptance on the whole held-out slice at rest (None: not known yet)
         self._rest_level: float | None = 0.0
         self._rest_windows = 0  # store.windows_seen when it rested
+        self._rest_seen = 0  # vocab.seen (emitted tokens) when it rested
         self._checked_holdout = 0  # store.holdout_added at the last wake check
         self._since_rest = (0.0, 0)  # (accepted tokens, draft points) held out since the rest
         # The live head's own accepted tokens per drafting step, newest served steps (all traffic)
@@ -80,6 +80,7 @@ class Resting:
         self.probing = False
         self._rest_level = held_out_level
         self._rest_windows = self.store.windows_seen
+        self._rest_seen = self.vocab.seen  # emitted tokens counted when it rested
         self._checked_holdout = self.store.holdout_added
         self._since_rest = (0.0, 0)
         enough = len(self._served) >= max(self.cfg.rest_wake_steps // 2, 1)
@@ -104,9 +105,9 @@ class Resting:
             return False
         c = self.cfg
         reason, kind = self._served_drop(), "served"
-        if not reason and (len(self.vocab.recent) >= c.vocab_min_tokens  # a few say little
-                           and self.coverage < c.rest_wake_coverage):  # new tokens: learn them
-            reason, kind = f"draft vocabulary coverage fell to {self.coverage:.3f}", "coverage"
+        if not reason:
+            reason = self._coverage_fall()
+            kind = "coverage"
         if not reason and self.store.holdout_added != self._checked_holdout:  # new held-out
             live, n = self._acceptance_since_rest()
             if n >= c.gate_positions:
@@ -162,6 +163,24 @@ class Resting:
             self._served_drop_seen, self._served_since_rest = True, 0
             return ""
         return f"served acceptance fell from {self._served_level:.3f} to {now:.3f} per step"
+
+    def _coverage_fall(self) -> str:
+        """Why to wake when the draft vocabulary covers less than rest_wake_coverage of the
+        tokens emitted since the rest (at least rest_coverage_tokens of them; the newest
+        vocab_coverage_window), ""; new tokens: learn them.
+
+        Why not the coverage of the whole recent window, which the vocabulary was rebuilt from:
+        that one starts near 1.0 after every rebuild and falls to the out-of-sample level with no
+        change in the traffic (TrainerConfig.rest_wake_coverage)."""
+        c = self.cfg
+        since = self.vocab.seen - self._rest_seen
+        if since < max(c.rest_coverage_tokens, 1):
+            return ""
+        now = self.vocab.coverage(self.head.t2d, newest=since)
+        if now >= c.rest_wake_coverage:
+            return ""
+        return (f"draft vocabulary coverage {now:.3f} of the "
+                f"{min(since, len(self.vocab.recent))} tokens emitted since the rest")
 
     @property
     def served_acceptance(self) -> float | None:

@@ -40,11 +40,15 @@ class VocabBuilder:
         self.seen += len(ids)
         self.since_rebuild += len(ids)
 
-    def coverage(self, t2d: torch.Tensor) -> float:
-        """Share of the recent emitted tokens that are in the vocabulary ``t2d`` maps."""
-        if not self.recent:
+    def coverage(self, t2d: torch.Tensor, newest: int | None = None) -> float:
+        """Share of the recent emitted tokens (only the ``newest`` of them, if given) that are in
+        the vocabulary ``t2d`` maps."""
+        recent = list(self.recent)
+        if newest is not None:
+            recent = recent[len(recent) - min(max(newest, 0), len(recent)):]
+        if not recent:
             return 1.0
-        ids = torch.tensor(list(self.recent))
+        ids = torch.tensor(recent)
         return float((t2d.cpu()[ids] >= 0).double().mean())
 
     def build(self) -> torch.Tensor:

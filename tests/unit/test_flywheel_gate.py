@@ -98,20 +98,27 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     collect_windows(model, trainer, [[11, 12, 13, 14, 15]] * 9, head)
     assert trainer.maybe_wake() and "new training windows" in trainer.status()["last_wake"]
     assert trainer.steps_before_gate == 5  # a probe judges its first candidate sooner
-    # A third rest; the draft vocabulary's coverage falling below rest_wake_coverage wakes it.
+    # A third rest; the draft vocabulary covering less than rest_wake_coverage of the tokens
+    # emitted since the rest (once rest_coverage_tokens of them came) wakes it.
     assert trainer.propose_candidate() is None and trainer.propose_candidate() is None
     assert trainer.maybe_rest() and not trainer.maybe_wake()
     assert trainer.steps_before_gate == cfg.publish_every  # resting: not probing
-    trainer.cfg = dataclasses.replace(trainer.cfg, rest_wake_coverage=1.01)
-    assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
+    trainer.cfg = dataclasses.replace(trainer.cfg, rest_wake_coverage=1.01,
+                                      rest_coverage_tokens=40)
+    assert not trainer.maybe_wake()  # nothing emitted since the rest: nothing to judge on
+    collect_windows(model, trainer, [[16, 17, 18]], head)  # one request: 48 tokens, 2 windows
+    assert trainer.maybe_wake() and "since the rest" in trainer.status()["last_wake"]
     # ... a probe (rest_coverage_probe): one gate without a better candidate and it rests again;
     # without it a coverage wake is evidence of new traffic and needs rest_after_rejections.
     assert trainer.propose_candidate() is None and trainer.maybe_rest()
     trainer.cfg = dataclasses.replace(trainer.cfg, rest_coverage_probe=False)
+    assert not trainer.maybe_wake()  # the tokens before this rest do not count
+    collect_windows(model, trainer, [[19, 20, 21]], head)
     assert trainer.maybe_wake() and "coverage" in trainer.status()["last_wake"]
     assert trainer.steps_before_gate == cfg.publish_every  # evidence of new tokens: no probe
     assert trainer.propose_candidate() is None and not trainer.maybe_rest()
     assert trainer.propose_candidate() is None and trainer.maybe_rest()
+    collect_windows(model, trainer, [[22, 23, 24]], head)
     assert trainer.maybe_wake()
     # A candidate that passes resets the backoff.
     trainer.head = copy.deepcopy(got[0]).train()

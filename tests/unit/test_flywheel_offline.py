@@ -43,6 +43,10 @@ def test_vocab_builder_tracks_coverage_and_rebuilds():
     vb.observe([90, 91] * 400, emitted=False)
     assert vb.coverage(t2d2) == 1.0 and vb.maybe_rebuild(t2d2) is None
     assert {90, 91} <= set(vb.build().tolist())
+    # The coverage of the newest emitted tokens only (what a resting trainer wakes on).
+    vb.observe([60, 61])  # outside the vocabulary
+    assert vb.coverage(t2d2, newest=2) == 0.0 and vb.coverage(t2d2, newest=4) == 0.5
+    assert vb.coverage(t2d2, newest=0) == 1.0 and vb.coverage(t2d2, newest=10**6) == 40 / 42
 
 
 def test_offline_fit_raises_heldout_acceptance():
