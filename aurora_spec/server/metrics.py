@@ -33,7 +33,10 @@ LEARNER_METRICS = {
     "dropped_traces": ("aurora_dropped_traces", "traces dropped by a full buffer", True),
     "swaps": ("aurora_draft_swaps", "draft swaps", True),
     "rollbacks": ("aurora_draft_rollbacks", "draft rollbacks", True),
-    "vocab_coverage": ("aurora_vocab_coverage", "share of target tokens in the draft vocab", False),
+    "vocab_coverage": ("aurora_vocab_coverage", "share of recently emitted tokens in the draft "
+                       "vocab (in part the tokens it was chosen from)", False),
+    "vocab_coverage_unseen": ("aurora_vocab_coverage_unseen", "share of the tokens emitted since "
+                              "the draft vocab was chosen that are in it", False),
     "paused": ("aurora_learning_paused", "1 when training is paused", False),
     "learning": ("aurora_learning_enabled", "1 when online learning is on", False),
 }

@@ -47,6 +47,11 @@ def test_vocab_builder_tracks_coverage_and_rebuilds():
     vb.observe([60, 61])  # outside the vocabulary
     assert vb.coverage(t2d2, newest=2) == 0.0 and vb.coverage(t2d2, newest=4) == 0.5
     assert vb.coverage(t2d2, newest=0) == 1.0 and vb.coverage(t2d2, newest=10**6) == 40 / 42
+    # ... and of the tokens emitted since the vocabulary was built (out of sample): the two
+    # emitted after the rebuild, where the window's coverage counts the 40 it was chosen from.
+    assert vb.coverage_since_build(t2d2) == 0.0 and vb.built_at == 40
+    fresh = VocabBuilder(target_vocab=100, draft_vocab=10)
+    assert fresh.coverage_since_build(t2d2) != fresh.coverage_since_build(t2d2)  # NaN: none yet
 
 
 def test_offline_fit_raises_heldout_acceptance():
