@@ -68,7 +68,8 @@ class FakeLearner:
     def status(self) -> dict:
         return {"learning": True, "live_version": 3, "trainer_step": 7, "loss": math.nan,
                 "buffer_fill": 0.25, "dropped_traces": 1, "swaps": 2, "rollbacks": 0,
-                "vocab_coverage": 0.9, "vocab_coverage_unseen": 0.85, "paused": False, "note": object()}
+                "vocab_coverage": 0.9, "vocab_coverage_unseen": 0.85, "paused": False,
+                "note": object()}
 
     def pause(self) -> None:
         self.calls.append("pause")

@@ -92,10 +92,11 @@ class TrainerConfig:
     # wakes when the live head's acceptance on requests held out since it rested (at least
     # gate_positions of them) falls by the share rest_wake_drop below its level on the whole
     # held-out slice at rest (traffic shifted), when the draft vocabulary covers less than
-    # rest_wake_coverage of the tokens emitted since the rest (new tokens), or after enough new training windows (new data):
-    # rest_min_windows, doubled for each rest since a candidate last passed, at most
-    # rest_max_windows. Why the backoff: on 2 cores training costs serving ~30% of its tokens/s
-    # (bench, one thread of two), so a head that stopped improving should be trained rarely.
+    # rest_wake_coverage of the tokens emitted since the rest (new tokens), or after enough new
+    # training windows (new data): rest_min_windows, doubled for each rest since a candidate
+    # last passed, at most rest_max_windows. Why the backoff: on 2 cores training costs serving
+    # ~30% of its tokens/s (bench, one thread of two), so a head that stopped improving should
+    # be trained rarely.
     # A wake on new windows alone is a probe: one judged gate without a better candidate ends it.
     rest_after_rejections: int = 2
     # A candidate that beats the live head by less than this share of the live head's

@@ -113,7 +113,8 @@ def test_metrics_exposes_speculation_queue_and_learner(server) -> None:
                  "aurora_alpha{position=\"1\"}", "aurora_queue_depth", "aurora_tokens_per_second",
                  "aurora_trainer_step 7.0", "aurora_trace_buffer_fill 0.25",
                  "aurora_dropped_traces_total 1.0", "aurora_draft_swaps_total 2.0",
-                 "aurora_draft_rollbacks_total", "aurora_vocab_coverage 0.9", "aurora_vocab_coverage_unseen 0.85",
+                 "aurora_draft_rollbacks_total", "aurora_vocab_coverage 0.9",
+                 "aurora_vocab_coverage_unseen 0.85",
                  "aurora_draft_version 3.0", "aurora_drafted_tokens_total",
                  "aurora_draft_position_proposed_total", "aurora_drafter_hits_local",
                  "aurora_drafter_accepted_global"):
