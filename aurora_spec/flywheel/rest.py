@@ -169,7 +169,7 @@ class Resting:
         tokens emitted since the rest (at least rest_coverage_tokens of them; the newest
         vocab_coverage_window), ""; new tokens: learn them.
 
-        Why not the coverage of the whole recent window, which the vocabulary was rebuilt from:
+        Why not the coverage of the whole recent window, which the vocabulary was rebuilt on:
         that one starts near 1.0 after every rebuild and falls to the out-of-sample level with no
         change in the traffic (TrainerConfig.rest_wake_coverage)."""
         c = self.cfg
