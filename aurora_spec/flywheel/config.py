@@ -122,6 +122,10 @@ class TrainerConfig:
     # traffic (~0.89): there only the served-acceptance wake can tell.
     rest_wake_coverage: float = 0.85
     rest_coverage_tokens: int = 1024
+    # False: the rule before 97b4105 (the recent window's coverage below rest_wake_coverage, 0.95
+    # then), kept to run the two side by side: bench suffix
+    # @trainer.rest_coverage_since_rest=false@trainer.rest_wake_coverage=0.95.
+    rest_coverage_since_rest: bool = True
     # A coverage wake is a probe too (one gate without progress ends it). Why: new tokens alone
     # do not say the head drafts worse; a real shift also drops the served acceptance, and that
     # wake keeps rest_after_rejections.

@@ -173,6 +173,10 @@ class Resting:
         that one starts near 1.0 after every rebuild and falls to the out-of-sample level with no
         change in the traffic (TrainerConfig.rest_wake_coverage)."""
         c = self.cfg
+        if not c.rest_coverage_since_rest:  # the rule before 97b4105, for side-by-side runs
+            now = self.vocab.coverage(self.head.t2d)
+            low = len(self.vocab.recent) >= c.vocab_min_tokens and now < c.rest_wake_coverage
+            return f"draft vocabulary coverage fell to {now:.3f}" if low else ""
         since = self.vocab.seen - self._rest_seen
         if since < max(c.rest_coverage_tokens, 1):
             return ""

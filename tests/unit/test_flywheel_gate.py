@@ -106,6 +106,12 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     trainer.cfg = dataclasses.replace(trainer.cfg, rest_wake_coverage=1.01,
                                       rest_coverage_tokens=40)
     assert not trainer.maybe_wake()  # nothing emitted since the rest: nothing to judge on
+    # (the rule before, kept for side-by-side runs, judges the recent window: it wakes now)
+    trainer.cfg = dataclasses.replace(trainer.cfg, rest_coverage_since_rest=False)
+    assert trainer.maybe_wake() and "fell to" in trainer.status()["last_wake"]
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()
+    trainer.cfg = dataclasses.replace(trainer.cfg, rest_coverage_since_rest=True)
+    assert not trainer.maybe_wake()
     collect_windows(model, trainer, [[16, 17, 18]], head)  # one request: 48 tokens, 2 windows
     assert trainer.maybe_wake() and "since the rest" in trainer.status()["last_wake"]
     # ... a probe (rest_coverage_probe): one gate without a better candidate and it rests again;
