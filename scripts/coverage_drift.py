@@ -24,6 +24,7 @@ import torch
 def main() -> None:
     from aurora_spec.bench.traffic import load_domain, resolve_traffic_dir
     from aurora_spec.cli import encode_prompt
+    from aurora_spec.drafters.eagle3_head import target_to_draft
     from aurora_spec.flywheel.vocab import VocabBuilder
     from aurora_spec.models.loader import load_tokenizer, resolve_model
 
@@ -49,18 +50,15 @@ def main() -> None:
     chat = res["config"].get("chat", True)
     rebuild_at = {int(x) for x in a.rebuild_at.split(",")}
     vocab = VocabBuilder(len(tok), a.draft_vocab, window=a.window)
-    t2d = torch.full((len(tok),), -1, dtype=torch.long)
-    built_at_seen = None
+    t2d: torch.Tensor | None = None  # the vocabulary of the last build
+    built_at_seen = 0
     print("request domain  window  since-build (tokens)  request")
     for r in reqs:
         if r["index"] in rebuild_at:
-            d2t = vocab.build()
-            t2d = torch.full((len(tok),), -1, dtype=torch.long)
-            t2d[d2t] = torch.arange(len(d2t))
-            built_at_seen = vocab.seen
+            t2d, built_at_seen = target_to_draft(vocab.build(), len(tok)), vocab.seen
         vocab.observe(encode_prompt(tok, prompts[r["prompt_id"]], chat), emitted=False)
         vocab.observe(r["token_ids"])
-        if built_at_seen is None or r["index"] % a.every != a.every - 1:
+        if t2d is None or r["index"] % a.every != a.every - 1:
             continue
         since = vocab.seen - built_at_seen
         own = float((t2d[torch.tensor(r["token_ids"])] >= 0).double().mean())

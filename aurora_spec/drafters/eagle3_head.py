@@ -203,7 +203,7 @@ class Eagle3Head(nn.Module):
         self.norm = RMSNorm(h, c.rms_norm_eps)
         self.lm_head = linear(h, c.draft_vocab_size, bias=False)
         self.register_buffer("d2t", default_draft_vocab(c))
-        self.register_buffer("t2d", _target_to_draft(self.d2t, c.target_vocab_size),
+        self.register_buffer("t2d", target_to_draft(self.d2t, c.target_vocab_size),
                              persistent=False)
         # A plain attribute, not a buffer: module.to(bfloat16) would round the frequencies and
         # make a bf16 serving head disagree with its fp32 training twin at long positions.
@@ -343,7 +343,7 @@ class Eagle3Head(nn.Module):
         self.lm_head = nn.Linear(w.shape[1], len(d2t), bias=False, device=w.device, dtype=w.dtype)
         self.lm_head.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
         self.d2t = d2t
-        self.t2d = _target_to_draft(d2t, c.target_vocab_size)
+        self.t2d = target_to_draft(d2t, c.target_vocab_size)
         self.config = dataclasses.replace(c, draft_vocab_size=len(d2t))
 
     # ---- persistence: safetensors + JSON manifest, never pickle ----
@@ -378,13 +378,14 @@ class Eagle3Head(nn.Module):
         _check_state(head, tensors, src)
         _check_d2t(tensors["d2t"], config.target_vocab_size)
         head.load_state_dict(tensors)
-        head.t2d = _target_to_draft(head.d2t, config.target_vocab_size)
+        head.t2d = target_to_draft(head.d2t, config.target_vocab_size)
         head.version = version
         head.heldout_alpha = heldout_alpha
         return head.to(device=device, dtype=dtype)
 
 
-def _target_to_draft(d2t: torch.Tensor, target_vocab: int) -> torch.Tensor:
+def target_to_draft(d2t: torch.Tensor, target_vocab: int) -> torch.Tensor:
+    """t2d: each target token's row in the draft vocabulary ``d2t``, -1 outside it."""
     t2d = torch.full((target_vocab,), -1, dtype=torch.long, device=d2t.device)
     t2d[d2t] = torch.arange(len(d2t), device=d2t.device)
     return t2d

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head, _target_to_draft
+from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head, target_to_draft
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^v(\d{6,})$")
@@ -61,7 +61,7 @@ def head_from_payload(p: dict, device: torch.device | str = "cpu",
     cfg["target_layers"] = tuple(cfg["target_layers"])
     head = Eagle3Head(Eagle3Config(**cfg), init=False)
     head.load_state_dict(p["state"])
-    head.t2d = _target_to_draft(head.d2t, head.config.target_vocab_size)
+    head.t2d = target_to_draft(head.d2t, head.config.target_vocab_size)
     head.version = int(p["version"])
     return head.to(device=device, dtype=dtype)
 

@@ -15,6 +15,8 @@ from collections import deque
 
 import torch
 
+from aurora_spec.drafters.eagle3_head import target_to_draft
+
 
 class VocabBuilder:
     def __init__(self, target_vocab: int, draft_vocab: int, threshold: float = 0.97,
@@ -79,8 +81,7 @@ class VocabBuilder:
         if now >= self.threshold:
             return None
         d2t = self.build()
-        new_t2d = torch.full((self.target_vocab,), -1, dtype=torch.long)
-        new_t2d[d2t] = torch.arange(len(d2t))
+        new_t2d = target_to_draft(d2t, self.target_vocab)
         self.since_rebuild = 0
         if self.coverage(new_t2d) < now + self.min_gain:
             return None
