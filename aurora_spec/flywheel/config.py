@@ -137,6 +137,16 @@ class TrainerConfig:
     # would have found a better head after publish_every steps and does not after fewer.
     # 0: publish_every (the default; bench suffix @trainer.probe_publish_every=N to compare).
     probe_publish_every: int = 0
+    # > 0: a probe whose gate finds progress (a candidate better by rest_progress) publishes it
+    # and probes on: one gate without progress ends it, and the rest after it is this many
+    # doublings shorter than the last (another gate with progress: shorter again). 0: progress
+    # ends the probe, the backoff starts over at rest_min_windows and the trainer trains until
+    # rest_after_rejections gates without progress (the rule before; bench suffix
+    # @trainer.probe_progress_rewind=N to compare). Why: a probe late in a rest series that finds
+    # one 10% better head, on a slice of ~30 held-out requests, otherwise costs serving its
+    # second thread for two more gates and for every shorter probe after them (on the day-0
+    # stream, 13-19 of the last 50 requests in three runs, README [4q]).
+    probe_progress_rewind: int = 0
     rest_min_windows: int = 16
     rest_max_windows: int = 256
     # Served acceptance: the live head's own accepted tokens per drafting step on the newest

@@ -99,6 +99,21 @@ class Resting:
         doublings = max(self.stats.rests_since_pass - 1, 0)
         return min(c.rest_min_windows << min(doublings, 30), c.rest_max_windows)
 
+    def on_progress(self) -> None:
+        """A judged gate found progress. After a wake on evidence (or with probe_progress_rewind
+        0) training goes on: the backoff starts over and it takes rest_after_rejections gates
+        without progress to rest. In a probe it probes on: one gate without progress ends it and
+        the next rest is probe_progress_rewind doublings shorter than the last."""
+        s, rewind = self.stats, self.cfg.probe_progress_rewind
+        s.gates_without_progress = 0
+        if self.probing and rewind > 0:
+            s.rests_since_pass = max(s.rests_since_pass - rewind, 0)
+            s.probe_progress += 1
+            return
+        s.rests_since_pass = 0
+        self._rest_needs = self.cfg.rest_after_rejections
+        self.probing = False
+
     def maybe_wake(self) -> bool:
         """While resting: wake on new evidence (see TrainerConfig.rest_*); True when it woke."""
         if not self.resting:

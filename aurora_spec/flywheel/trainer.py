@@ -76,10 +76,13 @@ class TrainerStats:
     # passed by less than TrainerConfig.rest_progress
     gates_without_progress: int = 0
     rests: int = 0
-    rests_since_pass: int = 0  # rests since a gate with progress: each rest lasts twice as long
+    # rests since a gate with progress (less TrainerConfig.probe_progress_rewind for each gate
+    # with progress in a probe): each rest lasts twice as long as the one before
+    rests_since_pass: int = 0
     wakes: int = 0
     last_wake: str = ""
     wake_kinds: dict[str, int] = field(default_factory=dict)  # served | coverage | held-out | windows
+    probe_progress: int = 0  # gates with progress in a probe that probed on (probe_progress_rewind)
     last_gate: dict | None = None
     candidates: int = 0
 
@@ -379,10 +382,7 @@ class Trainer(Resting):
         self.stats.gates += 1
         self.stats.gate_rejections += 0 if res.passed else 1
         if res.passed and cand >= live * (1 + c.rest_progress):
-            self.stats.gates_without_progress = 0
-            self.stats.rests_since_pass = 0
-            self._rest_needs = c.rest_after_rejections
-            self.probing = False
+            self.on_progress()
         elif n >= c.gate_min_positions:  # refused, or passed by too little to train on for
             self.stats.gates_without_progress += 1
         self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
@@ -477,6 +477,7 @@ class Trainer(Resting):
                 "served_acceptance": rnd(self.served_acceptance),
                 "shifts": self.shift.shifts, "gate_size": self.gate_size(),
                 "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
+                "probe_progress": s.probe_progress,
                 "data_bytes": self.store.nbytes}
 
 

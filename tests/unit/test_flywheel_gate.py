@@ -135,6 +135,46 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.steps_before_gate == cfg.publish_every  # progress ends the probe
 
 
+def test_a_probe_that_finds_progress_probes_on_with_probe_progress_rewind():
+    """With probe_progress_rewind a probe's gate with progress publishes the candidate and
+    takes that many doublings off the backoff; the probe goes on, one gate without progress
+    ends it, and the rest after it is shorter than the last. A wake on evidence of new traffic
+    (here held-out acceptance) is no probe: its progress starts the backoff over."""
+    model, head, trainer = trained_trainer(rest_after_rejections=2, rest_min_windows=2,
+                                           rest_max_windows=10_000, vocab_rebuild_coverage=0.0,
+                                           rest_wake_coverage=0.0, probe_progress_rewind=1)
+    good = trainer.propose_candidate()
+    assert good is not None
+    random = head_for(model, std=0.3, seed=9, draft_vocab=64)
+    trainer.set_live(random)
+    trainer.head = copy.deepcopy(random).train()  # never beats live
+    for n in range(1, 4):  # three rests without a pass: 2, 4, 8 windows
+        assert trainer.propose_candidate() is None
+        while not trainer.maybe_rest():
+            assert trainer.propose_candidate() is None
+        assert trainer.rest_windows == 2 << (n - 1)
+        collect_windows(model, trainer, [[11, 12, 13, 14, 15]] * (2 << n), head)
+        assert trainer.maybe_wake() and trainer.probing
+    trainer.head = copy.deepcopy(good[0]).train()  # the probe finds a better head
+    assert trainer.propose_candidate() is not None
+    st = trainer.status()
+    assert st["probe_progress"] == 1 and trainer.probing and trainer.stats.rests_since_pass == 2
+    trainer.set_live(good[0])  # the swap
+    trainer.head = copy.deepcopy(random).train()
+    assert trainer.propose_candidate() is None and trainer.maybe_rest()  # one gate ends it
+    assert trainer.rest_windows == 8  # as long as the rest before the probe, not 16
+    # A wake on held-out evidence: progress after it starts the backoff over.
+    trainer._rest_level = 10.0
+    trainer.cfg = dataclasses.replace(trainer.cfg, gate_positions=16)
+    collect_windows(model, trainer, [[7, 8, 9, 10]] * 6, head)
+    assert trainer.maybe_wake() and not trainer.probing
+    trainer.cfg = dataclasses.replace(trainer.cfg, gate_positions=512)  # judge on all of it
+    trainer.set_live(random)
+    trainer.head = copy.deepcopy(good[0]).train()
+    assert trainer.propose_candidate() is not None and trainer.stats.rests_since_pass == 0
+    assert trainer.status()["probe_progress"] == 1
+
+
 def test_a_pass_by_less_than_rest_progress_is_published_but_is_no_progress():
     """A candidate the gate passes goes live; whether it keeps the trainer training depends on
     by how much it beats the live head (rest_progress: a share of the live head's acceptance).
