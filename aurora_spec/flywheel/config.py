@@ -141,12 +141,13 @@ class TrainerConfig:
     # and probes on: one gate without progress ends it, and the rest after it is this many
     # doublings shorter than the last (another gate with progress: shorter again). 0: progress
     # ends the probe, the backoff starts over at rest_min_windows and the trainer trains until
-    # rest_after_rejections gates without progress (the rule before; bench suffix
-    # @trainer.probe_progress_rewind=N to compare). Why: a probe late in a rest series that finds
-    # one 10% better head, on a slice of ~30 held-out requests, otherwise costs serving its
-    # second thread for two more gates and for every shorter probe after them (on the day-0
-    # stream, 13-19 of the last 50 requests in three runs, README [4q]).
-    probe_progress_rewind: int = 0
+    # rest_after_rejections gates without progress (the rule before 89b0c75; bench suffix
+    # @trainer.probe_progress_rewind=0 to compare). Why: a probe late in a rest series that finds
+    # one 10% better head otherwise costs serving its second thread for two more gates and for
+    # every shorter probe after them. Side by side on the day-0 stream, three runs (README [4r]):
+    # 1.25x / 1.31x / 1.33x target-only over all 300 requests against 1.19x / 1.28x / 1.25x
+    # with 0, with 325-350 trainer steps against 425-494; the last 50 a tie (tau -0.01).
+    probe_progress_rewind: int = 1
     rest_min_windows: int = 16
     rest_max_windows: int = 256
     # Served acceptance: the live head's own accepted tokens per drafting step on the newest

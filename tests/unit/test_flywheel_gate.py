@@ -126,7 +126,9 @@ def test_trainer_rests_when_nothing_beats_live_and_wakes_on_new_evidence():
     assert trainer.propose_candidate() is None and trainer.maybe_rest()
     collect_windows(model, trainer, [[22, 23, 24]], head)
     assert trainer.maybe_wake()
-    # A candidate that passes resets the backoff.
+    # A candidate that passes resets the backoff (with probe_progress_rewind 0; see the next test
+    # for a probe that probes on).
+    trainer.cfg = dataclasses.replace(trainer.cfg, probe_progress_rewind=0)
     trainer.head = copy.deepcopy(got[0]).train()
     trainer.set_live(head_for(model, std=0.3, seed=9, draft_vocab=64))
     trainer.probing = True  # as after a probe's wake
@@ -142,7 +144,7 @@ def test_a_probe_that_finds_progress_probes_on_with_probe_progress_rewind():
     (here held-out acceptance) is no probe: its progress starts the backoff over."""
     model, head, trainer = trained_trainer(rest_after_rejections=2, rest_min_windows=2,
                                            rest_max_windows=10_000, vocab_rebuild_coverage=0.0,
-                                           rest_wake_coverage=0.0, probe_progress_rewind=1)
+                                           rest_wake_coverage=0.0)  # probe_progress_rewind 1
     good = trainer.propose_candidate()
     assert good is not None
     random = head_for(model, std=0.3, seed=9, draft_vocab=64)
