@@ -170,6 +170,7 @@ def test_a_probe_that_finds_progress_probes_on_with_probe_progress_rewind():
     trainer.cfg = dataclasses.replace(trainer.cfg, gate_positions=16)
     collect_windows(model, trainer, [[7, 8, 9, 10]] * 6, head)
     assert trainer.maybe_wake() and not trainer.probing
+    assert "held-out" in trainer.status()["last_wake"]
     trainer.cfg = dataclasses.replace(trainer.cfg, gate_positions=512)  # judge on all of it
     trainer.set_live(random)
     trainer.head = copy.deepcopy(good[0]).train()
