@@ -105,12 +105,18 @@ class Resting:
         without progress to rest. In a probe it probes on: one gate without progress ends it and
         the next rest is probe_progress_rewind doublings shorter than the last."""
         s, rewind = self.stats, self.cfg.probe_progress_rewind
-        s.gates_without_progress = 0
         if self.probing and rewind > 0:
+            s.gates_without_progress = 0
             s.rests_since_pass = max(s.rests_since_pass - rewind, 0)
             s.probe_progress += 1
             return
-        s.rests_since_pass = 0
+        self.reset_backoff()
+
+    def reset_backoff(self) -> None:
+        """Train as a trainer that has not rested: no probe, the backoff at rest_min_windows,
+        rest_after_rejections gates without progress before the next rest."""
+        self.stats.gates_without_progress = 0
+        self.stats.rests_since_pass = 0
         self._rest_needs = self.cfg.rest_after_rejections
         self.probing = False
 

@@ -449,10 +449,7 @@ class Trainer(Resting):
         self.set_live(head)
         self.fresh.clear()  # a candidate frozen from the weights given up
         self.resting = False  # the live head changed under it: judge afresh
-        self.stats.gates_without_progress = 0
-        self.stats.rests_since_pass = 0
-        self._rest_needs = self.cfg.rest_after_rejections
-        self.probing = False
+        self.reset_backoff()
 
     def status(self) -> dict:
         s = self.stats
