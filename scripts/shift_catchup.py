@@ -190,6 +190,7 @@ def fit(a: argparse.Namespace) -> None:
     static = {d: round(trainer.offline_acceptance(trainer.head, w)[0], 4) for d, w in held.items()}
     curves: dict[str, list[float]] = {d: [] for d in held}
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
+    cpu0 = time.process_time()
     burst_requests, burst_steps = a.burst or (0, 0)
     for d in domains:
         for i, request in enumerate(reqs[d]):
@@ -211,6 +212,9 @@ def fit(a: argparse.Namespace) -> None:
     print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
                       "burst": a.burst and ":".join(map(str, a.burst)),
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
+                      "cpu_s": round(time.process_time() - cpu0, 1),
+                      "vocab_rebuilds": trainer.vocab.rebuilds,
+                      "target_top_windows": getattr(trainer.stats, "target_top_windows", None),
                       "curves": curves, "static": static, "mean": round(mean, 4),
                       "vs_static": round(mean / max(static_mean, 1e-9), 3)}))
 
@@ -231,7 +235,8 @@ def main() -> None:
     c.add_argument("--out", required=True)
     f = sub.add_parser("fit")
     f.add_argument("traces")
-    f.add_argument("--init", required=True, help="the trained head to start from")
+    f.add_argument("--init", default=None, help="the trained head to start from (default: a "
+                   "random day-0 head)")
     f.add_argument("--held", type=int, default=10, help="held-out requests per later domain")
     f.add_argument("--seconds", type=float, default=1.45, help="training time per request")
     f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")

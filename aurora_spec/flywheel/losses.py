@@ -157,16 +157,22 @@ def target_top(target: TargetHead, final: torch.Tensor, d2t: torch.Tensor,
     return logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
 
 
-def loss_rows(top: torch.Tensor, vocab: int, size: int) -> torch.Tensor:
+def loss_rows(top: torch.Tensor, vocab: int, size: int,
+              truth: torch.Tensor | None = None) -> torch.Tensor:
     """The draft ids a step's loss is computed over (sorted): every position's top target
-    tokens ``top`` (N, k), filled up to ``size`` with ids drawn uniformly from the rest of the
-    ``vocab`` (sampled negatives, so every lm_head row is pushed down now and then). Why: the
+    tokens ``top`` (N, k; -1: none) and the emitted tokens ``truth`` (draft ids, -1: outside
+    the vocabulary), filled up to ``size`` with ids drawn uniformly from the rest of the
+    ``vocab`` (sampled negatives, so every lm_head row is pushed down now and then). The truth
+    is the top token under greedy decoding, but ids cached before a vocabulary rebuild lack
+    the tokens new to it (vocab.DraftIds); emitted, they are here anyway. Why: the
     draft's lm_head over the whole draft vocabulary is ~45% of a CPU training step (forward and
     backward at every depth), while the target's top 16 of 8192 carry ~92% of its mass
     (chat/SQL/code traces of the bundled model; ``scripts/shift_catchup.py speed`` with a
     ``loss_vocab`` measures it)."""
     keep = torch.zeros(vocab, dtype=torch.bool, device=top.device)
-    keep[top.flatten()] = True
+    for ids in (top.flatten(), truth):
+        if ids is not None:
+            keep[ids[ids >= 0].long()] = True
     missing = size - int(keep.sum())
     if missing > 0:
         rest = (~keep).nonzero().squeeze(1)
@@ -201,7 +207,7 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
                 top = target_top(target, final, d2t, loss_top_k)
             else:  # cached per window (Trainer._cache_target_top): no whole-vocabulary logits
                 top = torch.cat((batch.top_c, batch.top_b)) if with_b else batch.top_c
-            rows = loss_rows(top, len(d2t), loss_vocab)
+            rows = loss_rows(top, len(d2t), loss_vocab, head.t2d[batch.truth_c])
         tgt_c = target.logits(batch.final_c, d2t, rows)
         tgt_b = target.logits(batch.final_b, d2t, rows) if with_b else None
         if rows is not None:

@@ -35,7 +35,7 @@ from aurora_spec.flywheel.replay import FreshSlice, WindowStore
 from aurora_spec.flywheel.rest import Resting
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
-from aurora_spec.flywheel.vocab import VocabBuilder
+from aurora_spec.flywheel.vocab import DraftIds, VocabBuilder
 from aurora_spec.hardware import cpu_native_bf16
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class TrainerStats:
     probe_progress: int = 0  # gates with progress in a probe that probed on (probe_progress_rewind)
     last_gate: dict | None = None
     candidates: int = 0
+    target_top_windows: int = 0  # windows whose target top ids were computed (not cached)
 
 
 class Trainer(Resting):
@@ -106,7 +107,7 @@ class Trainer(Resting):
                                   cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
                                   cfg.vocab_coverage_window)
         self.stats = TrainerStats()
-        self._vocab_stamp = 0  # counts vocabulary rebuilds (Window.target_top)
+        self.draft_ids = DraftIds()  # Window.target_top's vocabulary, across rebuilds
         self.records = 0
         self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float, int] | None = None
@@ -193,8 +194,9 @@ class Trainer(Resting):
         old_rows = self.head.t2d[d2t.to(self.head.t2d.device)]  # -1: a token new to the vocab
         old_state = {p: s for p, s in self.opt.state.items() if p is not old_w}
         lm_state = self.opt.state.get(old_w)
+        old_d2t = self.head.d2t.clone()
         self.head.set_vocab(d2t.to(self.device))
-        self._vocab_stamp += 1  # windows' cached top draft ids are of the old vocabulary
+        self.draft_ids.rebuilt(old_d2t, self.head.t2d)  # windows' cached top ids: old draft ids
         was_new = old_rows < 0
         if self.cfg.init_from_target and bool(was_new.any()):
             self._init_from_target(was_new)
@@ -203,8 +205,8 @@ class Trainer(Resting):
         if lm_state:  # kept rows keep their Adam moments: a rebuild must not jolt what was learned
             old_state[self.head.lm_head.weight] = _remap_rows(lm_state, old_rows)
         self._make_optimizer(old_state)
-        log.info("draft vocabulary rebuilt (%d tokens): coverage %.3f -> %.3f",
-                 len(d2t), before, self.coverage)
+        log.info("draft vocabulary rebuilt (%d tokens, %d of them new): coverage %.3f -> %.3f",
+                 len(d2t), int(was_new.sum()), before, self.coverage)
         return True
 
     def train_step(self) -> float | None:
@@ -250,16 +252,21 @@ class Trainer(Resting):
         """Give each window the target's top draft ids of its pairs' and branches' targets
         (Window.target_top), which choose a step's loss vocabulary (losses.loss_rows): computed
         once a window and vocabulary, not at every step that replays it (the target's logits
-        over the whole draft vocabulary were ~10% of a CPU step)."""
-        c, d2t = self.cfg, self.head.d2t
+        over the whole draft vocabulary were ~10% of a CPU step); ids cached before a vocabulary
+        rebuild are carried over to the new vocabulary (vocab.DraftIds)."""
+        c, d2t, stamp = self.cfg, self.head.d2t, self.draft_ids.stamp
         if not 0 < c.loss_vocab < len(d2t):
             return
         for win in windows:
-            if win.target_top is not None and win.target_top[0] == self._vocab_stamp:
+            if win.target_top is not None and win.target_top[0] != stamp:
+                ids = self.draft_ids.carry(*win.target_top)
+                win.target_top = None if ids is None else (stamp, ids)
+            if win.target_top is not None:
                 continue
             final = win.target_rows().to(self.device, torch.float32)
             top = target_top(self.target, final, d2t, c.loss_top_k)
-            win.target_top = (self._vocab_stamp, top.to("cpu", torch.int32))
+            win.target_top = (stamp, top.to("cpu", torch.int32))
+            self.stats.target_top_windows += 1
 
     @contextlib.contextmanager
     def _autocast(self):
@@ -299,6 +306,8 @@ class Trainer(Resting):
                     reached[d] += int((lengths >= d).sum())
         size = 0
         for w in windows:
+            if not w.scored_pairs:  # prompt rows alone: serving drafts none of them (~1 in 6)
+                continue
             chunk.append(w)
             size += w.pairs
             if size >= budget:

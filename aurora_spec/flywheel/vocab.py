@@ -6,7 +6,8 @@ never be drafted. When coverage falls below a threshold (new traffic, a domain s
 rebuilt vocabulary would cover clearly more, the builder proposes a new d2t: the most frequent
 tokens by a score that weighs all traffic so far and the recent window equally (the recent window
 adapts to shifts, the all-time counts keep what other domains need). ``Eagle3Head.set_vocab``
-keeps the lm_head rows of tokens in both vocabularies.
+keeps the lm_head rows of tokens in both vocabularies, and ``DraftIds`` carries draft ids
+cached under an older vocabulary over to the new one.
 """
 
 from __future__ import annotations
@@ -88,3 +89,34 @@ class VocabBuilder:
         self.rebuilds += 1
         self.built_at = self.seen
         return d2t
+
+
+class DraftIds:
+    """Draft ids across vocabulary rebuilds. ``stamp`` counts the rebuilds; ids cached under an
+    older stamp are mapped to today's vocabulary through the rebuilds since (a token the rebuild
+    dropped becomes -1), so a window's cached top target ids (Window.target_top) survive a
+    rebuild instead of being recomputed: the vocabulary is rebuilt ~14 times in a 300-request
+    day-0 run, and replayed windows mostly come from the reservoir, sampled once between two
+    rebuilds at most. What the carried ids lack: tokens new to the vocabulary that would rank
+    among a position's top ones; where one was emitted it is the truth, which the loss rows
+    always hold (losses.loss_rows). Only the newest ``keep`` rebuilds are kept (each an int32
+    map over the draft vocabulary); ids older than that are recomputed."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.stamp = 0
+        self._maps: deque[torch.Tensor] = deque(maxlen=keep)  # the newest last
+
+    def rebuilt(self, old_d2t: torch.Tensor, new_t2d: torch.Tensor) -> None:
+        """Record one rebuild: old draft id i is new draft id ``new_t2d[old_d2t[i]]``."""
+        self._maps.append(new_t2d.cpu()[old_d2t.cpu()].to(torch.int32))
+        self.stamp += 1
+
+    def carry(self, stamp: int, ids: torch.Tensor) -> torch.Tensor | None:
+        """``ids`` (draft ids under ``stamp``, -1 for none) in today's vocabulary; None when
+        the rebuilds since are no longer kept."""
+        back = self.stamp - stamp
+        if back < 0 or back > len(self._maps):
+            return None
+        for m in list(self._maps)[len(self._maps) - back:]:
+            ids = torch.where(ids >= 0, m[ids.clamp(min=0).long()], -1).to(torch.int32)
+        return ids

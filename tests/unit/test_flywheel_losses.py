@@ -19,9 +19,11 @@ from aurora_spec.flywheel.losses import (
     acceptance_lengths,
     flywheel_loss,
     loss_rows,
+    target_top,
     unrolled_forward,
 )
 from aurora_spec.flywheel.trainer import Trainer
+from aurora_spec.flywheel.vocab import DraftIds
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step, unpack
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.types import SamplingParams
@@ -167,9 +169,35 @@ def test_cached_target_top_ids_give_the_same_loss_and_follow_the_vocabulary():
     kept = wins[0].target_top
     trainer._cache_target_top(wins)
     assert wins[0].target_top is kept  # cached: not recomputed
-    trainer._vocab_stamp += 1  # what a vocabulary rebuild does
+    computed = trainer.stats.target_top_windows
+    # A rebuild that drops four of the cached top tokens: the cached ids are carried over to
+    # the new vocabulary, naming the same target tokens, -1 for those it dropped; none recomputed.
+    old_d2t, old_tops = trainer.head.d2t.clone(), [w.target_top[1] for w in wins]
+    gone = old_d2t[torch.cat(old_tops).flatten().long()].unique()[:4]
+    outside = (trainer.head.t2d < 0).nonzero().squeeze(1)[:4]
+    rebuilt = torch.cat((old_d2t[~torch.isin(old_d2t, gone)], outside)).sort().values
+    trainer.vocab.maybe_rebuild = lambda t2d: rebuilt
+    assert trainer.maybe_rebuild_vocab()
+    new_d2t, new_t2d = trainer.head.d2t, trainer.head.t2d
     trainer._cache_target_top(wins)
-    assert wins[0].target_top is not kept and wins[0].target_top[0] == trainer._vocab_stamp
+    assert trainer.stats.target_top_windows == computed
+    dropped = 0
+    for win, old in zip(wins, old_tops):
+        stamp, ids = win.target_top
+        assert stamp == trainer.draft_ids.stamp == 1 and ids.shape == old.shape
+        tokens = old_d2t[old.long()]
+        kept = new_t2d[tokens] >= 0
+        assert torch.equal(ids >= 0, kept)
+        assert torch.equal(new_d2t[ids[kept].long()], tokens[kept])
+        dropped += int((~kept).sum())
+    assert dropped > 0  # the rebuild dropped some of the cached tokens: the -1 path ran
+    # ... and ids older than the rebuilds kept are recomputed
+    trainer.draft_ids = DraftIds(keep=0)
+    trainer.draft_ids.stamp = 2
+    trainer._cache_target_top(wins)
+    assert trainer.stats.target_top_windows == computed + len(wins)
+    assert torch.equal(wins[0].target_top[1], target_top(target, wins[0].target_rows(),
+                                                          new_d2t, 2).to(torch.int32))
 
 
 def test_prompt_positions_join_the_request_windows():
@@ -199,6 +227,13 @@ def test_prompt_positions_join_the_request_windows():
     assert int(batch.scored_c.sum()) == scored
     assert bool((batch.pos_c[batch.scored_c] >= len(prompt) - 1).all())
     assert bool((batch.pos_c[~batch.scored_c] < len(prompt) - 1).all())
+    # The gate's measure skips prompt-only windows (nothing there is scored) and counts the same
+    unscored = [w for w in wins if not w.scored_pairs]
+    assert unscored  # the 36 prompt rows fill two windows of 16 before the answer starts
+    trainer = Trainer(head, TargetHead(model.lm_head.weight), Embedder(model.embed.weight))
+    plain = acceptance_lengths(head.eval(), batch, Embedder(model.embed.weight), 4)
+    assert trainer.offline_acceptance(trainer.live, wins, depth=4) == (
+        float(plain[batch.scored_c].float().mean()), scored)
 
 
 def test_loss_decreases_and_discard_term_is_optional():
@@ -237,6 +272,9 @@ def test_loss_rows_keep_every_top_k_and_fill_with_others():
     assert set(top.flatten().tolist()) <= set(rows.tolist())
     assert len(loss_rows(top, 100, 5)) >= 7  # the top-k union is never cut to fit
     assert torch.equal(loss_rows(top, 100, 500), torch.arange(100))
+    # ids carried over a vocabulary rebuild may be -1 (dropped); the emitted tokens always count
+    carried = torch.tensor([[5, -1], [-1, -1]], dtype=torch.int32)
+    assert loss_rows(carried, 100, 0, truth=torch.tensor([9, -1, 5])).tolist() == [5, 9]
     with pytest.raises(ValueError, match="loss_top_k"):
         TrainerConfig(loss_vocab=2048, loss_top_k=0)
     with pytest.raises(ValueError, match="loss_vocab"):
