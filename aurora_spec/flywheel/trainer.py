@@ -107,7 +107,7 @@ class Trainer(Resting):
                                   cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
                                   cfg.vocab_coverage_window)
         self.stats = TrainerStats()
-        self.draft_ids = DraftIds()  # Window.target_top's vocabulary, across rebuilds
+        self.draft_ids = DraftIds(c.target_vocab_size)  # Window.target_top across rebuilds
         self.records = 0
         self.last_alpha: list[float] = []
         self._live_score: tuple[tuple, float, int] | None = None
@@ -196,7 +196,7 @@ class Trainer(Resting):
         lm_state = self.opt.state.get(old_w)
         old_d2t = self.head.d2t.clone()
         self.head.set_vocab(d2t.to(self.device))
-        self.draft_ids.rebuilt(old_d2t, self.head.t2d)  # windows' cached top ids: old draft ids
+        self.draft_ids.rebuilt(old_d2t, self.head.d2t)  # windows' cached top ids: old draft ids
         was_new = old_rows < 0
         if self.cfg.init_from_target and bool(was_new.any()):
             self._init_from_target(was_new)
@@ -259,7 +259,7 @@ class Trainer(Resting):
             return
         for win in windows:
             if win.target_top is not None and win.target_top[0] != stamp:
-                ids = self.draft_ids.carry(*win.target_top)
+                ids = self.draft_ids.carry(*win.target_top, win.tokens)
                 win.target_top = None if ids is None else (stamp, ids)
             if win.target_top is not None:
                 continue

@@ -97,25 +97,34 @@ class DraftIds:
     dropped becomes -1), so a window's cached top target ids (Window.target_top) survive a
     rebuild instead of being recomputed: the vocabulary is rebuilt ~14 times in a 300-request
     day-0 run, and replayed windows mostly come from the reservoir, sampled once between two
-    rebuilds at most. What the carried ids lack: tokens new to the vocabulary that would rank
-    among a position's top ones; where one was emitted it is the truth, which the loss rows
-    always hold (losses.loss_rows). Only the newest ``keep`` rebuilds are kept (each an int32
-    map over the draft vocabulary); ids older than that are recomputed."""
+    rebuilds at most. What carried ids would lack: tokens new to the vocabulary that rank among
+    a position's top ones. So a window that emitted a token which entered the vocabulary after
+    its ids were cached is recomputed (where new tokens are frequent, early on day 0, that is
+    most windows); elsewhere the emitted token is the top one under greedy decoding, and the
+    loss rows always hold it (losses.loss_rows). Only the newest ``keep`` rebuilds are kept
+    (each an int32 map over the draft vocabulary); ids older than that are recomputed."""
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, target_vocab: int, keep: int = 64) -> None:
         self.stamp = 0
         self._maps: deque[torch.Tensor] = deque(maxlen=keep)  # the newest last
+        self._entered = torch.zeros(target_vocab, dtype=torch.int32)  # stamp a token came in
 
-    def rebuilt(self, old_d2t: torch.Tensor, new_t2d: torch.Tensor) -> None:
-        """Record one rebuild: old draft id i is new draft id ``new_t2d[old_d2t[i]]``."""
-        self._maps.append(new_t2d.cpu()[old_d2t.cpu()].to(torch.int32))
+    def rebuilt(self, old_d2t: torch.Tensor, new_d2t: torch.Tensor) -> None:
+        """Record one rebuild: old draft id i is the new draft id of target token old_d2t[i]."""
+        old_d2t, new_d2t = old_d2t.cpu(), new_d2t.cpu()
         self.stamp += 1
+        self._entered[new_d2t[~torch.isin(new_d2t, old_d2t)]] = self.stamp
+        new_t2d = target_to_draft(new_d2t, len(self._entered))
+        self._maps.append(new_t2d[old_d2t].to(torch.int32))
 
-    def carry(self, stamp: int, ids: torch.Tensor) -> torch.Tensor | None:
-        """``ids`` (draft ids under ``stamp``, -1 for none) in today's vocabulary; None when
-        the rebuilds since are no longer kept."""
+    def carry(self, stamp: int, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:
+        """``ids`` (draft ids under ``stamp``, -1 for none) of a window that emitted ``tokens``,
+        in today's vocabulary; None: recompute them (a token of the window entered the
+        vocabulary since, or the rebuilds since are no longer kept)."""
         back = self.stamp - stamp
         if back < 0 or back > len(self._maps):
+            return None
+        if back and int(self._entered[torch.tensor(tokens)].max()) > stamp:
             return None
         for m in list(self._maps)[len(self._maps) - back:]:
             ids = torch.where(ids >= 0, m[ids.clamp(min=0).long()], -1).to(torch.int32)

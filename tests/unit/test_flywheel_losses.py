@@ -174,7 +174,10 @@ def test_cached_target_top_ids_give_the_same_loss_and_follow_the_vocabulary():
     # the new vocabulary, naming the same target tokens, -1 for those it dropped; none recomputed.
     old_d2t, old_tops = trainer.head.d2t.clone(), [w.target_top[1] for w in wins]
     gone = old_d2t[torch.cat(old_tops).flatten().long()].unique()[:4]
-    outside = (trainer.head.t2d < 0).nonzero().squeeze(1)[:4]
+    emitted = torch.tensor([t for w in wins for t in w.tokens])
+    outside = (trainer.head.t2d < 0).nonzero().squeeze(1)
+    outside = outside[~torch.isin(outside, emitted)][:4]  # new tokens no window emitted
+    assert len(outside) == 4
     rebuilt = torch.cat((old_d2t[~torch.isin(old_d2t, gone)], outside)).sort().values
     trainer.vocab.maybe_rebuild = lambda t2d: rebuilt
     assert trainer.maybe_rebuild_vocab()
@@ -192,12 +195,27 @@ def test_cached_target_top_ids_give_the_same_loss_and_follow_the_vocabulary():
         dropped += int((~kept).sum())
     assert dropped > 0  # the rebuild dropped some of the cached tokens: the -1 path ran
     # ... and ids older than the rebuilds kept are recomputed
-    trainer.draft_ids = DraftIds(keep=0)
+    trainer.draft_ids = DraftIds(len(new_t2d), keep=0)
     trainer.draft_ids.stamp = 2
     trainer._cache_target_top(wins)
     assert trainer.stats.target_top_windows == computed + len(wins)
     assert torch.equal(wins[0].target_top[1], target_top(target, wins[0].target_rows(),
                                                           new_d2t, 2).to(torch.int32))
+
+
+def test_draft_ids_follow_rebuilds_and_refuse_windows_that_emitted_a_new_token():
+    ids = DraftIds(target_vocab=10, keep=2)
+    d2t = [torch.tensor(v) for v in ([1, 3, 5, 7], [1, 5, 7, 8], [0, 1, 5, 8])]
+    ids.rebuilt(d2t[0], d2t[1])  # 3 dropped, 8 came in (stamp 1)
+    ids.rebuilt(d2t[1], d2t[2])  # 7 dropped, 0 came in (stamp 2)
+    cached = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # tokens 1, 3 / 5, 7 at stamp 0
+    assert ids.carry(0, cached, tokens=[1, 5, 7]).tolist() == [[1, -1], [2, -1]]
+    assert ids.carry(2, cached, tokens=[0]) is cached  # cached today: as is
+    assert ids.carry(0, cached, tokens=[1, 8]) is None  # 8 came in after stamp 0: recompute
+    assert ids.carry(1, torch.tensor([[3]], dtype=torch.int32), tokens=[8]).tolist() == [[3]]
+    assert ids.carry(1, cached, tokens=[0, 1]) is None  # 0 came in after stamp 1
+    ids.rebuilt(d2t[2], d2t[0])
+    assert ids.carry(0, cached, tokens=[1]) is None  # three rebuilds back, two kept
 
 
 def test_prompt_positions_join_the_request_windows():
