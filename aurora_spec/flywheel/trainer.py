@@ -476,6 +476,7 @@ class Trainer(Resting):
                 "vocab_coverage": round(self.coverage, 4),
                 "vocab_coverage_unseen": rnd(self.vocab.coverage_since_build(self.head.t2d)),
                 "vocab_rebuilds": self.vocab.rebuilds,
+                "target_top_windows": s.target_top_windows,
                 "gates": s.gates, "gate_rejections": s.gate_rejections,
                 "last_gate": s.last_gate, "candidates": s.candidates,
                 "resting": self.resting, "rests": s.rests, "wakes": s.wakes,
