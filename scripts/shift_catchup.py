@@ -11,14 +11,15 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
 domains (default code:10,summarization:40,translation:40) and keeps the trace records serving
 would (every verify step, the last 512 prompt positions; no rejected branches: target-only
 decoding drafts nothing). ``fit`` starts the online trainer from ``--init`` (without it, a random
-day-0 head) and feeds it the stream in order, the last ``--held`` requests of each domain after the first held out; after
-each request it trains for ``--seconds`` of wall time (equal CPU time for settings whose steps
-cost differently; ``--steps`` instead gives a fixed number of steps). Every 5 requests it scores
-the current head on the current domain's held-out requests (the gate's measure: mean accepted
-tokens of a greedy 4-token chain) and prints one JSON line with the curves, their mean, the
-``--init`` head's untrained score on each domain (``static``: what a static arm would serve) and
-the mean's ratio to it (``vs_static``), with the run's CPU time (``cpu_s``), vocabulary rebuilds
-and how many windows' target top ids were computed (``target_top_windows``; the rest were cached).
+day-0 head) and feeds it the stream in order, the last ``--held`` requests of each domain after
+the first held out; after each request it trains for ``--seconds`` of wall time (equal CPU time
+for settings whose steps cost differently; ``--steps`` instead gives a fixed number of steps).
+Every 5 requests it scores the current head on the current domain's held-out requests (the gate's
+measure: mean accepted tokens of a greedy 4-token chain) and prints one JSON line with the
+curves, their mean, the ``--init`` head's untrained score on each domain (``static``: what a
+static arm would serve) and the mean's ratio to it (``vs_static``), with the run's CPU time
+(``cpu_s``), vocabulary rebuilds and how many windows' target top ids were computed
+(``target_top_windows``; the rest were cached).
 ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
 first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the

