@@ -216,7 +216,7 @@ def fit(a: argparse.Namespace) -> None:
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
                       "cpu_s": round(time.process_time() - cpu0, 1),
                       "vocab_rebuilds": trainer.vocab.rebuilds,
-                      "target_top_windows": getattr(trainer.stats, "target_top_windows", None),
+                      "target_top_windows": trainer.stats.target_top_windows,
                       "curves": curves, "static": static, "mean": round(mean, 4),
                       "vs_static": round(mean / max(static_mean, 1e-9), 3)}))
 
