@@ -473,7 +473,8 @@ class Trainer(Resting):
                 "trained_pairs": s.trained_pairs,
                 "ingested_pairs": self.store.positions, "records": self.records,
                 "windows": len(self.store.reservoir), "holdout_windows": len(self.store.holdout),
-                "vocab_coverage": round(self.coverage, 4),
+                # None until an emitted token is ingested (coverage() reads 1.0 on nothing)
+                "vocab_coverage": round(self.coverage, 4) if self.vocab.recent else None,
                 "vocab_coverage_unseen": rnd(self.vocab.coverage_since_build(self.head.t2d)),
                 "vocab_rebuilds": self.vocab.rebuilds,
                 "target_top_windows": s.target_top_windows,

@@ -9,11 +9,12 @@ import dataclasses
 import pytest
 import torch
 
+from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import Embedder, TargetHead
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.trainer import Trainer
 from tests.flywheel_helpers import collect_windows, trained_trainer
-from tests.tiny_models import head_for
+from tests.tiny_models import head_for, tiny_target
 
 
 def test_gate_refuses_a_worse_candidate():
@@ -239,6 +240,16 @@ def test_trained_head_rests_from_the_start_and_wakes_when_served_acceptance_fall
     # A day-0 head (version 0) starts training.
     assert not Trainer(head_for(model, draft_vocab=64), TargetHead(model.lm_head.weight),
                        Embedder(model.embed.weight), cfg).resting
+
+
+def test_vocab_coverage_is_not_reported_before_any_emitted_token():
+    """Coverage of nothing is no figure: /metrics skips the gauge rather than show 1.0."""
+    model, _ = tiny_target("llama", seed=0)
+    fresh = Trainer(head_for(model, draft_vocab=64), TargetHead(model.lm_head.weight),
+                    Embedder(model.embed.weight), TrainerConfig())
+    assert fresh.status()["vocab_coverage"] is None
+    _, _, trainer = trained_trainer()
+    assert 0.0 < trainer.status()["vocab_coverage"] <= 1.0
 
 
 def test_vocab_rebuild_keeps_the_adam_moments_of_kept_rows():
