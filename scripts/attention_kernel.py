@@ -23,14 +23,8 @@ from aurora_spec.models import row_ops
 
 def attend(lib: Any, qkv: torch.Tensor, heads: tuple[int, int, int], k: torch.Tensor,
            v: torch.Tensor, kv_len: int, mask: torch.Tensor, start: int) -> torch.Tensor:
-    """One aurora_attend call (q and k taken as already rotated)."""
-    nq, _, d = heads
-    b, t, w = qkv.shape
-    out = torch.empty(b, t, nq * d)
-    lib.aurora_attend(qkv.data_ptr(), b * t, w, nq, heads[1], d, k.data_ptr(), v.data_ptr(),
-                      k.shape[2], kv_len, None, None, None, t, start, mask.data_ptr(), 0.125,
-                      out.data_ptr(), torch.get_num_threads())
-    return out
+    """One aurora_attend call of the build ``lib`` (q and k taken as already rotated)."""
+    return row_ops.attend_rotated(lib, qkv, heads, k, v, kv_len, mask, 0.125, start)
 
 
 def inputs(t: int, start: int, heads: tuple[int, int, int], seed: int, tree: bool = False,

@@ -194,6 +194,18 @@ def attend(qkv: torch.Tensor, heads: tuple[int, int, int], cos: torch.Tensor,
     if not fits:
         return None
     rope_(qkv, nq + nkv, d, cos, sin_signed)
+    return attend_rotated(lib, qkv, heads, k_cache, v_cache, kv_len, mask, scale, start, tokens)
+
+
+def attend_rotated(lib: ctypes.CDLL, qkv: torch.Tensor, heads: tuple[int, int, int],
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int, mask: torch.Tensor,
+                   scale: float, start: int = 0,
+                   tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   ) -> torch.Tensor:
+    """``attend``'s C call alone, on layouts it checked and q/k already rotated; ``lib`` is a
+    build of row_ops.c (scripts/attention_kernel.py passes two, to compare them)."""
+    nq, nkv, d = heads
+    b, t, width = qkv.shape
     out = qkv.new_empty(b, t, nq * d)
     ptrs = (None, None, None) if tokens is None else tuple(x.data_ptr() for x in tokens)
     lib.aurora_attend(qkv.data_ptr(), b * t, width, nq, nkv, d, k_cache.data_ptr(),
