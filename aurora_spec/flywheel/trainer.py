@@ -446,7 +446,12 @@ class Trainer(Resting):
     def restart_from(self, head: Eagle3Head) -> None:
         """Continue training from ``head``'s weights with a fresh optimizer (after a rollback or a
         reset); the data stays."""
+        old_d2t = self.head.d2t.clone()
         self.head = copy.deepcopy(head).to(self.device, torch.float32).train()
+        if not torch.equal(old_d2t.cpu(), self.head.d2t.cpu()):
+            # An older version's vocabulary comes back: to the windows' cached top ids that is
+            # one more rebuild (without it they would name other tokens than the target's top)
+            self.draft_ids.rebuilt(old_d2t, self.head.d2t)
         for p in self.head.parameters():
             p.requires_grad_(True)
         if self.cfg.init_from_target and head.version == 0:

@@ -3,6 +3,7 @@ reproduces the drafter's serving-time chains exactly; KL restricted to the draft
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -194,13 +195,30 @@ def test_cached_target_top_ids_give_the_same_loss_and_follow_the_vocabulary():
         assert torch.equal(new_d2t[ids[kept].long()], tokens[kept])
         dropped += int((~kept).sum())
     assert dropped > 0  # the rebuild dropped some of the cached tokens: the -1 path ran
+    # A rollback to a head of the vocabulary before the rebuild is one more rebuild to the
+    # cached ids: they name the same target tokens in the restored vocabulary, or are recomputed
+    restored = copy.deepcopy(trainer.head)
+    restored.set_vocab(old_d2t)
+    tops_now = [w.target_top[1] for w in wins]
+    trainer.restart_from(restored)
+    assert trainer.draft_ids.stamp == 2 and torch.equal(trainer.head.d2t, old_d2t)
+    trainer._cache_target_top(wins)
+    for win, before in zip(wins, tops_now):
+        stamp, ids = win.target_top
+        assert stamp == 2
+        named = before >= 0
+        tokens = new_d2t[before[named].long()]
+        assert torch.equal(ids[named] >= 0, trainer.head.t2d[tokens] >= 0)
+        back = ids[named] >= 0
+        assert torch.equal(old_d2t[ids[named][back].long()], tokens[back])
+    computed = trainer.stats.target_top_windows
     # ... and ids older than the rebuilds kept are recomputed
     trainer.draft_ids = DraftIds(len(new_t2d), keep=0)
-    trainer.draft_ids.stamp = 2
+    trainer.draft_ids.stamp = 3
     trainer._cache_target_top(wins)
     assert trainer.stats.target_top_windows == computed + len(wins)
     assert torch.equal(wins[0].target_top[1], target_top(target, wins[0].target_rows(),
-                                                          new_d2t, 2).to(torch.int32))
+                                                          old_d2t, 2).to(torch.int32))
 
 
 def test_draft_ids_follow_rebuilds_and_refuse_windows_that_emitted_a_new_token():
