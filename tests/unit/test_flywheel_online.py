@@ -70,8 +70,9 @@ def test_online_loop_raises_acceptance(online):
     assert sum(taus[-4:]) / 4 > 2.0, taus
     assert st["swaps"] >= 1 and st["dropped_traces"] == 0 and st["recorded_traces"] > 0
     assert st["trainer_step"] > 0 and st["vocab_coverage"] > 0.9
-    ckpt = learner.store.versions()
-    assert ckpt and ckpt[0][0] == st["live_version"]
+    # The live version is on disk; a newer one may be too: a candidate is saved before it swaps in
+    ckpt = [v for v, _ in learner.store.versions()]
+    assert st["live_version"] in ckpt and ckpt[0] >= st["live_version"], (ckpt, st)
 
 
 def test_the_trainer_judges_a_swap_on_traffic_served_since(online):
