@@ -194,9 +194,7 @@ class Trainer(Resting):
         old_rows = self.head.t2d[d2t.to(self.head.t2d.device)]  # -1: a token new to the vocab
         old_state = {p: s for p, s in self.opt.state.items() if p is not old_w}
         lm_state = self.opt.state.get(old_w)
-        old_d2t = self.head.d2t.clone()
         self.head.set_vocab(d2t.to(self.device))
-        self.draft_ids.rebuilt(old_d2t, self.head.d2t)  # windows' cached top ids: old draft ids
         was_new = old_rows < 0
         if self.cfg.init_from_target and bool(was_new.any()):
             self._init_from_target(was_new)
@@ -254,9 +252,12 @@ class Trainer(Resting):
         once a window and vocabulary, not at every step that replays it (the target's logits
         over the whole draft vocabulary were ~10% of a CPU step); ids cached before a vocabulary
         rebuild are carried over to the new vocabulary (vocab.DraftIds)."""
-        c, d2t, stamp = self.cfg, self.head.d2t, self.draft_ids.stamp
+        c, d2t = self.cfg, self.head.d2t
         if not 0 < c.loss_vocab < len(d2t):
             return
+        # A vocabulary other than the last one seen (a rebuild, a rollback to an older version)
+        # is one more stamp; ids cached under an older one are carried or recomputed
+        stamp = self.draft_ids.follow(d2t)
         for win in windows:
             if win.target_top is not None and win.target_top[0] != stamp:
                 ids = self.draft_ids.carry(*win.target_top, win.tokens)
@@ -446,12 +447,7 @@ class Trainer(Resting):
     def restart_from(self, head: Eagle3Head) -> None:
         """Continue training from ``head``'s weights with a fresh optimizer (after a rollback or a
         reset); the data stays."""
-        old_d2t = self.head.d2t.clone()
         self.head = copy.deepcopy(head).to(self.device, torch.float32).train()
-        if not torch.equal(old_d2t.cpu(), self.head.d2t.cpu()):
-            # An older version's vocabulary comes back: to the windows' cached top ids that is
-            # one more rebuild (without it they would name other tokens than the target's top)
-            self.draft_ids.rebuilt(old_d2t, self.head.d2t)
         for p in self.head.parameters():
             p.requires_grad_(True)
         if self.cfg.init_from_target and head.version == 0:

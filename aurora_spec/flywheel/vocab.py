@@ -103,12 +103,24 @@ class DraftIds:
     decoding, and the loss rows always hold it (losses.loss_rows). On a day-0 proxy run
     (scripts/shift_catchup.py fit) ids were computed for 235 windows, 469 when every rebuild
     invalidated them. Only the newest ``keep`` rebuilds are kept (each an int32 map over the
-    draft vocabulary); ids older than that are recomputed."""
+    draft vocabulary); ids older than that are recomputed. ``follow`` reads the vocabulary off
+    the head in use, so whatever changed it (a rebuild, a rollback to an older version) counts."""
 
     def __init__(self, target_vocab: int, keep: int = 64) -> None:
         self.stamp = 0
+        self._d2t: torch.Tensor | None = None  # the vocabulary ``follow`` saw last
         self._maps: deque[torch.Tensor] = deque(maxlen=keep)  # the newest last
         self._entered = torch.zeros(target_vocab, dtype=torch.int32)  # stamp a token came in
+
+    def follow(self, d2t: torch.Tensor) -> int:
+        """The stamp of vocabulary ``d2t``: one rebuild more when it differs from the one seen
+        last."""
+        d2t = d2t.cpu()
+        if self._d2t is None or not torch.equal(d2t, self._d2t):
+            if self._d2t is not None:
+                self.rebuilt(self._d2t, d2t)
+            self._d2t = d2t.clone()
+        return self.stamp
 
     def rebuilt(self, old_d2t: torch.Tensor, new_d2t: torch.Tensor) -> None:
         """Record one rebuild: old draft id i is the new draft id of target token old_d2t[i]."""

@@ -201,8 +201,8 @@ def test_cached_target_top_ids_give_the_same_loss_and_follow_the_vocabulary():
     restored.set_vocab(old_d2t)
     tops_now = [w.target_top[1] for w in wins]
     trainer.restart_from(restored)
-    assert trainer.draft_ids.stamp == 2 and torch.equal(trainer.head.d2t, old_d2t)
     trainer._cache_target_top(wins)
+    assert trainer.draft_ids.stamp == 2 and torch.equal(trainer.head.d2t, old_d2t)
     for win, before in zip(wins, tops_now):
         stamp, ids = win.target_top
         assert stamp == 2
@@ -234,6 +234,9 @@ def test_draft_ids_follow_rebuilds_and_refuse_windows_that_emitted_a_new_token()
     assert ids.carry(1, cached, tokens=[0, 1]) is None  # 0 came in after stamp 1
     ids.rebuilt(d2t[2], d2t[0])
     assert ids.carry(0, cached, tokens=[1]) is None  # three rebuilds back, two kept
+    # follow: the vocabulary in use, whatever changed it; the same one is no rebuild
+    assert ids.follow(d2t[0]) == 3 and ids.follow(d2t[0].clone()) == 3
+    assert ids.follow(d2t[1]) == 4 and ids.carry(3, cached, tokens=[1]).tolist() == [[0, -1], [1, 2]]
 
 
 def test_prompt_positions_join_the_request_windows():
