@@ -12,7 +12,8 @@ domains (default code:10,summarization:40,translation:40) and keeps the trace re
 would (every verify step, the last 512 prompt positions; no rejected branches: target-only
 decoding drafts nothing). ``fit`` starts the online trainer from ``--init`` (without it, a random
 day-0 head) and feeds it the stream in order, the last ``--held`` requests of each domain after
-the first held out; after each request it trains for ``--seconds`` of wall time (equal CPU time
+the first held out (with ``--hold-first``, of the first too: does training on traffic the head
+already knows make it worse there?); after each request it trains for ``--seconds`` of wall time (equal CPU time
 for settings whose steps cost differently; ``--steps`` instead gives a fixed number of steps).
 Every 5 requests it scores the current head on the current domain's held-out requests (the gate's
 measure: mean accepted tokens of a greedy 4-token chain) and prints one JSON line with the
@@ -182,7 +183,7 @@ def fit(a: argparse.Namespace) -> None:
     domains = [d for d, _ in _stream(data["stream"])]
     reqs = {d: _requests(data["records"][d], a.prompt_rows) for d in domains}
     held = {}
-    for d in domains[1:]:  # scored on answers only, as serving drafts there
+    for d in domains if a.hold_first else domains[1:]:  # scored on answers only, as served
         asm = WindowAssembler(128)
         wins = [w for q in reqs[d][-a.held:] for r in q if not r.prompt for w in asm.add(r)]
         held[d] = wins + asm.flush()
@@ -240,6 +241,8 @@ def main() -> None:
     f.add_argument("--init", default=None, help="the trained head to start from (default: a "
                    "random day-0 head)")
     f.add_argument("--held", type=int, default=10, help="held-out requests per later domain")
+    f.add_argument("--hold-first", action="store_true",
+                   help="hold out and score the first domain too (does training drift from it?)")
     f.add_argument("--seconds", type=float, default=1.45, help="training time per request")
     f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")
     f.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")

@@ -121,7 +121,8 @@ def fit(model: Any, records: list[TraceRecord], prompt_tokens: list[int],
     for r in records:
         windows += asm.add(r)
     windows += asm.flush()
-    cfg = replace(cfg, recent_ratio=0.0, reservoir_windows=max(len(windows), 1),
+    # lr_trained=None: the lr asked for, whatever head the fit starts from
+    cfg = replace(cfg, lr_trained=None, recent_ratio=0.0, reservoir_windows=max(len(windows), 1),
                   reservoir_bytes=None,
                   holdout_windows=max(len(windows), 1), reuse=float("inf"),
                   vocab_rebuild_coverage=0.0)

@@ -97,6 +97,7 @@ class Trainer(Resting):
         self.head = copy.deepcopy(head).to(self.device, torch.float32).train()
         self.live = copy.deepcopy(self.head).eval()
         self.next_version = head.version + 1
+        self.lr = cfg.lr_trained if cfg.lr_trained is not None and head.version > 0 else cfg.lr
         self.assembler = WindowAssembler(cfg.window)
         self.store = WindowStore(cfg.recent_windows, cfg.reservoir_windows, cfg.holdout_every,
                                  cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes,
@@ -178,7 +179,7 @@ class Trainer(Resting):
         c = self.cfg
         # fused: one kernel for all parameters instead of a dozen per tensor (a CPU step 6%
         # faster: scripts/shift_catchup.py speed, 287-295 -> 273-276 ms on 2 threads)
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=c.lr, betas=c.betas,
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=self.lr, betas=c.betas,
                                      weight_decay=c.weight_decay, fused=True)
         if keep_state:
             for p in self.head.parameters():

@@ -63,16 +63,25 @@ class VocabBuilder:
         since = self.seen - self.built_at
         return self.coverage(t2d, newest=since) if since > 0 else float("nan")
 
-    def build(self) -> torch.Tensor:
-        """The ``draft_vocab`` highest-scoring tokens (ties: lower ids, the BPE merge order)."""
+    def build(self, current: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``draft_vocab`` highest-scoring tokens. Ties (above all the tokens the traffic has
+        not shown yet, at 0): first those in the ``current`` vocabulary (a target-to-draft map,
+        -1 outside), then lower ids (the BPE merge order). Why the current ones first: a head
+        trained before serving knows its vocabulary's rows; a rebuild after the first few
+        requests would otherwise swap ~1100 of them for low ids nobody has seen either."""
         score = self.counts / max(self.counts.sum().item(), 1.0)
         if self.recent:
             recent = torch.zeros_like(self.counts)
             recent.index_add_(0, torch.tensor(list(self.recent)),
                               torch.ones(len(self.recent), dtype=torch.float64))
             score = score + recent / len(self.recent)
-        score = score - torch.arange(self.target_vocab, dtype=torch.float64) * 1e-12
-        return torch.sort(torch.topk(score, self.draft_vocab).indices).values
+        kept = torch.zeros(self.target_vocab, dtype=torch.int8)
+        if current is not None:
+            kept = (current.cpu() >= 0).to(torch.int8)
+        # lexicographic (score, kept, -id): stable sorts from the last key to the first
+        order = torch.sort(kept, descending=True, stable=True).indices  # ids ascending within
+        order = order[torch.sort(score[order], descending=True, stable=True).indices]
+        return torch.sort(order[:self.draft_vocab]).values
 
     def maybe_rebuild(self, t2d: torch.Tensor) -> torch.Tensor | None:
         """A new d2t when coverage is below the threshold and rebuilding clearly helps."""
@@ -81,7 +90,7 @@ class VocabBuilder:
         now = self.coverage(t2d)
         if now >= self.threshold:
             return None
-        d2t = self.build()
+        d2t = self.build(t2d)
         new_t2d = target_to_draft(d2t, self.target_vocab)
         self.since_rebuild = 0
         if self.coverage(new_t2d) < now + self.min_gain:

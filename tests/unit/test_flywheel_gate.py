@@ -252,6 +252,29 @@ def test_vocab_coverage_is_not_reported_before_any_emitted_token():
     assert 0.0 < trainer.status()["vocab_coverage"] <= 1.0
 
 
+def test_a_head_trained_before_serving_learns_at_lr_trained():
+    """A day-0 head learns at ``lr``; one trained before serving (version > 0) at ``lr_trained``,
+    through vocabulary rebuilds and restarts; None keeps ``lr`` for both."""
+    model, _ = tiny_target("llama", seed=0)
+    day0 = head_for(model, draft_vocab=64)
+    trained = copy.deepcopy(day0)
+    trained.version = 3
+    cfg = TrainerConfig(lr=1e-3, lr_trained=2e-4)
+
+    def lr(head, c=cfg):
+        t = Trainer(head, TargetHead(model.lm_head.weight), Embedder(model.embed.weight), c)
+        return t, t.opt.param_groups[0]["lr"]
+
+    assert lr(day0)[1] == 1e-3
+    trainer, got = lr(trained)
+    assert got == 2e-4
+    trainer.restart_from(day0)  # a rollback keeps the trainer's rate
+    assert trainer.opt.param_groups[0]["lr"] == 2e-4
+    trainer._make_optimizer({})  # as a vocabulary rebuild remakes it
+    assert trainer.opt.param_groups[0]["lr"] == 2e-4
+    assert lr(trained, dataclasses.replace(cfg, lr_trained=None))[1] == 1e-3
+
+
 def test_vocab_rebuild_keeps_the_adam_moments_of_kept_rows():
     """Rebuilding the draft vocabulary must not reset what the optimizer learned about the rows
     it keeps: their AdamW moments move with them; new rows start at zero."""

@@ -28,6 +28,21 @@ def test_read_traffic_interleaves_domains_and_filters(tmp_path):
     assert len(read_traffic(tmp_path / "chat.jsonl")) == 3
 
 
+def test_a_rebuild_keeps_the_current_vocabulary_over_unseen_tokens():
+    """Tokens the traffic has not shown yet tie at 0: a trained head's own vocabulary wins those
+    ties (its rows were learned), not the lowest ids; without a current vocabulary, lowest ids."""
+    vb = VocabBuilder(target_vocab=100, draft_vocab=10, threshold=0.9, min_tokens=4, window=50)
+    t2d = torch.full((100,), -1)
+    t2d[80:90] = torch.arange(10)  # a head trained on other traffic: tokens 80-89
+    vb.observe([50, 51, 80])  # 50 and 51 are new; 80 was in the vocabulary already
+    vb.observe([50, 51])
+    d2t = vb.maybe_rebuild(t2d)
+    assert d2t is not None
+    # the seen ones, then 8 more: the unseen tokens of the old vocabulary, lowest ids first
+    assert d2t.tolist() == [50, 51, 80, 81, 82, 83, 84, 85, 86, 87]
+    assert vb.build().tolist() == list(range(7)) + [50, 51, 80]
+
+
 def test_vocab_builder_tracks_coverage_and_rebuilds():
     vb = VocabBuilder(target_vocab=100, draft_vocab=10, threshold=0.9, min_tokens=20, window=50)
     t2d = torch.full((100,), -1)
