@@ -13,8 +13,9 @@ would (every verify step, the last 512 prompt positions; no rejected branches: t
 decoding drafts nothing). ``fit`` starts the online trainer from ``--init`` (without it, a random
 day-0 head) and feeds it the stream in order, the last ``--held`` requests of each domain after
 the first held out (with ``--hold-first``, of the first too: does training on traffic the head
-already knows make it worse there?); after each request it trains for ``--seconds`` of wall time (equal CPU time
-for settings whose steps cost differently; ``--steps`` instead gives a fixed number of steps).
+already knows make it worse there?); after each request it trains for ``--seconds`` of wall
+time (equal CPU time for settings whose steps cost differently; ``--steps`` instead gives a
+fixed number of steps).
 Every 5 requests it scores the current head on the current domain's held-out requests (the gate's
 measure: mean accepted tokens of a greedy 4-token chain) and prints one JSON line with the
 curves, their mean, the ``--init`` head's untrained score on each domain (``static``: what a

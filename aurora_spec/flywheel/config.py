@@ -37,8 +37,8 @@ class TrainerConfig:
     # --steps 5 --hold-first`, seeds 0 and 1; `--trainer '{"lr_trained": null}'` for 1e-3): while
     # training on chat the trainee scored 0.196-0.199 on held-out chat at 5e-4, 0.166-0.169 at
     # 1e-3 (the chat head: 0.180), and the catch-up mean over SQL and code was 0.359-0.362
-    # against 0.337-0.351. 1e-4 caught up slower; a 100-step warm-up at 1e-3 drifted as far as
-    # none (0.166): the rate, not Adam's first steps. Benched: README, "Domain shift".
+    # against 0.337-0.351; 1e-4 caught up slower. Served as fast as 1e-3 in the benchmark
+    # (README, "Domain shift": the drift was not what delays the first version after a shift).
     lr_trained: float | None = 5e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)

@@ -38,7 +38,7 @@ def test_a_rebuild_keeps_the_current_vocabulary_over_unseen_tokens():
     vb.observe([50, 51])
     d2t = vb.maybe_rebuild(t2d)
     assert d2t is not None
-    # the seen ones, then 8 more: the unseen tokens of the old vocabulary, lowest ids first
+    # the three seen, then 7 more: the unseen tokens of the old vocabulary, lowest ids first
     assert d2t.tolist() == [50, 51, 80, 81, 82, 83, 84, 85, 86, 87]
     assert vb.build().tolist() == list(range(7)) + [50, 51, 80]
 
