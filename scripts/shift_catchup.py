@@ -241,7 +241,8 @@ def main() -> None:
     f.add_argument("traces")
     f.add_argument("--init", default=None, help="the trained head to start from (default: a "
                    "random day-0 head)")
-    f.add_argument("--held", type=int, default=10, help="held-out requests per later domain")
+    f.add_argument("--held", type=int, default=10, help="held-out requests per later domain "
+                   "(and of the first, with --hold-first)")
     f.add_argument("--hold-first", action="store_true",
                    help="hold out and score the first domain too (does training drift from it?)")
     f.add_argument("--seconds", type=float, default=1.45, help="training time per request")
