@@ -21,7 +21,11 @@ measure: mean accepted tokens of a greedy 4-token chain) and prints one JSON lin
 curves, their mean, the ``--init`` head's untrained score on each domain (``static``: what a
 static arm would serve) and the mean's ratio to it (``vs_static``), with the run's CPU time
 (``cpu_s``), vocabulary rebuilds and how many windows' target top ids were computed
-(``target_top_windows``; the rest were cached).
+(``target_top_windows``; the rest were cached). The curves score the trainee; with ``--gate``
+the trainer also holds out 1 request in ``holdout_every`` and runs the gate every
+``publish_every`` steps as serving does, and ``live_curves`` / ``live_mean`` score the head that
+would be serving at the same points (``swaps``: domain:request of each version that went live):
+how long the gate keeps a better trainee from serving after a shift.
 ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
 first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the
@@ -98,8 +102,8 @@ def _requests(records: list[dict], prompt_rows: int) -> list[list]:
 
 def _trainer(a: argparse.Namespace):
     """The online trainer from ``--init`` (None: a random day-0 head) with ``--trainer``
-    overrides, on the model's device; no hold-out from the stream and no rest: the proxy
-    measures learning, not the gate."""
+    overrides, on the model's device; no rest, and no hold-out from the stream unless ``--gate``
+    asks the proxy to measure the gate too."""
     from aurora_spec.config import DrafterConfig
     from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head
     from aurora_spec.flywheel.config import TrainerConfig
@@ -108,8 +112,8 @@ def _trainer(a: argparse.Namespace):
     from aurora_spec.runtime import ModelConfig, load_target
 
     _, _, model = load_target(ModelConfig(model=a.model, device=a.device))
-    cfg = TrainerConfig(**{"holdout_every": 1 << 30, "rest_after_rejections": 0,
-                           **json.loads(a.trainer)})
+    holdout = {} if getattr(a, "gate", False) else {"holdout_every": 1 << 30}
+    cfg = TrainerConfig(**{**holdout, "rest_after_rejections": 0, **json.loads(a.trainer)})
     if a.init:
         head = Eagle3Head.load(a.init, dtype=torch.float32)
     else:
@@ -193,6 +197,9 @@ def fit(a: argparse.Namespace) -> None:
     # the --init head untrained on each domain: what the static arm would serve there
     static = {d: round(trainer.offline_acceptance(trainer.head, w)[0], 4) for d, w in held.items()}
     curves: dict[str, list[float]] = {d: [] for d in held}
+    live: dict[str, list[float]] = {d: [] for d in held}  # --gate: the head serving would serve
+    swaps: list[str] = []
+    since_gate = 0
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
     cpu0 = time.process_time()
     burst_requests, burst_steps = a.burst or (0, 0)
@@ -200,6 +207,8 @@ def fit(a: argparse.Namespace) -> None:
         for i, request in enumerate(reqs[d]):
             if d in held and i % 5 == 0:
                 curves[d].append(round(trainer.offline_acceptance(trainer.frozen_candidate(), held[d])[0], 4))
+                if a.gate:
+                    live[d].append(round(trainer.offline_acceptance(trainer.live, held[d])[0], 4))
             trainer.ingest(request)
             trainer.flush()
             burst = d in held and i < burst_requests  # the first requests after a shift
@@ -208,11 +217,25 @@ def fit(a: argparse.Namespace) -> None:
             while trainer.can_train() and (time.perf_counter() < end if a.seconds else owed >= 1):
                 trainer.train_step()
                 owed -= 1
+                since_gate += 1
+                if a.gate and since_gate >= trainer.cfg.publish_every:
+                    since_gate = 0
+                    got = trainer.propose_candidate()
+                    if got is not None:  # serving swaps it in at its next step
+                        trainer.set_live(got[0])
+                        swaps.append(f"{d}:{i}")
     for d in held:
         curves[d].append(round(trainer.offline_acceptance(trainer.frozen_candidate(), held[d])[0], 4))
     points = [x for c in curves.values() for x in c[:-1]]  # the catch-up, not the end state
     fixed = [static[d] for d, c in curves.items() for _ in c[:-1]]  # the same points, untrained
     mean, static_mean = sum(points) / max(len(points), 1), sum(fixed) / max(len(fixed), 1)
+    gated = {}
+    if a.gate:  # the catch-up as served: the live head's scores at the same points
+        served = [x for c in live.values() for x in c]
+        gated = {"live_curves": live, "swaps": swaps, "gates": trainer.stats.gates,
+                 "live_mean": round(sum(served) / max(len(served), 1), 4),
+                 "live_vs_static": round(sum(served) / max(len(served), 1)
+                                         / max(static_mean, 1e-9), 3)}
     print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
                       "burst": a.burst and ":".join(map(str, a.burst)),
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
@@ -220,7 +243,7 @@ def fit(a: argparse.Namespace) -> None:
                       "vocab_rebuilds": trainer.vocab.rebuilds,
                       "target_top_windows": trainer.stats.target_top_windows,
                       "curves": curves, "static": static, "mean": round(mean, 4),
-                      "vs_static": round(mean / max(static_mean, 1e-9), 3)}))
+                      "vs_static": round(mean / max(static_mean, 1e-9), 3), **gated}))
 
 
 def main() -> None:
@@ -252,6 +275,10 @@ def main() -> None:
     f.add_argument("--burst", type=_burst, default=None, metavar="REQUESTS:STEPS",
                    help="with --steps: STEPS steps per request instead for the first REQUESTS "
                    "requests of each domain after the first (more compute right after a shift)")
+    f.add_argument("--gate", action="store_true",
+                   help="also run the gate as serving does (1 in holdout_every requests held out "
+                   "from training, a candidate every publish_every steps, swapped in when it "
+                   "passes) and score the live head at the same points: the catch-up as served")
     s = sub.add_parser("speed")
     s.add_argument("traces")
     s.add_argument("--init", default=None, help="the trained head to start from (default: a "

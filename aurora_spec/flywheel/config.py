@@ -76,6 +76,9 @@ class TrainerConfig:
     candidate_ema: float = 0.0
     gate_depth: int = 4  # draft length of the offline acceptance measure
     gate_positions: int = 512  # the newest held-out positions the gate judges on
+    # If > 0: on that slice a held-out window k windows older than the newest weighs
+    # 0.5 ** (k / gate_half_life), so traffic that just changed counts before it fills the slice.
+    gate_half_life: float = 0.0
     # If > 0: after a traffic shift (the served acceptance of whatever head is live, over the
     # newest rest_wake_steps drafting steps, falls by rest_wake_drop below its peak) the gate
     # judges on the newest max(this, positions held out since the shift) positions, until

@@ -111,6 +111,7 @@ class Trainer(Resting):
         self.draft_ids = DraftIds(c.target_vocab_size)  # Window.target_top across rebuilds
         self.records = 0
         self.last_alpha: list[float] = []
+        self.last_per_window = torch.zeros(0, 2)  # per window of the last offline_acceptance
         self._live_score: tuple[tuple, float, int] | None = None
         self._init_rest(cfg)
         self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
@@ -291,11 +292,12 @@ class Trainer(Resting):
         depth = depth or self.cfg.gate_depth
         was_training = head.training
         head.eval()
-        total, n, chunk = 0, 0, []
+        total, n, chunk, where = 0, 0, [], []
         reached = [0] * (depth + 1)  # draft points whose chain got past depth d
         budget = max(self.cfg.batch_tokens, 1)
+        per_window = torch.zeros(len(windows), 2)  # accepted tokens, draft points
 
-        def run(ws: list[Window]) -> None:
+        def run(ws: list[Window], at: list[int]) -> None:
             nonlocal total, n
             batch = pack_windows(ws, with_branches=False).to(self.device)
             if batch.n_committed:
@@ -306,18 +308,23 @@ class Trainer(Resting):
                 n += len(lengths)
                 for d in range(depth + 1):
                     reached[d] += int((lengths >= d).sum())
+                idx = torch.tensor(at)[batch.win_c[batch.scored_c].cpu()]
+                per_window.index_add_(0, idx, torch.stack(
+                    (lengths.cpu().float(), torch.ones(len(lengths))), 1))
         size = 0
-        for w in windows:
+        for i, w in enumerate(windows):
             if not w.scored_pairs:  # prompt rows alone, never drafted (6-25% of held-out rows)
                 continue
             chunk.append(w)
+            where.append(i)
             size += w.pairs
             if size >= budget:
-                run(chunk)
-                chunk, size = [], 0
+                run(chunk, where)
+                chunk, where, size = [], [], 0
         if chunk:
-            run(chunk)
+            run(chunk, where)
         head.train(was_training)
+        self.last_per_window = per_window
         # Laplace's rule, (hits + 1) / (tries + 2): these seed the draft-length policy, which only
         # revises a depth it drafts, so a 0 from a handful of held-out chains (none got that
         # deep) would rule that depth out for good; with many tries it is the measured rate.
@@ -373,14 +380,25 @@ class Trainer(Resting):
         neither changed score the live head once."""
         key = (self.live.version, id(self.live), source, len(windows))
         if self._live_score is None or self._live_score[0] != key:
-            self._live_score = (key, *self.offline_acceptance(self.live, windows))
+            self._live_score = (key, *self.gate_acceptance(self.live, windows))
         return self._live_score[1], self._live_score[2]
+
+    def gate_acceptance(self, head: Eagle3Head, windows: list[Window]) -> tuple[float, int]:
+        """``offline_acceptance`` on the gate's slice (newest window first), each window weighted
+        by its recency when ``gate_half_life`` is set."""
+        acc, n = self.offline_acceptance(head, windows)
+        if not self.cfg.gate_half_life or not n:
+            return acc, n
+        k = torch.arange(len(windows), dtype=torch.float32)
+        w = 0.5 ** (k / self.cfg.gate_half_life)
+        totals, points = self.last_per_window.unbind(1)
+        return float((w * totals).sum() / (w * points).sum().clamp(min=1e-9)), n
 
     def gate(self, candidate: Eagle3Head, windows: list[Window], source: tuple) -> GateResult:
         """Judge ``candidate`` against the live head on ``windows``, the slice named by
         ``source`` (the name keys the cached live score)."""
         live, n = self.live_acceptance(windows, source)
-        cand, _ = self.offline_acceptance(candidate, windows)
+        cand, _ = self.gate_acceptance(candidate, windows)
         alpha = [round(a, 4) for a in self.last_alpha]  # the candidate's (evaluated last)
         c = self.cfg
         if n < c.gate_min_positions:

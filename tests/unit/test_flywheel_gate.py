@@ -196,6 +196,27 @@ def test_a_pass_by_less_than_rest_progress_is_published_but_is_no_progress():
         assert trainer.maybe_rest() is rests  # ... but only progress keeps it training
 
 
+def test_gate_half_life_weighs_the_newest_held_out_windows_most():
+    """With gate_half_life h the gate's score is the mean over its slice's draft points with a
+    window k places older than the newest weighing 0.5 ** (k / h): the same as scoring each
+    window alone and weighting by hand; without it, the plain mean over the slice."""
+    _, _, trainer = trained_trainer(gate_positions=10_000)
+    head = trainer.frozen_candidate()
+    windows = trainer.gate_windows()  # newest first
+    alone = [trainer.offline_acceptance(head, [w]) for w in windows]
+    scored = [(acc * n, n) for acc, n in alone if n]
+    assert len(scored) >= 3 and len({round(t / n, 4) for t, n in scored}) > 1
+    plain, n = trainer.gate_acceptance(head, windows)
+    assert n == sum(n for _, n in scored)
+    assert plain == pytest.approx(sum(t for t, _ in scored) / n, abs=1e-6)
+    trainer.cfg = dataclasses.replace(trainer.cfg, gate_half_life=1.0)
+    weights = [0.5 ** k for k in range(len(windows))]
+    by_hand = (sum(w * acc * n for w, (acc, n) in zip(weights, alone))
+               / sum(w * n for w, (_, n) in zip(weights, alone)))
+    weighted, _ = trainer.gate_acceptance(head, windows)
+    assert weighted == pytest.approx(by_hand, abs=1e-6) and weighted != pytest.approx(plain)
+
+
 def test_trained_head_rests_from_the_start_and_wakes_when_served_acceptance_falls():
     """A head trained before serving starts resting; the live head's own acceptance on all served
     steps (from the traces) sets its level, and a fall of it by rest_wake_drop (the traffic
