@@ -65,6 +65,7 @@ class TrainerConfig:
     reservoir_windows: int = 2048  # replay reservoir over all traffic (reservoir sampling)
     reservoir_bytes: int | None = 512 << 20  # ... and at most about this many bytes of windows
     holdout_every: int = 8  # 1 in N requests is held out for the gate (never trained on)
+    holdout_blocks: bool = False  # one in each N arrivals (True) or a hash of the id (1 in N on average)
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
     reuse: float = 16.0  # train on at most reuse x (positions ingested); then wait for traffic
     publish_every: int = 25  # optimizer steps between candidate evaluations

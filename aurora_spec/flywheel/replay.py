@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 class WindowStore:
     def __init__(self, recent_windows: int = 64, reservoir_windows: int = 2048,
                  holdout_every: int = 8, holdout_windows: int = 32, seed: int = 0,
-                 reservoir_bytes: int | None = None, unseen_pairs: int = 2048) -> None:
+                 reservoir_bytes: int | None = None, unseen_pairs: int = 2048,
+                 holdout_blocks: bool = False) -> None:
         self.recent: deque[Window] = deque(maxlen=recent_windows)
         self.reservoir: list[Window] = []
         self.max_windows = reservoir_windows
@@ -52,6 +53,11 @@ class WindowStore:
         # The side each recent request landed on, so that a change of holdout_every (the trainer
         # holds out more right after a traffic shift) never splits one request between sides.
         self._sides: OrderedDict[str, bool] = OrderedDict()
+        # holdout_blocks: exactly one request of every holdout_every in arrival order, at a random
+        # place in its block (own generator: the reservoir's draws stay as they were).
+        self.holdout_blocks = holdout_blocks
+        self._block_rng = random.Random(f"holdout:{seed}")
+        self._block: list[bool] = []
 
     def held_out(self, request_id: str) -> bool:
         """Whether a request belongs to the gate's slice: a hash of its id at the rate in force
@@ -59,11 +65,26 @@ class WindowStore:
         side = self._sides.get(request_id)
         if side is None:
             every = self.holdout_every
-            side = every > 0 and zlib.crc32(f"{self.seed}:{request_id}".encode()) % every == 0
+            if self.holdout_blocks:
+                side = self._next_in_block(every)
+            else:
+                side = every > 0 and zlib.crc32(f"{self.seed}:{request_id}".encode()) % every == 0
             self._sides[request_id] = side
             if len(self._sides) > 4096:  # requests long finished
                 self._sides.popitem(last=False)
         return side
+
+    def _next_in_block(self, every: int) -> bool:
+        """The side of the next new request: blocks of ``every`` arrivals, one held out in each.
+        Why: a hash holds out 1 in ``every`` only on average; right after a shift the first new
+        requests held out came after 0 to 20+ of them (geometric), and the gate judged on the old
+        traffic meanwhile. Blocks bound that wait below 2 x ``every``."""
+        if every <= 0:
+            return False
+        if not self._block or len(self._block) > every:  # a new block (or a smaller rate)
+            self._block = [False] * every
+            self._block[self._block_rng.randrange(every)] = True
+        return self._block.pop()
 
     def mark(self) -> None:
         """From now on ``unseen`` collects the windows that arrive."""

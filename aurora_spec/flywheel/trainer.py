@@ -101,7 +101,8 @@ class Trainer(Resting):
         self.assembler = WindowAssembler(cfg.window)
         self.store = WindowStore(cfg.recent_windows, cfg.reservoir_windows, cfg.holdout_every,
                                  cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes,
-                                 unseen_pairs=4 * cfg.gate_positions)
+                                 unseen_pairs=4 * cfg.gate_positions,
+                                 holdout_blocks=cfg.holdout_blocks)
         self.fresh = FreshSlice(cfg.gate_positions)  # the prequential gate's candidate and slice
         c = self.head.config
         self.vocab = VocabBuilder(c.target_vocab_size, c.draft_vocab_size,

@@ -370,6 +370,24 @@ def test_gate_holds_out_whole_requests():
     assert store.held_out("req-newer") and not store.held_out(sorted(trained)[0])
 
 
+def test_holdout_blocks_hold_out_one_request_in_every_block_of_arrivals():
+    """With holdout_blocks exactly one request of each holdout_every in arrival order is held out
+    (whole, as with the hash), at a place that varies from block to block; so the wait for the
+    first held-out request after any point is under 2 x holdout_every (the hash: geometric)."""
+    from aurora_spec.flywheel.replay import WindowStore
+
+    store = WindowStore(holdout_every=8, seed=3, holdout_blocks=True)
+    sides = [store.held_out(f"req-{i}") for i in range(800)]
+    assert all(sum(sides[b:b + 8]) == 1 for b in range(0, 800, 8))
+    assert len({sides[b:b + 8].index(True) for b in range(0, 800, 8)}) > 4
+    held = [i for i, s in enumerate(sides) if s]
+    assert max(b - a for a, b in zip(held, held[1:])) < 16
+    assert store.held_out("req-0") == sides[0]  # a request keeps its side
+    hashed = WindowStore(holdout_every=8, seed=3)
+    gaps = [i for i in range(800) if hashed.held_out(f"req-{i}")]
+    assert max(b - a for a, b in zip(gaps, gaps[1:])) >= 16  # what the blocks bound
+
+
 def test_shift_watch_fires_once_per_fall_below_the_peak():
     watch = ShiftWatch(steps=4, drop=0.25)
     assert not any(watch.observe(a) for a in (2, 2, 2, 2, 3, 3, 3, 3))  # rising: a new peak
