@@ -25,7 +25,8 @@ static arm would serve) and the mean's ratio to it (``vs_static``), with the run
 the trainer also holds out 1 request in ``holdout_every`` and runs the gate every
 ``publish_every`` steps as serving does, and ``live_curves`` / ``live_mean`` score the head that
 would be serving at the same points (``swaps``: domain:request of each version that went live):
-how long the gate keeps a better trainee from serving after a shift.
+how long the gate keeps a better trainee from serving after a shift. ``--cross`` adds ``cross``:
+per domain trained on, the trainee's score on every held-out domain every 10 of its requests.
 ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
 first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the
@@ -199,12 +200,17 @@ def fit(a: argparse.Namespace) -> None:
     curves: dict[str, list[float]] = {d: [] for d in held}
     live: dict[str, list[float]] = {d: [] for d in held}  # --gate: the head serving would serve
     swaps: list[str] = []
+    cross: dict[str, list[dict[str, float]]] = {d: [] for d in domains}  # --cross
     since_gate = 0
     owed, t0 = 0.0, time.perf_counter()  # owed: --steps not yet taken (fractions carry over)
     cpu0 = time.process_time()
     burst_requests, burst_steps = a.burst or (0, 0)
     for d in domains:
         for i, request in enumerate(reqs[d]):
+            if a.cross and i % 10 == 0:
+                cand = trainer.frozen_candidate()
+                cross[d].append({h: round(trainer.offline_acceptance(cand, w)[0], 4)
+                                 for h, w in held.items()})
             if d in held and i % 5 == 0:
                 curves[d].append(round(trainer.offline_acceptance(trainer.frozen_candidate(), held[d])[0], 4))
                 if a.gate:
@@ -243,7 +249,8 @@ def fit(a: argparse.Namespace) -> None:
                       "vocab_rebuilds": trainer.vocab.rebuilds,
                       "target_top_windows": trainer.stats.target_top_windows,
                       "curves": curves, "static": static, "mean": round(mean, 4),
-                      "vs_static": round(mean / max(static_mean, 1e-9), 3), **gated}))
+                      "vs_static": round(mean / max(static_mean, 1e-9), 3), **gated,
+                      **({"cross": cross} if a.cross else {})}))
 
 
 def main() -> None:
@@ -279,6 +286,9 @@ def main() -> None:
                    help="also run the gate as serving does (1 in holdout_every requests held out "
                    "from training, a candidate every publish_every steps, swapped in when it "
                    "passes) and score the live head at the same points: the catch-up as served")
+    f.add_argument("--cross", action="store_true",
+                   help="also score the trainee on every held-out domain every 10 requests of "
+                   "each domain (with --hold-first: what training on one domain does to the others)")
     s = sub.add_parser("speed")
     s.add_argument("traces")
     s.add_argument("--init", default=None, help="the trained head to start from (default: a "

@@ -160,6 +160,7 @@ class WindowStore:
         self.reservoir.clear()
         self.holdout.clear()
         self._sides.clear()
+        self._block = []
         self.mark()
         self.windows_seen = self.count = self.positions = self.holdout_added = 0
         self._bytes_seen = 0

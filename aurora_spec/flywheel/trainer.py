@@ -4,8 +4,8 @@ Runs wherever it is put: in the trainer process (flywheel/worker.py), or in-proc
 fitting (``aurora train``) and tests. Owns a float32 copy of the head, AdamW, the windows
 (recent + replay reservoir + held-out slice), the draft-vocabulary builder, and the gate: a
 candidate is offered only when its offline acceptance on the held-out slice beats the live
-version's. When to stop stepping and start again is flywheel/rest.py (a mixin of Trainer); the
-traffic-shift detector is flywheel/shift.py.
+version's (that measure: flywheel/scoring.py). When to stop stepping and start again is
+flywheel/rest.py (a mixin of Trainer); the traffic-shift detector is flywheel/shift.py.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from aurora_spec.flywheel.config import TrainerConfig
 from aurora_spec.flywheel.losses import (
     Embedder,
     TargetHead,
-    acceptance_lengths,
     flywheel_loss,
     target_top,
 )
 from aurora_spec.flywheel.replay import FreshSlice, WindowStore
+from aurora_spec.flywheel.scoring import Scores, score_windows
 from aurora_spec.flywheel.rest import Resting
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
@@ -112,7 +112,7 @@ class Trainer(Resting):
         self.draft_ids = DraftIds(c.target_vocab_size)  # Window.target_top across rebuilds
         self.records = 0
         self.last_alpha: list[float] = []
-        self.last_per_window = torch.zeros(0, 2)  # per window of the last offline_acceptance
+        self.last_scores: Scores | None = None  # of the last offline_acceptance
         self._live_score: tuple[tuple, float, int] | None = None
         self._init_rest(cfg)
         self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
@@ -285,52 +285,16 @@ class Trainer(Resting):
             yield
 
     # ---- evaluation and gate ---------------------------------------------------------------
-    @torch.no_grad()
     def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
                            depth: int | None = None) -> tuple[float, int]:
-        """Mean accepted draft tokens per draft point on ``windows`` (default: held-out slice)."""
+        """Mean accepted draft tokens per draft point on ``windows`` (default: held-out slice),
+        and the points scored; the per-depth rates and per-window scores go to ``last_alpha``
+        and ``last_scores``."""
         windows = self.store.holdout_slice() if windows is None else windows
-        depth = depth or self.cfg.gate_depth
-        was_training = head.training
-        head.eval()
-        total, n, chunk, where = 0, 0, [], []
-        reached = [0] * (depth + 1)  # draft points whose chain got past depth d
-        budget = max(self.cfg.batch_tokens, 1)
-        per_window = torch.zeros(len(windows), 2)  # accepted tokens, draft points
-
-        def run(ws: list[Window], at: list[int]) -> None:
-            nonlocal total, n
-            batch = pack_windows(ws, with_branches=False).to(self.device)
-            if batch.n_committed:
-                with self._autocast():
-                    lengths = acceptance_lengths(head, batch, self.embed, depth)
-                lengths = lengths[batch.scored_c]  # only where serving drafts
-                total += int(lengths.sum())
-                n += len(lengths)
-                for d in range(depth + 1):
-                    reached[d] += int((lengths >= d).sum())
-                idx = torch.tensor(at)[batch.win_c[batch.scored_c].cpu()]
-                per_window.index_add_(0, idx, torch.stack(
-                    (lengths.cpu().float(), torch.ones(len(lengths))), 1))
-        size = 0
-        for i, w in enumerate(windows):
-            if not w.scored_pairs:  # prompt rows alone, never drafted (6-25% of held-out rows)
-                continue
-            chunk.append(w)
-            where.append(i)
-            size += w.pairs
-            if size >= budget:
-                run(chunk, where)
-                chunk, where, size = [], [], 0
-        if chunk:
-            run(chunk, where)
-        head.train(was_training)
-        self.last_per_window = per_window
-        # Laplace's rule, (hits + 1) / (tries + 2): these seed the draft-length policy, which only
-        # revises a depth it drafts, so a 0 from a handful of held-out chains (none got that
-        # deep) would rule that depth out for good; with many tries it is the measured rate.
-        self.last_alpha = [(reached[d] + 1) / (reached[d - 1] + 2) for d in range(1, depth + 1)]
-        return (total / n if n else 0.0), n
+        scores = score_windows(head, windows, self.embed, depth or self.cfg.gate_depth,
+                               max(self.cfg.batch_tokens, 1), self.device, self._autocast)
+        self.last_alpha, self.last_scores = list(scores.alpha), scores
+        return scores.mean, scores.points
 
     def _on_shift(self) -> None:
         if not self.cfg.gate_shift_positions:
@@ -388,12 +352,11 @@ class Trainer(Resting):
         """``offline_acceptance`` on the gate's slice (newest window first), each window weighted
         by its recency when ``gate_half_life`` is set."""
         acc, n = self.offline_acceptance(head, windows)
-        if not self.cfg.gate_half_life or not n:
+        scores = self.last_scores
+        if not self.cfg.gate_half_life or not n or scores is None:
             return acc, n
         k = torch.arange(len(windows), dtype=torch.float32)
-        w = 0.5 ** (k / self.cfg.gate_half_life)
-        totals, points = self.last_per_window.unbind(1)
-        return float((w * totals).sum() / (w * points).sum().clamp(min=1e-9)), n
+        return scores.weighted(0.5 ** (k / self.cfg.gate_half_life)), n
 
     def gate(self, candidate: Eagle3Head, windows: list[Window], source: tuple) -> GateResult:
         """Judge ``candidate`` against the live head on ``windows``, the slice named by
