@@ -31,8 +31,8 @@ from aurora_spec.flywheel.losses import (
     target_top,
 )
 from aurora_spec.flywheel.replay import FreshSlice, WindowStore
-from aurora_spec.flywheel.scoring import Scores, score_windows
 from aurora_spec.flywheel.rest import Resting
+from aurora_spec.flywheel.scoring import Scores, score_windows
 from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
 from aurora_spec.flywheel.vocab import DraftIds, VocabBuilder
