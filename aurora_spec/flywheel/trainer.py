@@ -112,7 +112,6 @@ class Trainer(Resting):
         self.draft_ids = DraftIds(c.target_vocab_size)  # Window.target_top across rebuilds
         self.records = 0
         self.last_alpha: list[float] = []
-        self.last_scores: Scores | None = None  # of the last offline_acceptance
         self._live_score: tuple[tuple, float, int] | None = None
         self._init_rest(cfg)
         self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
@@ -285,15 +284,21 @@ class Trainer(Resting):
             yield
 
     # ---- evaluation and gate ---------------------------------------------------------------
-    def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
-                           depth: int | None = None) -> tuple[float, int]:
-        """Mean accepted draft tokens per draft point on ``windows`` (default: held-out slice),
-        and the points scored; the per-depth rates and per-window scores go to ``last_alpha``
-        and ``last_scores``."""
+    def score(self, head: Eagle3Head, windows: list[Window] | None = None,
+              depth: int | None = None) -> Scores:
+        """``head``'s offline acceptance on ``windows`` (default: held-out slice); its per-depth
+        rates also go to ``last_alpha``."""
         windows = self.store.holdout_slice() if windows is None else windows
         scores = score_windows(head, windows, self.embed, depth or self.cfg.gate_depth,
                                max(self.cfg.batch_tokens, 1), self.device, self._autocast)
-        self.last_alpha, self.last_scores = list(scores.alpha), scores
+        self.last_alpha = list(scores.alpha)
+        return scores
+
+    def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
+                           depth: int | None = None) -> tuple[float, int]:
+        """Mean accepted draft tokens per draft point on ``windows`` (default: held-out slice),
+        and the points scored."""
+        scores = self.score(head, windows, depth)
         return scores.mean, scores.points
 
     def _on_shift(self) -> None:
@@ -351,12 +356,11 @@ class Trainer(Resting):
     def gate_acceptance(self, head: Eagle3Head, windows: list[Window]) -> tuple[float, int]:
         """``offline_acceptance`` on the gate's slice (newest window first), each window weighted
         by its recency when ``gate_half_life`` is set."""
-        acc, n = self.offline_acceptance(head, windows)
-        scores = self.last_scores
-        if not self.cfg.gate_half_life or not n or scores is None:
-            return acc, n
+        scores = self.score(head, windows)
+        if not self.cfg.gate_half_life or not scores.points:
+            return scores.mean, scores.points
         k = torch.arange(len(windows), dtype=torch.float32)
-        return scores.weighted(0.5 ** (k / self.cfg.gate_half_life)), n
+        return scores.weighted(0.5 ** (k / self.cfg.gate_half_life)), scores.points
 
     def gate(self, candidate: Eagle3Head, windows: list[Window], source: tuple) -> GateResult:
         """Judge ``candidate`` against the live head on ``windows``, the slice named by
