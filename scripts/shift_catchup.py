@@ -207,12 +207,15 @@ def fit(a: argparse.Namespace) -> None:
     burst_requests, burst_steps = a.burst or (0, 0)
     for d in domains:
         for i, request in enumerate(reqs[d]):
-            if a.cross and i % 10 == 0:
+            due_cross, due_curve = a.cross and i % 10 == 0, d in held and i % 5 == 0
+            if due_cross or due_curve:
                 cand = trainer.frozen_candidate()
-                cross[d].append({h: round(trainer.offline_acceptance(cand, w)[0], 4)
-                                 for h, w in held.items()})
-            if d in held and i % 5 == 0:
-                curves[d].append(round(trainer.offline_acceptance(trainer.frozen_candidate(), held[d])[0], 4))
+                scores = {h: round(trainer.offline_acceptance(cand, w)[0], 4)
+                          for h, w in held.items() if due_cross or h == d}
+                if due_cross:
+                    cross[d].append(scores)
+            if due_curve:
+                curves[d].append(scores[d])
                 if a.gate:
                     live[d].append(round(trainer.offline_acceptance(trainer.live, held[d])[0], 4))
             trainer.ingest(request)
