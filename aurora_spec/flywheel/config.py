@@ -81,6 +81,11 @@ class TrainerConfig:
     # static head from general-assistant traffic"; bench suffix @trainer.candidate_ema=0.9).
     candidate_ema: float = 0.0
     gate_depth: int = 4  # draft length of the offline acceptance measure
+    # The measure drafts what serving drafts: top-``score_width`` trees (1: greedy chains). Its
+    # per-depth rates seed serving's draft-length policy at every swap, and that policy prices
+    # trees: chain rates there put depth 1 at the top-1 rate where a top-3 tree hits far more
+    # often. 0: the serving drafter's width (OnlineLearner fills it in; chains elsewhere).
+    score_width: int = 0
     gate_positions: int = 512  # the newest held-out positions the gate judges on
     # If > 0: on that slice a held-out window k windows older than the newest weighs
     # 0.5 ** (k / gate_half_life), so traffic that just changed counts before it fills the slice.
@@ -192,6 +197,9 @@ class TrainerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.score_width < 0:
+            raise ValueError(f"score_width must be >= 0 (0: as serving drafts), "
+                             f"got {self.score_width}")
         if not 0.0 <= self.candidate_ema < 1.0:
             raise ValueError(f"candidate_ema must be in [0, 1), got {self.candidate_ema}")
         if self.loss_vocab < 0 or self.loss_top_k < 1:

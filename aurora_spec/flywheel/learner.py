@@ -332,6 +332,12 @@ class OnlineLearner:
             time.sleep(poll)
         return bool(predicate(self.status()))
 
+    @property
+    def head_tree_width(self) -> int:
+        """Siblings the learned head drafts at depth 1 (a hybrid's lookup branch is not its)."""
+        learned = getattr(self.drafter, "learned", self.drafter)
+        return max(int(getattr(learned, "tree_width", 1)), 1)
+
     # ---- trainer process ----------------------------------------------------------------------
     def _spawn(self) -> None:
         from aurora_spec.flywheel.worker import trainer_main
@@ -347,6 +353,8 @@ class OnlineLearner:
         # A trainer that does not rest: TrainerConfig's "0: never rest".
         trainer_cfg = (c.trainer if self.trainer_rests else
                        dataclasses.replace(c.trainer, rest_after_rejections=0))
+        if not trainer_cfg.score_width:  # score the trees serving drafts
+            trainer_cfg = dataclasses.replace(trainer_cfg, score_width=self.head_tree_width)
         spec = {"head": head_to_payload(live), "threads": threads, "device": device,
                 "trainer_cfg": trainer_cfg, "softcap": self.model.spec.final_logit_softcap,
                 "embed_scale": float(self.model.spec.embed_scale),

@@ -242,15 +242,24 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
 
 @torch.no_grad()
 def acceptance_lengths(head: Eagle3Head, batch: Batch, embed: Embedder,
-                       depth: int) -> torch.Tensor:
+                       depth: int, width: int = 1) -> torch.Tensor:
     """For every draft point in ``batch`` (a committed pair at depth 1), how many of a greedy
     chain of ``depth`` draft tokens the verifier would accept, judged against the tokens the
     target emitted. Teacher-forcing the emitted token at depth >= 2 is exact here: a chain only
-    continues past depth d-1 when its token there equals the emitted one."""
+    continues past depth d-1 when its token there equals the emitted one.
+
+    ``width`` > 1 scores the trees serving drafts (Eagle3Drafter._tree): the top ``width``
+    tokens at depth 1, each branch extended greedily. Depth 1 is accepted when the emitted token
+    is among them, and only that branch can go on, from the emitted token: the chain's test
+    from depth 2."""
     un = unrolled_forward(head, batch, embed, depth, with_branches=False)
     d2t = head.d2t
     nc = batch.n_committed
     correct = [(d2t[lg.argmax(-1)] == batch.truth_c) & v for lg, v in zip(un.logits, un.valid)]
+    if width > 1 and correct:
+        lg, v = un.logits[0], un.valid[0]
+        top = d2t[lg.topk(min(width, lg.shape[-1]), dim=-1).indices]
+        correct[0] = (top == batch.truth_c[:, None]).any(-1) & v
     nxt = torch.full((nc,), -1, dtype=torch.long, device=batch.prev_c.device)
     has = batch.prev_c >= 0
     nxt[batch.prev_c[has]] = torch.arange(nc, device=nxt.device)[has]

@@ -1,8 +1,9 @@
 """Offline acceptance: how many draft tokens a head would get accepted on recorded traffic.
 
 The gate's measure (and the paired rollback test's, and ``aurora train``'s held-out figure): each
-scored position of the windows drafts a greedy chain of ``depth`` tokens from the target hidden
-states the traces hold, and counts how many match what the target emitted. No target forward:
+scored position of the windows drafts a greedy chain of ``depth`` tokens (or the tree serving
+drafts: top ``width`` at depth 1) from the target hidden states the traces hold, and counts how
+many match what the target emitted. No target forward:
 the windows carry everything. Per window as well as in all, so the gate can weigh its slice's
 windows by recency (``TrainerConfig.gate_half_life``).
 """
@@ -36,8 +37,9 @@ class Scores:
 @torch.no_grad()
 def score_windows(head: Eagle3Head, windows: list[Window], embed: Embedder, depth: int,
                   budget: int, device: torch.device,
-                  autocast: Callable[[], AbstractContextManager]) -> Scores:
-    """Score ``head`` on ``windows`` in batches of about ``budget`` positions."""
+                  autocast: Callable[[], AbstractContextManager], width: int = 1) -> Scores:
+    """Score ``head`` on ``windows`` in batches of about ``budget`` positions, drafting chains
+    (``width`` 1) or the top-``width`` trees serving drafts."""
     was_training = head.training
     head.eval()
     reached = [0] * (depth + 1)  # draft points whose chain got past depth d
@@ -48,7 +50,7 @@ def score_windows(head: Eagle3Head, windows: list[Window], embed: Embedder, dept
         if not batch.n_committed:
             return
         with autocast():
-            lengths = acceptance_lengths(head, batch, embed, depth)
+            lengths = acceptance_lengths(head, batch, embed, depth, width)
         scored = batch.scored_c  # only where serving drafts
         lengths = lengths[scored].cpu()
         for d in range(depth + 1):

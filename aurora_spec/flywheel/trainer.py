@@ -290,7 +290,8 @@ class Trainer(Resting):
         rates also go to ``last_alpha``."""
         windows = self.store.holdout_slice() if windows is None else windows
         scores = score_windows(head, windows, self.embed, depth or self.cfg.gate_depth,
-                               max(self.cfg.batch_tokens, 1), self.device, self._autocast)
+                               max(self.cfg.batch_tokens, 1), self.device, self._autocast,
+                               self.cfg.score_width or 1)
         self.last_alpha = list(scores.alpha)
         return scores
 
@@ -472,6 +473,7 @@ class Trainer(Resting):
                 "rest_windows": self.rest_windows,
                 "served_acceptance": rnd(self.served_acceptance),
                 "shifts": self.shift.shifts, "gate_size": self.gate_size(),
+                "score_width": self.cfg.score_width or 1,
                 "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
                 "probe_progress": s.probe_progress,
                 "data_bytes": self.store.nbytes}

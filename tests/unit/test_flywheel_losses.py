@@ -92,6 +92,28 @@ def test_unrolled_forward_reproduces_serving_chains():
             assert int(lengths[c - 1]) == m
 
 
+def test_tree_acceptance_lengths_equal_what_serving_trees_got_accepted():
+    """The gate scores as serving drafts: with ``width`` 3 the offline measure of every draft
+    point equals the accepted length of the top-3 tree Eagle3Drafter proposed there."""
+    model, _ = tiny_target("llama", seed=1)
+    head = head_for(model)
+    prompt = [5, 9, 17, 33, 4, 60]
+    depth, width = 4, 3
+    seq, _, traces, runner = run_engine(model, head, prompt, max_tokens=60, k=depth, tree=width)
+    fused, final = full_rows(runner, seq[:-1])
+    batch = pack_windows([Window("r", None, 0, seq, torch.cat((fused, final), -1))])
+    embed = Embedder(model.embed.weight)
+    with torch.no_grad():
+        trees = acceptance_lengths(head, batch, embed, depth, width=width)
+        chains = acceptance_lengths(head, batch, embed, depth)
+    full = [(c, m) for c, proposal, m in traces if len(proposal) == depth * width]
+    assert len(full) > 10 and sum(m > 0 for _, m in full) > 3
+    for c, m in full:
+        assert int(trees[c - 1]) == m, c
+    assert bool((trees >= chains).all())  # a tree holds the chain as its first branch
+    assert int(trees.sum()) > int(chains.sum())  # and its siblings hit where the chain missed
+
+
 def test_records_assemble_into_windows_matching_a_full_forward():
     model, _ = tiny_target("llama", seed=2)
     head = head_for(model, seed=3)

@@ -150,12 +150,12 @@ def test_reset_and_swap_now_reach_the_trainer_process(online):
         learner.resume()
 
 
-def tiny_eagle3_engine(version: int = 0):
+def tiny_eagle3_engine(version: int = 0, tree_width: int = 1):
     """A tiny target with an eagle3 engine; ``version`` > 0 stands for a trained head."""
     model, _ = tiny_target("llama", seed=0)
     head = head_for(model, std=0.02, draft_vocab=64)
     head.version = version
-    drafter = Eagle3Drafter(head, model.embed.weight)
+    drafter = Eagle3Drafter(head, model.embed.weight, tree_width=tree_width)
     return model, make_engine(model, drafter)
 
 
@@ -201,8 +201,9 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
     in the idle scheduling class (checked on the real process) and serving keeps both threads
     while it trains; it still trains and publishes (this test's traffic leaves the CPU idle
     between requests). It does not rest (auto): a trained head's trainer would otherwise start
-    resting (``rest_when_trained``) and this test would never see version 2."""
-    model, engine = tiny_eagle3_engine(version=1)
+    resting (``rest_when_trained``) and this test would never see version 2. Serving drafts
+    top-3 trees, and the trainer's gate scores top-3 trees (``score_width`` 0: as served)."""
+    model, engine = tiny_eagle3_engine(version=1, tree_width=3)
     cfg = LearnerConfig(
         checkpoint_dir=str(tmp_path), trainer_device="cpu",
         trainer=TrainerConfig(batch_tokens=256, window=64, publish_every=10, holdout_every=4,
@@ -216,6 +217,7 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
         assert learner.serving_threads() == 2
         assert learner.wait_for(lambda s: "priority" in s, timeout=60)  # the trainer is up
         assert learner.status()["priority"] == "SCHED_IDLE"
+        assert learner.status()["score_width"] == 3
         # Auto threads: an idle-class trainer gets every thread (it only runs when they're free).
         assert learner.status()["trainer_threads"] == 2
         assert os.sched_getscheduler(learner.trainer_pid) == os.SCHED_IDLE
