@@ -4,6 +4,7 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
         --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64] [--steps 5 --burst 20:10]
+    python scripts/shift_catchup.py at-once runs/catchup/traces.pt --domain sql --init runs/head-chat
     python scripts/shift_catchup.py [--device cuda] speed runs/catchup/traces.pt \\
         [--init runs/head-code] [--trainer '{"batch_tokens": 128}'] [--profile]
 
@@ -27,7 +28,9 @@ the trainer also holds out 1 request in ``holdout_every`` and runs the gate ever
 would be serving at the same points (``swaps``: domain:request of each version that went live):
 how long the gate keeps a better trainee from serving after a shift. ``--cross`` adds ``cross``:
 per domain trained on, the trainee's score on every held-out domain every 10 of its requests.
-``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
+``at-once`` gives the trainer one domain's first ``--requests`` requests at once (no replay, no
+order) and scores it on that domain's held-out requests every ``--every`` steps: how far so much
+traffic can take a head. ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
 first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the
 size of a batch's top-k union and the target mass it carries (``_top_k_share``).
@@ -256,6 +259,35 @@ def fit(a: argparse.Namespace) -> None:
                       **({"cross": cross} if a.cross else {})}))
 
 
+def at_once(a: argparse.Namespace) -> None:
+    """The first ``--requests`` requests of ``--domain`` given to the trainer all at once (no
+    replay of other traffic, no arrival order), then ``--steps`` steps, scored on the domain's
+    last ``--held`` requests every ``--every`` steps: how far that much traffic can take a head,
+    next to how far the online trainee got after the same requests."""
+    from aurora_spec.flywheel.batch import WindowAssembler
+
+    data = torch.load(a.traces, weights_only=False)
+    reqs = _requests(data["records"][a.domain], a.prompt_rows)
+    asm = WindowAssembler(128)
+    held = [w for q in reqs[-a.held:] for r in q if not r.prompt for w in asm.add(r)]
+    held += asm.flush()
+    trainer = _trainer(a)
+    for request in reqs[:min(a.requests, len(reqs) - a.held)]:
+        trainer.ingest(request)
+        trainer.flush()
+    curve = []
+    for step in range(a.steps + 1):
+        if step % a.every == 0:
+            score = trainer.offline_acceptance(trainer.frozen_candidate(), held)[0]
+            curve.append([step, round(score, 4)])
+        if step == a.steps or not trainer.can_train():
+            break
+        trainer.train_step()
+    print(json.dumps({"domain": a.domain, "requests": a.requests, "init": a.init,
+                      "trainer": json.loads(a.trainer), "steps": trainer.stats.steps,
+                      "curve": curve}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -292,6 +324,18 @@ def main() -> None:
     f.add_argument("--cross", action="store_true",
                    help="also score the trainee on every held-out domain every 10 requests of "
                    "each domain (with --hold-first: what training on one domain does to the others)")
+    o = sub.add_parser("at-once")
+    o.add_argument("traces")
+    o.add_argument("--domain", required=True)
+    o.add_argument("--init", default=None, help="the trained head to start from (default: a "
+                   "random day-0 head)")
+    o.add_argument("--requests", type=int, default=30, help="the domain's first N requests")
+    o.add_argument("--held", type=int, default=10, help="held-out requests (the domain's last)")
+    o.add_argument("--steps", type=int, default=1200)
+    o.add_argument("--every", type=int, default=100, help="score every N steps")
+    o.add_argument("--trainer", default='{"reuse": 1000}',
+                   help="TrainerConfig overrides, as JSON (default: reuse uncapped)")
+    o.add_argument("--prompt-rows", type=int, default=512)
     s = sub.add_parser("speed")
     s.add_argument("traces")
     s.add_argument("--init", default=None, help="the trained head to start from (default: a "
@@ -308,7 +352,7 @@ def main() -> None:
     if a.cmd == "fit" and a.burst and a.seconds:
         ap.error("--burst counts steps: use it with --seconds 0 --steps N")
     torch.set_num_threads(a.threads)
-    {"collect": collect, "fit": fit, "speed": speed}[a.cmd](a)
+    {"collect": collect, "fit": fit, "at-once": at_once, "speed": speed}[a.cmd](a)
 
 
 if __name__ == "__main__":
