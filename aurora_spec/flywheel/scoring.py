@@ -3,9 +3,9 @@
 The gate's measure (and the paired rollback test's, and ``aurora train``'s held-out figure): each
 scored position of the windows drafts a greedy chain of ``depth`` tokens (or the tree serving
 drafts: top ``width`` at depth 1) from the target hidden states the traces hold, and counts how
-many match what the target emitted. No target forward:
-the windows carry everything. Per window as well as in all, so the gate can weigh its slice's
-windows by recency (``TrainerConfig.gate_half_life``).
+many match what the target emitted. No target forward: the windows carry everything. Per window
+as well as in all, so the gate can weigh its slice's windows by recency
+(``TrainerConfig.gate_half_life``).
 """
 
 from __future__ import annotations
