@@ -111,6 +111,17 @@ class _Worker:
         self.since_publish, self.force_publish = 0, False
         self.last_verdict: dict | None = None
         self.stopping = False
+        # CPU seconds of this process (all its threads) by what they went to: where an idle
+        # trainer's share of the machine goes besides optimizer steps.
+        self.cpu_s = dict.fromkeys(("steps", "gates", "traces", "verdicts", "other"), 0.0)
+        self.cpu0 = time.process_time()
+
+    def _timed(self, kind: str, fn: Any, *args: Any) -> Any:
+        t0 = time.process_time()
+        try:
+            return fn(*args)
+        finally:
+            self.cpu_s[kind] += time.process_time() - t0
 
     def run(self) -> None:
         parent = mp.parent_process()
@@ -126,17 +137,18 @@ class _Worker:
             except queue.Empty:
                 msg = None
             if msg is not None:
-                getattr(self, f"_on_{msg[0]}", self._on_unknown)(*msg[1:])
+                kind = {"traces": "traces", "judge": "verdicts"}.get(msg[0], "other")
+                self._timed(kind, getattr(self, f"_on_{msg[0]}", self._on_unknown), *msg[1:])
                 continue  # drain messages first
             if time.monotonic() - self.last_traces > 1.0 and self.trainer.assembler._open:
                 self.trainer.flush()  # traffic paused: close open windows so they can be trained on
             if busy:
-                self.trainer.train_step()
+                self._timed("steps", self.trainer.train_step)
                 self.since_publish += 1
             if (self.pending is None and (busy or self.force_publish)
                     and (self.since_publish >= self.trainer.steps_before_gate
                          or self.force_publish)):
-                self._offer_candidate()
+                self._timed("gates", self._offer_candidate)
             if time.monotonic() - self.last_status > 0.5:
                 self.send_status()
                 self.last_status = time.monotonic()
@@ -148,7 +160,9 @@ class _Worker:
         st.update(trainer_paused=self.paused, pid=os.getpid(),
                   pending_candidate=None if self.pending is None else self.pending[0],
                   priority=self.priority, trainer_threads=torch.get_num_threads(),
-                  last_verdict=self.last_verdict)
+                  last_verdict=self.last_verdict,
+                  cpu_s={"total": round(time.process_time() - self.cpu0, 3),
+                         **{k: round(v, 3) for k, v in self.cpu_s.items()}})
         self.outbox.put(("status", st))
 
     def _offer_candidate(self) -> None:

@@ -228,5 +228,13 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
             time.sleep(0.2)  # idle CPU between requests: the trainer's only time
         st = learner.status()
         assert st["live_version"] >= 2 and st["trainer_step"] > 0, st
+        # Where the trainer's CPU went: steps and gates (a version went live) and the traces
+        # it ingested, each counted once, so together no more than the process's total. (The
+        # status comes every 0.5 s: wait for one sent after that gate.)
+        assert learner.wait_for(lambda s: s.get("cpu_s", {}).get("gates", 0) > 0, timeout=10)
+        cpu = learner.status()["cpu_s"]
+        assert cpu["steps"] > 0 and cpu["gates"] > 0 and cpu["traces"] > 0, cpu
+        parts = sum(v for k, v in cpu.items() if k != "total")
+        assert parts <= cpu["total"] + 0.05, cpu
     finally:
         learner.stop(save=False)
