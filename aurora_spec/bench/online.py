@@ -80,7 +80,8 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
                                           trainer_threads=o.trainer_threads,
                                           trainer_idle=o.trainer_idle,
                                           trainer_rests=o.trainer_rests,
-                                          rollback_paired=o.rollback_paired))
+                                          rollback_paired=o.rollback_paired,
+                                          omp_passive=not o.trainer_spin))
     learner.start()
     learner.pause()
     return OnlineArm(inner, learner, o.load)

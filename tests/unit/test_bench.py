@@ -226,6 +226,15 @@ def test_arm_suffixes_set_any_trainer_or_trace_field() -> None:
         parse_arms("static:/tmp/h@trace.prompt_rows=0")
 
 
+def test_spin_suffixes_set_the_trainers_openmp_wait() -> None:
+    """``@spin`` / ``@nospin``: the online arm's trainer threads spin or sleep at barriers
+    (LearnerConfig.omp_passive off / on); other arms refuse them."""
+    spin, nospin, plain = parse_arms("online-from:/tmp/h@idle@spin,online@nospin,online")
+    assert (spin.trainer_spin, nospin.trainer_spin, plain.trainer_spin) == (True, False, None)
+    with pytest.raises(BenchError, match="are for online arms"):
+        parse_arms("none@spin")
+
+
 class FakeArm:
     def __init__(self, name: str, kind: str, log: list, flip_at: int | None = None) -> None:
         self.name, self.kind, self.log, self.flip_at = name, kind, log, flip_at
