@@ -169,7 +169,7 @@ def test_parse_arms() -> None:
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
     with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired, "
-                                         "@unpaired, @trainer.*, @trace.*, @shiftgate, "
+                                         "@unpaired, @spin, @nospin, @trainer.*, @trace.*, @shiftgate, "
                                          "@noshiftgate, @hN and @rN are for online arms"):
         parse_arms("static:/tmp/h@idle")
     with pytest.raises(BenchError, match="are for online arms"):
