@@ -30,8 +30,8 @@ how long the gate keeps a better trainee from serving after a shift. ``--cross``
 per domain trained on, the trainee's score on every held-out domain every 10 of its requests.
 ``at-once`` gives the trainer one domain's first ``--requests`` requests at once (no replay, no
 order) and scores it on that domain's held-out requests every ``--every`` steps: how far so much
-traffic can take a head. ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3 warm-up steps) on the
-first 20 requests of the stream's first two domains; with ``--profile`` it also prints
+traffic can take a head. ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3
+warm-up steps) on the first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the
 size of a batch's top-k union and the target mass it carries (``_top_k_share``).
 Run settings one at a time on an otherwise idle machine.
@@ -85,6 +85,15 @@ def collect(a: argparse.Namespace) -> None:
         print(f"{domain}: {n} requests, {got.output_tokens} tokens, {got.seconds:.0f} s", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no runs/
     torch.save({"stream": a.stream, "records": out}, a.out)
+
+
+def _held_windows(requests: list[list]) -> list:
+    """The windows of ``requests``' answers (prompt rows are never drafted, so never scored)."""
+    from aurora_spec.flywheel.batch import WindowAssembler
+
+    asm = WindowAssembler(128)
+    wins = [w for q in requests for r in q if not r.prompt for w in asm.add(r)]
+    return wins + asm.flush()
 
 
 def _requests(records: list[dict], prompt_rows: int) -> list[list]:
@@ -186,16 +195,12 @@ def speed(a: argparse.Namespace) -> None:
 
 
 def fit(a: argparse.Namespace) -> None:
-    from aurora_spec.flywheel.batch import WindowAssembler
-
     data = torch.load(a.traces, weights_only=False)
     domains = [d for d, _ in _stream(data["stream"])]
     reqs = {d: _requests(data["records"][d], a.prompt_rows) for d in domains}
     held = {}
     for d in domains if a.hold_first else domains[1:]:  # scored on answers only, as served
-        asm = WindowAssembler(128)
-        wins = [w for q in reqs[d][-a.held:] for r in q if not r.prompt for w in asm.add(r)]
-        held[d] = wins + asm.flush()
+        held[d] = _held_windows(reqs[d][-a.held:])
         reqs[d] = reqs[d][:-a.held]
     trainer = _trainer(a)
     # the --init head untrained on each domain: what the static arm would serve there
@@ -264,13 +269,9 @@ def at_once(a: argparse.Namespace) -> None:
     replay of other traffic, no arrival order), then ``--steps`` steps, scored on the domain's
     last ``--held`` requests every ``--every`` steps: how far that much traffic can take a head,
     next to how far the online trainee got after the same requests."""
-    from aurora_spec.flywheel.batch import WindowAssembler
-
     data = torch.load(a.traces, weights_only=False)
     reqs = _requests(data["records"][a.domain], a.prompt_rows)
-    asm = WindowAssembler(128)
-    held = [w for q in reqs[-a.held:] for r in q if not r.prompt for w in asm.add(r)]
-    held += asm.flush()
+    held = _held_windows(reqs[-a.held:])
     trainer = _trainer(a)
     for request in reqs[:min(a.requests, len(reqs) - a.held)]:
         trainer.ingest(request)

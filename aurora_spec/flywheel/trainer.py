@@ -291,9 +291,15 @@ class Trainer(Resting):
         windows = self.store.holdout_slice() if windows is None else windows
         scores = score_windows(head, windows, self.embed, depth or self.cfg.gate_depth,
                                max(self.cfg.batch_tokens, 1), self.device, self._autocast,
-                               self.cfg.score_width or 1)
+                               self.score_width)
         self.last_alpha = list(scores.alpha)
         return scores
+
+    @property
+    def score_width(self) -> int:
+        """Siblings at depth 1 of the drafts scored: ``cfg.score_width``, chains when unset
+        (0 is filled in with the serving drafter's width where there is one: OnlineLearner)."""
+        return self.cfg.score_width or 1
 
     def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
                            depth: int | None = None) -> tuple[float, int]:
@@ -473,7 +479,7 @@ class Trainer(Resting):
                 "rest_windows": self.rest_windows,
                 "served_acceptance": rnd(self.served_acceptance),
                 "shifts": self.shift.shifts, "gate_size": self.gate_size(),
-                "score_width": self.cfg.score_width or 1,
+                "score_width": self.score_width,
                 "last_wake": s.last_wake, "wake_kinds": dict(s.wake_kinds),
                 "probe_progress": s.probe_progress,
                 "data_bytes": self.store.nbytes}
