@@ -52,6 +52,9 @@ class ArmOutput:
     threads_steps: dict[int, int] | None = None
     # The draft-length policy at the request's start and end (PolicySnapshot.as_dict).
     policy: dict[str, Any] | None = None
+    # An online arm's trainer as serving last heard of it when the request's idle time ended
+    # (bench/online.py trainer_counters): steps, gates judged and refused, the last gate.
+    trainer: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -53,7 +53,8 @@ class OnlineArm(EngineArm):
             out = super().run(prompt_ids, max_tokens, domain, request_id)
             if self.load < 1.0:  # the idle time after this request: only the trainer runs
                 time.sleep((time.perf_counter() - t0) * (1.0 / self.load - 1.0))
-            return dataclasses.replace(out, threads=threads)
+            return dataclasses.replace(out, threads=threads,
+                                       trainer=trainer_counters(self.learner.status()))
         finally:
             self.learner.pause()
             torch.set_num_threads(outer)
@@ -63,6 +64,20 @@ class OnlineArm(EngineArm):
 
     def close(self) -> None:
         self.learner.stop(save=False)
+
+
+def trainer_counters(status: dict[str, Any]) -> dict[str, Any] | None:
+    """What a request's record keeps of the learner's status: the trainer's optimizer steps,
+    gates judged and refused, and the last gate's scores, so a run's results show when gates
+    ran and why versions did or did not go live, request by request (the final status alone
+    says only how many). None before the trainer's first status."""
+    if "trainer_step" not in status:
+        return None
+    gate = status.get("last_gate") or {}
+    return {"steps": status["trainer_step"], "gates": status.get("gates", 0),
+            "refused": status.get("gate_rejections", 0),
+            "last_gate": {k: gate[k] for k in ("passed", "candidate", "live", "positions")
+                          if k in gate} or None}
 
 
 def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,

@@ -101,6 +101,8 @@ def make_record(arm: Arm, index: int, req: BenchRequest, out: ArmOutput, order: 
         rec["tau_lookup"] = None if out.tau_lookup is None else round(out.tau_lookup, 4)
     if out.policy is not None:  # why the request drafted what it drafted
         rec["policy"] = out.policy
+    if out.trainer is not None:  # online arms: the trainer's counters after the request
+        rec["trainer"] = out.trainer
     if save_ids:
         rec["token_ids"] = list(out.token_ids)
     return rec

@@ -460,6 +460,7 @@ def test_online_arm_at_partial_load_leaves_the_trainer_idle_time() -> None:
     served = out.decode_s + out.prefill_s
     assert out.token_ids and learner.paused
     assert wall >= 4 * served, (wall, served)  # sleep never returns early
+    assert out.trainer is None  # no trainer started: nothing heard from one to record
 
 
 def _planned(i: int):

@@ -236,5 +236,17 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
         assert cpu["steps"] > 0 and cpu["gates"] > 0 and cpu["traces"] > 0, cpu
         parts = sum(v for k, v in cpu.items() if k != "total")
         assert parts <= cpu["total"] + 0.05, cpu
+        # A bench request on this learner records the trainer's counters at its end: the gate
+        # that put version 2 live is among them (once a status sent after it arrived).
+        assert learner.wait_for(lambda s: s.get("candidates", 0) >= 1, timeout=10)
+        from aurora_spec.bench.arms import EngineArm
+        from aurora_spec.bench.online import OnlineArm
+
+        out = OnlineArm(EngineArm("online", "online", engine, ()), learner, load=0.5).run(
+            prompt, 8, "chat", "bench-0")
+        c = out.trainer
+        assert c is not None and c["steps"] > 0 and c["gates"] >= 1, c
+        assert 0 <= c["refused"] < c["gates"], c
+        assert set(c["last_gate"]) == {"passed", "candidate", "live", "positions"}, c
     finally:
         learner.stop(save=False)
