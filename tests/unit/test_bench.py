@@ -240,7 +240,7 @@ class FakeArm:
         self.name, self.kind, self.log, self.flip_at = name, kind, log, flip_at
 
     def run(self, prompt_ids, max_tokens, domain, request_id) -> ArmOutput:
-        self.log.append(request_id)
+        self.log.append(f"{request_id}-{self.name}")
         toks = [t + 1 for t in prompt_ids][:max_tokens]
         if self.flip_at is not None and len(toks) > self.flip_at:
             toks[self.flip_at] = -1
@@ -268,6 +268,9 @@ def test_run_interleaved_rotates_and_excludes_warmup(tmp_path: Path) -> None:
     assert log[:3] == ["warmup-0-none", "warmup-0-ngram", "warmup-0-hf"]
     assert log[3:9] == ["run-0-none", "run-0-ngram", "run-0-hf",
                         "run-1-ngram", "run-1-hf", "run-1-none"]  # rotating order
+    # Every arm serves request i under the same id: an online arm's held-out requests (a hash of
+    # the id, flywheel/replay.py) are then the same whatever the arm is called.
+    assert {entry.rsplit("-", 1)[0] for entry in log[3:6]} == {"run-0"}
     assert len(out.records) == 12 and seen == out.records and not out.interrupted
     mark_divergence(out, "none")
     by = {(r["arm"], r["index"]): r for r in out.records}
