@@ -303,10 +303,13 @@ def main() -> None:
                    "code prompts)")
     c.add_argument("--max-tokens", type=int, default=64)
     c.add_argument("--out", required=True)
-    f = sub.add_parser("fit")
-    f.add_argument("traces")
-    f.add_argument("--init", default=None, help="the trained head to start from (default: a "
-                   "random day-0 head)")
+    # What fit, at-once and speed share: the traces, the head to start from, the prompt rows.
+    trained = argparse.ArgumentParser(add_help=False)
+    trained.add_argument("traces")
+    trained.add_argument("--init", default=None, help="the trained head to start from (default: a "
+                         "random day-0 head)")
+    trained.add_argument("--prompt-rows", type=int, default=512)
+    f = sub.add_parser("fit", parents=[trained])
     f.add_argument("--held", type=int, default=10, help="held-out requests per later domain "
                    "(and of the first, with --hold-first)")
     f.add_argument("--hold-first", action="store_true",
@@ -314,7 +317,6 @@ def main() -> None:
     f.add_argument("--seconds", type=float, default=1.45, help="training time per request")
     f.add_argument("--steps", type=float, default=0, help="steps per request (--seconds 0)")
     f.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
-    f.add_argument("--prompt-rows", type=int, default=512)
     f.add_argument("--burst", type=_burst, default=None, metavar="REQUESTS:STEPS",
                    help="with --steps: STEPS steps per request instead for the first REQUESTS "
                    "requests of each domain after the first (more compute right after a shift)")
@@ -325,24 +327,16 @@ def main() -> None:
     f.add_argument("--cross", action="store_true",
                    help="also score the trainee on every held-out domain every 10 requests of "
                    "each domain (with --hold-first: what training on one domain does to the others)")
-    o = sub.add_parser("at-once")
-    o.add_argument("traces")
+    o = sub.add_parser("at-once", parents=[trained])
     o.add_argument("--domain", required=True)
-    o.add_argument("--init", default=None, help="the trained head to start from (default: a "
-                   "random day-0 head)")
     o.add_argument("--requests", type=int, default=30, help="the domain's first N requests")
     o.add_argument("--held", type=int, default=10, help="held-out requests (the domain's last)")
     o.add_argument("--steps", type=int, default=1200)
     o.add_argument("--every", type=int, default=100, help="score every N steps")
     o.add_argument("--trainer", default='{"reuse": 1000}',
                    help="TrainerConfig overrides, as JSON (default: reuse uncapped)")
-    o.add_argument("--prompt-rows", type=int, default=512)
-    s = sub.add_parser("speed")
-    s.add_argument("traces")
-    s.add_argument("--init", default=None, help="the trained head to start from (default: a "
-                   "random day-0 head)")
+    s = sub.add_parser("speed", parents=[trained])
     s.add_argument("--trainer", default="{}", help="TrainerConfig overrides, as JSON")
-    s.add_argument("--prompt-rows", type=int, default=512)
     s.add_argument("--steps", type=int, default=15, help="timed steps (after 3 warm-up ones)")
     s.add_argument("--profile", action="store_true", help="also profile 5 steps")
     s.add_argument("--by-shape", action="store_true",
