@@ -191,6 +191,10 @@ class Eagle3Head(nn.Module):
         # Per-depth acceptance measured on held-out traffic when this version was made (aurora
         # train, the online gate); it seeds the draft-length policy when the head is loaded.
         self.heldout_alpha: tuple[float, ...] | None = None
+        # ... measured on drafts of this many branches at depth 1 (1: chains). A tree's depth-1
+        # rate is far above a chain's, so the policy takes the rates only at the width it serves.
+        # None: not recorded (manifests before session 61).
+        self.heldout_width: int | None = None
         h, d = c.hidden_size, c.head_dim
         self.fc = linear(3 * h, h, bias=False)
         self.embed_norm = RMSNorm(h, c.rms_norm_eps)
@@ -361,6 +365,8 @@ class Eagle3Head(nn.Module):
                                     "config": dataclasses.asdict(self.config)}
         if self.heldout_alpha is not None:
             manifest["heldout_alpha"] = [round(a, 4) for a in self.heldout_alpha]
+            if self.heldout_width is not None:
+                manifest["heldout_width"] = self.heldout_width
         text = json.dumps(manifest, indent=2)
         _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(text))
 
@@ -369,7 +375,7 @@ class Eagle3Head(nn.Module):
              dtype: torch.dtype = torch.float32) -> Eagle3Head:
         """Load a saved head; ValueError on a missing, corrupt or inconsistent checkpoint."""
         src = Path(path_dir)
-        config, version, heldout_alpha = _read_manifest(src / MANIFEST_FILE)
+        config, version, heldout_alpha, heldout_width = _read_manifest(src / MANIFEST_FILE)
         tensors, meta = _read_weights(src / WEIGHTS_FILE)
         if meta.get("format") != FORMAT or meta.get("version") != str(version):
             raise ValueError(f"{src}: weights (version {meta.get('version')}) do not match "
@@ -380,7 +386,7 @@ class Eagle3Head(nn.Module):
         head.load_state_dict(tensors)
         head.t2d = target_to_draft(head.d2t, config.target_vocab_size)
         head.version = version
-        head.heldout_alpha = heldout_alpha
+        head.heldout_alpha, head.heldout_width = heldout_alpha, heldout_width
         return head.to(device=device, dtype=dtype)
 
 
@@ -411,7 +417,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _read_manifest(path: Path) -> tuple[Eagle3Config, int, tuple[float, ...] | None]:
+def _read_manifest(path: Path) -> tuple[Eagle3Config, int, tuple[float, ...] | None, int | None]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -434,7 +440,11 @@ def _read_manifest(path: Path) -> tuple[Eagle3Config, int, tuple[float, ...] | N
             and all(type(a) in (int, float) and 0.0 <= a <= 1.0 for a in alpha)):
         raise ValueError(f"{path}: heldout_alpha must be a non-empty list of probabilities, "
                          f"got {alpha!r}")
-    return config, version, (tuple(float(a) for a in alpha) if alpha is not None else None)
+    width = manifest.get("heldout_width")  # optional too
+    if width is not None and not (type(width) is int and width >= 1):
+        raise ValueError(f"{path}: heldout_width must be an integer >= 1, got {width!r}")
+    return (config, version, tuple(float(a) for a in alpha) if alpha is not None else None,
+            width)
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-tokens", type=int, default=512)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--depth", type=int, default=3, help="training-time-test unroll depth")
+    t.add_argument("--tree-width", type=int, default=None,
+                   help="branches at depth 1 of the drafts the held-out measure scores, the "
+                        "width the head will be served with (default: eagle3's, 3); its "
+                        "per-depth rates seed the serving policy at that width")
     t.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the model's chat template to prompts (default: on when the model "
                         "has one, as aurora bench does)")
@@ -54,12 +58,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     from aurora_spec.flywheel.config import TrainerConfig
     from aurora_spec.flywheel.offline import collect, fit, read_traffic
     from aurora_spec.models.runner import CacheConfig, TargetRunner
-    from aurora_spec.runtime import load_target
+    from aurora_spec.runtime import DEFAULT_TREE_WIDTH, load_target
 
     # ValueError, not aurora_spec.cli.UsageError: under `python -m aurora_spec.cli` that class
     # lives in __main__ and a different copy would escape main()'s handler. Same exit code 2.
-    if a.requests < 1 or a.max_tokens < 1 or a.epochs <= 0 or a.draft_vocab < 1:
-        raise ValueError("--requests, --max-tokens, --draft-vocab must be >= 1, --epochs > 0")
+    if a.requests < 1 or a.max_tokens < 1 or a.epochs <= 0 or a.draft_vocab < 1 \
+            or (a.tree_width is not None and a.tree_width < 1):
+        raise ValueError("--requests, --max-tokens, --draft-vocab, --tree-width must be >= 1, "
+                         "--epochs > 0")
     domains = [d.strip() for d in a.domains.split(",")] if a.domains else None
     if not Path(a.traffic).exists():
         raise ValueError(f"traffic path not found: {a.traffic}")
@@ -92,7 +98,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     got = collect(engine, prompts(), a.max_tokens, stop_token_ids(info, tokenizer),
                   progress=progress)
     cfg = TrainerConfig(lr=a.lr, depth=a.depth, batch_tokens=a.batch_tokens, seed=a.seed,
-                        lambda_discard=0.0, holdout_every=20)
+                        lambda_discard=0.0, holdout_every=20,
+                        score_width=a.tree_width or DEFAULT_TREE_WIDTH["eagle3"])
     device = "cuda" if mcfg.torch_device().type == "cuda" else "cpu"
     head, metrics = fit(model, got.records, got.prompt_tokens, cfg, a.epochs, a.draft_vocab, init,
                         device, report=lambda r: print(f"[train] {json.dumps(r)}",

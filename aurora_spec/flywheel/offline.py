@@ -153,8 +153,9 @@ def fit(model: Any, records: list[TraceRecord], prompt_tokens: list[int],
     # The last evaluation above scored the final weights: its per-depth acceptance seeds the
     # draft-length policy of whoever serves this head (else it starts from a generic prior).
     out.heldout_alpha = tuple(round(a, 4) for a in trainer.last_alpha) if n_held else None
+    out.heldout_width = trainer.score_width if n_held else None
     metrics = {"train_pairs": pairs, "heldout_pairs": n_held, "steps": steps,
                "step_ms": round(trainer.stats.step_ms, 1), "history": history,
                "vocab_coverage": round(coverage, 4), "draft_vocab": out.config.draft_vocab_size,
-               "heldout_alpha": list(out.heldout_alpha or ())}
+               "heldout_alpha": list(out.heldout_alpha or ()), "heldout_width": out.heldout_width}
     return out, metrics

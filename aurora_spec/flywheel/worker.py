@@ -176,6 +176,7 @@ class _Worker:
             return
         cand, res = got
         cand.heldout_alpha = tuple(res.alpha) if res.alpha else None
+        cand.heldout_width = self.trainer.score_width if res.alpha else None
         path = self.store.save(cand)
         self.pending = (cand.version, cand)
         self.outbox.put(("candidate", cand.version, str(path),

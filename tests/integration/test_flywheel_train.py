@@ -30,11 +30,15 @@ def test_train_then_generate_and_export(smollm2_dir: Path, tmp_path: Path) -> No
     assert (out / "head.safetensors").is_file() and (out / "head.json").is_file()
     summary = json.loads((out / "train.json").read_text())
     assert summary["requests"] == 7 and summary["generated_tokens"] > 0
-    # 1 request in 20 is held out (by a hash of its id; of these seven, the last): the head's
-    # acceptance per depth on it goes into the manifest, to seed serving's draft-length policy.
+    # 1 request in 20 is held out (one at a random place in each block of 20 arrivals; with
+    # seed 0, the third): the head's acceptance per depth on it goes into the manifest, to seed
+    # serving's draft-length policy, with the width of the drafts it was measured on (serving's
+    # default, top-3 trees).
     assert summary["heldout_pairs"] > 0, summary
-    alpha = json.loads((out / "head.json").read_text())["heldout_alpha"]
+    manifest = json.loads((out / "head.json").read_text())
+    alpha = manifest["heldout_alpha"]
     assert len(alpha) == 4 and all(0.0 <= a <= 1.0 for a in alpha), alpha
+    assert manifest["heldout_width"] == 3 and summary["heldout_width"] == 3
     outs = {}
     for drafter, extra in (("none", []), ("eagle3", ["--draft-weights", str(out)])):
         g = aurora("generate", "--model", str(smollm2_dir), "--drafter", drafter, *extra,
