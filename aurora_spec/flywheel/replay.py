@@ -6,10 +6,11 @@ held-out slice for the gate.
   Vitter's algorithm R), the forgetting guard: a burst of one domain cannot push the others out;
 - ``holdout``: the windows of 1 in ``holdout_every`` *requests* (one at a random place in each
   block of that many arrivals; or, without ``holdout_blocks``, those whose id hashes so), never
-  trained on; the newest of them are the gate's held-out slice. Whole requests, not single windows: windows of
-  one request share its prompt and wording, so a window whose neighbours were trained on scores
-  far better than truly unseen traffic (measured: gate acceptance 0.75-0.82 against 0.6 on held-out
-  requests), and the gate would pass candidates that only memorised.
+  trained on; the newest of them are the gate's held-out slice. Whole requests, not single
+  windows: windows of one request share its prompt and wording, so a window whose neighbours
+  were trained on scores far better than truly unseen traffic (measured: gate acceptance
+  0.75-0.82 against 0.6 on held-out requests), and the gate would pass candidates that only
+  memorised.
 A batch mixes ``recent_ratio`` of newest windows with replay.
 
 - ``unseen``: the newest windows (held-out or not) added since ``mark()``, at most
