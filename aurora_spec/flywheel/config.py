@@ -71,8 +71,8 @@ class TrainerConfig:
     # proxy it removed a gate stuck for a whole segment (live mean over three seeds 0.425
     # against 0.391); in the bench it tied with the hash three times with one held-out draw for
     # both arms (1.23x and 1.23x, 1.30x and 1.32x, 1.25x and 1.25x the static head; README, "The
-    # gate as served"), and on day 0 (tau 2.16 and 2.36 against the hash's 2.22 and 2.29, [4w]), so it
-    # is kept for the bounded wait (bench suffix @trainer.holdout_blocks=false).
+    # gate as served"), and on day 0 (tau 2.16 and 2.36 against the hash's 2.22 and 2.29, [4w]),
+    # so it is kept for the bounded wait (bench suffix @trainer.holdout_blocks=false).
     holdout_blocks: bool = True
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
     reuse: float = 16.0  # train on at most reuse x (positions ingested); then wait for traffic
