@@ -127,9 +127,10 @@ def run_interleaved(arms: Sequence[Arm], requests: Sequence[BenchRequest],
             for i, req in enumerate(reqs):
                 for j in range(n):
                     arm = arms[(i + j) % n]
-                    # The same id on every arm (each has its own engine): an online arm
-                    # holds out requests by a hash of the id (flywheel/replay.py), so arms
-                    # side by side hold out the same requests whatever their names.
+                    # The same id on every arm (each has its own engine): an online arm with
+                    # holdout_blocks off holds out requests by a hash of the id
+                    # (flywheel/replay.py), so arms side by side hold out the same requests
+                    # whatever their names.
                     rid = f"{phase}-{i}"
                     out = arm.run(req.prompt_ids, max_tokens, req.domain, rid)
                     bar.update(1)

@@ -268,8 +268,9 @@ def test_run_interleaved_rotates_and_excludes_warmup(tmp_path: Path) -> None:
     assert log[:3] == ["warmup-0-none", "warmup-0-ngram", "warmup-0-hf"]
     assert log[3:9] == ["run-0-none", "run-0-ngram", "run-0-hf",
                         "run-1-ngram", "run-1-hf", "run-1-none"]  # rotating order
-    # Every arm serves request i under the same id: an online arm's held-out requests (a hash of
-    # the id, flywheel/replay.py) are then the same whatever the arm is called.
+    # Every arm serves request i under the same id: an online arm's held-out requests (with
+    # holdout_blocks off, a hash of the id, flywheel/replay.py) are then the same whatever the
+    # arm is called.
     assert {entry.rsplit("-", 1)[0] for entry in log[3:6]} == {"run-0"}
     assert len(out.records) == 12 and seen == out.records and not out.interrupted
     mark_divergence(out, "none")
