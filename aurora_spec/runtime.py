@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -17,9 +17,6 @@ from aurora_spec.models.cpu_linear import packed_kernels_available, time_kernels
 from aurora_spec.models.loader import ModelInfo, ModelLoadError, load_tokenizer, model_info, resolve_model
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.models.transformer import DecoderModel, UnsupportedModelError, load_decoder
-
-if TYPE_CHECKING:
-    from aurora_spec.drafters.eagle3_head import Eagle3Head
 
 log = logging.getLogger(__name__)
 RANDOM_HEAD_PRIOR = 0.05  # a day-0 head: probe first, draft once acceptance is measured
@@ -129,18 +126,6 @@ def target_kernels(model: DecoderModel, drafting: bool, max_slots: int,
     return t.packed_wins
 
 
-def policy_prior(head: Eagle3Head, width: int) -> tuple[float, ...] | None:
-    """The per-depth acceptance a loaded head brings for serving's draft-length policy: its
-    held-out rates when they were measured at the width served (or the width is not recorded),
-    else None (the policy's generic prior). Why: a top-3 tree's depth-1 rate is far above a
-    chain's, so chain rates made a tree look like it did not pay, and tree rates a chain."""
-    if head.heldout_alpha is None or head.heldout_width in (None, width):
-        return head.heldout_alpha
-    log.info("the draft head's held-out acceptance was measured at width %d, serving drafts "
-             "width %d: the policy starts from its generic prior", head.heldout_width, width)
-    return None
-
-
 def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     if cfg.name not in DRAFTERS:
         raise ValueError(f"unknown drafter {cfg.name!r} (choose from {', '.join(DRAFTERS)})")
@@ -169,7 +154,7 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     learned = Eagle3Drafter(head, model.embed.weight, embed_scale=model.spec.embed_scale,
                             tree_width=width, cpu_kernels=kernels != "F.linear",
                             bf16_weights=kernels == "packed bf16",
-                            prior_acceptance=policy_prior(head, width) if cfg.draft_weights
+                            prior_acceptance=head.rates_at(width) if cfg.draft_weights
                             else RANDOM_HEAD_PRIOR)
     if not cfg.lookup:
         return learned

@@ -103,6 +103,11 @@ class Eagle3Drafter:
         self.last_catch_up = 0
 
     @property
+    def head_width(self) -> int:
+        """Branches the head drafts at depth 1 (its held-out rates are per width)."""
+        return self.tree_width
+
+    @property
     def kernels(self) -> str:
         """How the head's linears run now, with its dtype (runtime.draft_kernels chose it at
         load): ``F.linear``, ``packed`` or ``packed bf16`` (bfloat16 row-kernel copies), e.g.

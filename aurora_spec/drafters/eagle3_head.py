@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from aurora_spec.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
+
+log = logging.getLogger(__name__)
 
 FORMAT = "aurora-eagle3-head"
 FORMAT_VERSION = 1
@@ -349,6 +352,19 @@ class Eagle3Head(nn.Module):
         self.d2t = d2t
         self.t2d = target_to_draft(d2t, c.target_vocab_size)
         self.config = dataclasses.replace(c, draft_vocab_size=len(d2t))
+
+    def rates_at(self, width: int) -> tuple[float, ...] | None:
+        """The per-depth acceptance this head brings for a draft-length policy that drafts
+        ``width`` branches: its held-out rates when they were measured at that width (or the
+        width is not recorded), else None (the policy's generic prior). Why: a top-3 tree's
+        depth-1 rate is far above a chain's, so chain rates made a tree look like it did not
+        pay, and tree rates a chain."""
+        if self.heldout_alpha is None or self.heldout_width in (None, width):
+            return self.heldout_alpha
+        log.info("draft version %d's held-out acceptance was measured at width %d, serving "
+                 "drafts width %d: the policy starts from its generic prior", self.version,
+                 self.heldout_width, width)
+        return None
 
     # ---- persistence: safetensors + JSON manifest, never pickle ----
 

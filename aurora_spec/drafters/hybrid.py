@@ -118,6 +118,10 @@ class LookupHybrid:
     def head(self) -> Any:
         return self.learned.head
 
+    @property
+    def head_width(self) -> int:
+        return int(getattr(self.learned, "head_width", 1))
+
     def swap_head(self, head: Any) -> None:
         self.learned.swap_head(head)
 

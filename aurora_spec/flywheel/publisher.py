@@ -85,6 +85,11 @@ class Publisher:
     def live_version(self) -> int:
         return int(self.live.version)
 
+    @property
+    def head_width(self) -> int:
+        """The branches the serving drafter's head drafts at depth 1 (what its rates are for)."""
+        return int(getattr(self.drafter, "head_width", 1))
+
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         w = self.drafter.head.fc.weight
         return w.device, w.dtype
@@ -123,7 +128,7 @@ class Publisher:
             self._watch = _Watch(old, head.version, baseline) if watch else None
             self.swaps += 1
         if alpha is None:  # what the policy measured while it was live, else its held-out
-            alpha = self._alpha.get(head.version) or head.heldout_alpha
+            alpha = self._alpha.get(head.version) or head.rates_at(self.head_width)
 
         def action() -> None:
             self._alpha[old.version] = self._reset_policy(alpha)

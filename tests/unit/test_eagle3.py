@@ -166,20 +166,18 @@ def test_save_load_round_trip(tmp_path):
     assert Eagle3Head.load(tmp_path).heldout_width == 3
 
 
-def test_policy_prior_takes_held_out_rates_only_at_the_width_served():
+def test_rates_at_takes_held_out_rates_only_at_the_width_served():
     """A top-3 tree's depth-1 rate is far above a chain's: rates measured at another width
     than the one served would misprice every draft, so the policy starts from its generic
     prior then; rates without a recorded width (older manifests) are taken as they are."""
-    from aurora_spec.runtime import policy_prior
-
     head = make_head()
-    assert policy_prior(head, 3) is None  # nothing measured
+    assert head.rates_at(3) is None  # nothing measured
     head.heldout_alpha = (0.3, 0.2)
-    assert policy_prior(head, 3) == (0.3, 0.2)  # width not recorded
+    assert head.rates_at(3) == (0.3, 0.2)  # width not recorded
     head.heldout_width = 1  # chains, as `aurora train` measured before session 61
-    assert policy_prior(head, 1) == (0.3, 0.2) and policy_prior(head, 3) is None
+    assert head.rates_at(1) == (0.3, 0.2) and head.rates_at(3) is None
     head.heldout_width = 3
-    assert policy_prior(head, 3) == (0.3, 0.2) and policy_prior(head, 1) is None
+    assert head.rates_at(3) == (0.3, 0.2) and head.rates_at(1) is None
 
 
 def test_load_refuses_bad_checkpoints(tmp_path):

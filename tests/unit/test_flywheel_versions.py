@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aurora_spec.drafters.eagle3 import Eagle3Drafter
-from aurora_spec.drafters.policy import PolicyConfig
+from aurora_spec.drafters.policy import PolicyConfig, per_depth
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.flywheel.checkpoints import CheckpointStore
 from aurora_spec.flywheel.publisher import Publisher
@@ -305,3 +305,37 @@ def test_a_loaded_head_seeds_the_policy_with_its_heldout_acceptance(tmp_path):
     assert learner.resume_from_checkpoints() == 3
     engine.step()  # the swap runs between steps
     assert drafter.head.version == 3 and engine.policy.alpha == [0.8, 0.6, 0.6, 0.6]
+
+
+def test_a_swap_takes_held_out_rates_only_at_the_width_served(tmp_path):
+    """Rates measured at another width than the drafter serves (a checkpoint written under
+    another --tree-width, a head fitted as chains) would misprice every draft: a swap to such
+    a head, a resumed one included, starts the policy at its generic prior instead."""
+    from aurora_spec.config import DrafterConfig
+    from aurora_spec.flywheel.config import LearnerConfig
+    from aurora_spec.flywheel.learner import OnlineLearner
+    from aurora_spec.runtime import make_drafter
+
+    model, _ = tiny_target("llama", seed=4)
+    policy = PolicyConfig(max_draft=4)
+    for lookup in (False, True):  # the hybrid's head drafts the learned drafter's width
+        drafter = make_drafter(DrafterConfig("eagle3", lookup=lookup, draft_dtype="float32",
+                                             tree_width=3), model)
+        engine = Engine(TargetRunner(model, CacheConfig(max_slots=2, capacity=256)), drafter,
+                        EngineConfig(policy, calibrate=False))
+        store = CheckpointStore(tmp_path / f"ckpt{lookup}")
+        pub = Publisher(drafter, engine, model, store)
+        assert pub.head_width == 3, lookup
+        prior = per_depth(engine.policy.cfg.prior_alpha, 4)  # a random head's: probe first
+        for version, width, seeded in ((1, 3, [0.8, 0.6, 0.6, 0.6]), (2, 1, prior)):
+            head = head_for(model, seed=version)
+            head.version, head.heldout_alpha, head.heldout_width = version, (0.8, 0.6), width
+            pub.swap(head)
+            engine.step()  # the swap runs between steps
+            assert drafter.head.version == version and engine.policy.alpha == seeded, lookup
+        learner = OnlineLearner(model, engine,
+                                LearnerConfig(checkpoint_dir=str(tmp_path / f"ckpt{lookup}")))
+        store.save(head)  # version 2, chain rates
+        assert learner.resume_from_checkpoints() == 2
+        engine.step()
+        assert engine.policy.alpha == prior, lookup
