@@ -113,6 +113,17 @@ class TrainerConfig:
     # is that much traffic older than the weights in training.
     gate_prequential: bool = False
     gate_margin: float = 0.02  # candidate must beat live acceptance length by this much
+    # How a published candidate's gate rates seed serving's draft-length policy (per depth).
+    # False: as they are (the default). True: paired, the policy's own estimates for the live
+    # head moved by the candidate's gain over the live head on the same slice (candidate minus
+    # live, per depth). Why: early slices are small (gate_min_positions 32, one request or
+    # two) and the rates' level on them can be far from the traffic's, where the difference
+    # of two heads on one slice is paired. Seen: in docs/bench/shift-aa/ a candidate passed on a
+    # chat slice of ~1 request at depth-1 rate 0.14 where serving measured the live head at
+    # 0.34; drafting went off for 12 requests in both online arms while the static arm, the
+    # same head, drafted on (chat 0.93x / 0.91x the static head). Not benched yet (bench
+    # suffix @trainer.paired_policy_seed=true).
+    paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
     # Rest: after this many gates in a row where a candidate did not beat the live head (on a

@@ -441,7 +441,8 @@ class OnlineLearner:
         elif kind == "candidate":
             _, version, path, gate = msg
             assert self.publisher is not None
-            head = self.publisher.offer(path, gate.get("alpha") or None)
+            head = self.publisher.offer(path, gate.get("alpha") or None,
+                                        gate.get("live_alpha") or None)
             if head is not None:
                 log.info("version %d live (held-out acceptance %.3f vs %.3f)", version,
                          gate["candidate"], gate["live"])

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.drafters.policy import per_depth
 from aurora_spec.flywheel.checkpoints import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,16 @@ class _Watch:
     baseline: float | None  # previous version's recent accepted/step; None: too few steps
     suspect: str = ""  # why the new version looks worse, while a verdict is awaited
     deadline: int = 0  # the new version's drafting steps by which the verdict must come
+
+
+def paired_seed(serving: Sequence[float], candidate: Sequence[float],
+                live: Sequence[float], floor: float = 0.01) -> list[float]:
+    """Per depth: what serving measured for the live head plus the candidate's gain over it
+    on the gate's slice, within [floor, 1 - floor] (the gate's lists extend by their last
+    value, as PolicyConfig.prior_alpha does)."""
+    n = len(serving)
+    gains = [c - lv for c, lv in zip(per_depth(candidate, n), per_depth(live, n), strict=True)]
+    return [min(1 - floor, max(floor, s + g)) for s, g in zip(serving, gains, strict=True)]
 
 
 class Publisher:
@@ -94,9 +105,12 @@ class Publisher:
         w = self.drafter.head.fc.weight
         return w.device, w.dtype
 
-    def offer(self, path: str, alpha: Sequence[float] | None = None) -> Eagle3Head | None:
+    def offer(self, path: str, alpha: Sequence[float] | None = None,
+              live_alpha: Sequence[float] | None = None) -> Eagle3Head | None:
         """Load a candidate checkpoint and make it live; None when refused. ``alpha``: its
-        per-depth acceptance estimated offline (seeds the draft-length policy)."""
+        per-depth acceptance estimated offline (seeds the draft-length policy); with
+        ``live_alpha``, the live head's on the same slice, the seed is paired instead: the
+        policy's estimates moved by ``alpha - live_alpha`` (TrainerConfig.paired_policy_seed)."""
         device, dtype = self._device_dtype()
         try:
             head = CheckpointStore.load(path, self.model, device, dtype)
@@ -113,11 +127,12 @@ class Publisher:
         for p in head.parameters():
             p.requires_grad_(False)
         self.drafter.pack(head)  # here, not in the between-steps swap: a short pause
-        self.swap(head, watch=True, alpha=alpha)
+        self.swap(head, watch=True, alpha=alpha, live_alpha=live_alpha)
         return head
 
     def swap(self, head: Eagle3Head, watch: bool = True, reason: str = "candidate",
-             alpha: Sequence[float] | None = None) -> None:
+             alpha: Sequence[float] | None = None,
+             live_alpha: Sequence[float] | None = None) -> None:
         with self._lock:
             old = self.live
             baseline = None
@@ -131,7 +146,7 @@ class Publisher:
             alpha = self._alpha.get(head.version) or head.rates_at(self.head_width)
 
         def action() -> None:
-            self._alpha[old.version] = self._reset_policy(alpha)
+            self._alpha[old.version] = self._reset_policy(alpha, live_alpha)
             self.drafter.swap_head(head)
 
         self._run_between_steps(action)
@@ -144,15 +159,18 @@ class Publisher:
         if self.on_change is not None:
             self.on_change(reason, head)
 
-    def _reset_policy(self, alpha: Sequence[float] | None) -> list[float] | None:
+    def _reset_policy(self, alpha: Sequence[float] | None,
+                      live_alpha: Sequence[float] | None = None) -> list[float] | None:
         """Engine thread: set the draft-length policies' acceptance estimates (global and per
-        running request) to ``alpha`` (None: the prior) and restart probing; returns the old
-        global estimates."""
+        running request) to ``alpha`` (None: the prior; with ``live_alpha``: the global
+        estimates moved by ``alpha - live_alpha``) and restart probing; returns the old global
+        estimates."""
         policy = getattr(self.engine, "policy", None)
         if policy is None:
             return None
         old = list(policy.alpha)
-        new = alpha or policy.cfg.prior_alpha
+        new = paired_seed(old, alpha, live_alpha) if alpha and live_alpha else (
+            alpha or policy.cfg.prior_alpha)
         running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
         for p in [policy, *running]:
             if p is not None:  # the new head's estimates, its own counts; probe at once

@@ -58,6 +58,7 @@ class GateResult:
     positions: int
     reason: str = ""
     alpha: list[float] = field(default_factory=list)  # candidate's per-depth acceptance
+    live_alpha: list[float] = field(default_factory=list)  # the live head's, same slice
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Trainer(Resting):
         self.draft_ids = DraftIds(c.target_vocab_size)  # Window.target_top across rebuilds
         self.records = 0
         self.last_alpha: list[float] = []
-        self._live_score: tuple[tuple, float, int] | None = None
+        self._live_score: tuple[tuple, float, int, list[float]] | None = None
         self._init_rest(cfg)
         self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
         self._shift_mark: int | None = None  # store.holdout_added at the last shift, until judged
@@ -354,11 +355,17 @@ class Trainer(Resting):
     def live_acceptance(self, windows: list[Window], source: tuple) -> tuple[float, int]:
         """The live head's offline acceptance on ``windows`` (the gate's slice, named by
         ``source``), cached until the live head or the slice changes: gates in a row with
-        neither changed score the live head once."""
+        neither changed score the live head once. Its per-depth rates: ``live_alpha``."""
         key = (self.live.version, id(self.live), source, len(windows))
         if self._live_score is None or self._live_score[0] != key:
-            self._live_score = (key, *self.gate_acceptance(self.live, windows))
+            mean, n = self.gate_acceptance(self.live, windows)
+            self._live_score = (key, mean, n, list(self.last_alpha))
         return self._live_score[1], self._live_score[2]
+
+    @property
+    def live_alpha(self) -> list[float]:
+        """The live head's per-depth rates on the slice it was scored on last."""
+        return [] if self._live_score is None else list(self._live_score[3])
 
     def gate_acceptance(self, head: Eagle3Head, windows: list[Window]) -> tuple[float, int]:
         """``offline_acceptance`` on the gate's slice (newest window first), each window weighted
@@ -382,7 +389,8 @@ class Trainer(Resting):
             res = GateResult(False, cand, live, n, f"candidate {cand:.3f} does not beat live "
                                                    f"{live:.3f} + margin {c.gate_margin}")
         else:
-            res = GateResult(True, cand, live, n, alpha=alpha)
+            res = GateResult(True, cand, live, n, alpha=alpha,
+                             live_alpha=[round(a, 4) for a in self.live_alpha])
         self.stats.gates += 1
         self.stats.gate_rejections += 0 if res.passed else 1
         if res.passed and cand >= live * (1 + c.rest_progress):

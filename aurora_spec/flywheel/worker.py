@@ -181,7 +181,9 @@ class _Worker:
         self.pending = (cand.version, cand)
         self.outbox.put(("candidate", cand.version, str(path),
                          {"candidate": res.candidate, "live": res.live,
-                          "positions": res.positions, "alpha": res.alpha}))
+                          "positions": res.positions, "alpha": res.alpha,
+                          "live_alpha": res.live_alpha
+                          if self.trainer.cfg.paired_policy_seed else None}))
 
     # ---- one method per parent message ----
 

@@ -34,6 +34,21 @@ def test_gate_refuses_a_worse_candidate():
     assert all(0.0 < a < 1.0 for a in trainer.last_alpha), trainer.last_alpha
 
 
+def test_a_passed_gate_carries_both_heads_rates_on_its_slice():
+    """A candidate that passes brings its own per-depth rates and the live head's on the same
+    slice (what a paired policy seed needs): each the rates scoring that head alone gives."""
+    _, _, trainer = trained_trainer()
+    got = trainer.propose_candidate()
+    assert got is not None
+    cand, res = got
+    windows = trainer.gate_windows()
+    trainer.offline_acceptance(trainer.live, windows)
+    assert res.live_alpha == [round(a, 4) for a in trainer.last_alpha]
+    trainer.offline_acceptance(cand, windows)
+    assert res.alpha == [round(a, 4) for a in trainer.last_alpha]
+    assert res.alpha != res.live_alpha and len(res.live_alpha) == trainer.cfg.gate_depth
+
+
 def test_prequential_gate_judges_a_frozen_candidate_on_the_traffic_after_it():
     """With gate_prequential a candidate is frozen first and judged later, against the live
     head, on the windows that arrived after it was frozen (all of them, held out or not); it is
