@@ -119,10 +119,16 @@ class TrainerConfig:
     # live, per depth). Why: early slices are small (gate_min_positions 32, one request or
     # two) and the rates' level on them can be far from the traffic's, where the difference
     # of two heads on one slice is paired. Seen: in docs/bench/shift-aa/ a candidate passed on a
-    # chat slice of ~1 request at depth-1 rate 0.14 where serving measured the live head at
-    # 0.34; drafting went off for 12 requests in both online arms while the static arm, the
-    # same head, drafted on (chat 0.93x / 0.91x the static head). Not benched yet (bench
-    # suffix @trainer.paired_policy_seed=true).
+    # chat slice of one request (63 positions) at depth-1 rate 0.14 where serving measured the
+    # live head at 0.32; drafting went off for 15 requests in both online arms while the
+    # static arm, the same head, drafted on (chat 0.93x / 0.91x the static head). Not adopted:
+    # on day 0 ([4x]) it tied on tau (2.21 against 2.23) and showed two faults. Serving's
+    # estimate for a head that barely drafted is its prior, not a measurement (version 1 was
+    # seeded 0.044 where the gate said 0.185); and a small slice's negative gain at a deeper
+    # depth held that depth's estimate at 0.01-0.16 for the whole run, an error drafting never
+    # corrects, since a depth the policy does not draft is never measured. Next: pair only at
+    # depths serving has measured for the live head. Bench suffix
+    # @trainer.paired_policy_seed=true (README, "Two identical online arms").
     paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
