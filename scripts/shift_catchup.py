@@ -42,6 +42,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -170,14 +172,20 @@ def speed(a: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.synchronize()
     t0, cpu0 = time.perf_counter(), time.process_time()
+    sys0, faults0 = os.times().system, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(a.steps):
         trainer.train_step()
     if cuda:
         torch.cuda.synchronize()
+    # Page faults and kernel time per step: fresh large allocations cost both (glibc's
+    # MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment change how many).
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     print(json.dumps({"trainer": json.loads(a.trainer), "threads": torch.get_num_threads(),
                       "device": str(trainer.device), "steps": a.steps,
                       "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
-                      "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1)}))
+                      "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1),
+                      "system_ms": round((os.times().system - sys0) / a.steps * 1e3, 1),
+                      "minor_faults": round(faults / a.steps)}))
     if trainer.cfg.loss_vocab:
         print(json.dumps(_top_k_share(trainer)))
     if a.profile:
