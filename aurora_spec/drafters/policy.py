@@ -233,6 +233,11 @@ class DraftLengthPolicy:
                                    else per_depth(cfg.prior_alpha, cfg.max_draft))
         self.probe = ProbeState.starting(cfg.probe_every)
         self._probing = False  # the last choice was a probe (per request: batches interleave)
+        # Per depth, the weight ``alpha`` still gives the seed it got at the last restart (1:
+        # nothing measured since; each folded request multiplies it by one minus its weight).
+        # Why: a swap that pairs the gate's figures with serving's own (publisher.paired_seed)
+        # must know whether serving's figure is a measurement or still a seed.
+        self.seed_weight = [1.0] * cfg.max_draft
         self._forget_counts()
 
     def _forget_counts(self) -> None:
@@ -244,6 +249,7 @@ class DraftLengthPolicy:
         """A new head went live: take its acceptance estimates (one value, or one per depth),
         forget the counts measured on the old one, and probe at the next decision."""
         self.alpha[:] = per_depth(alpha, len(self.alpha))
+        self.seed_weight[:] = [1.0] * len(self.alpha)
         self._forget_counts()
         self.probe = ProbeState.starting(self.cfg.probe_every)
 
@@ -324,4 +330,5 @@ class DraftLengthPolicy:
             if trials:
                 weight = self.cfg.request_ema * min(1.0, trials / full)
                 target[i] += weight * (hits / trials - target[i])
+                self.parent.seed_weight[i] *= 1 - weight
         self._forget_counts()  # finishing twice counts once

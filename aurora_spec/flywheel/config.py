@@ -126,9 +126,11 @@ class TrainerConfig:
     # estimate for a head that barely drafted is its prior, not a measurement (version 1 was
     # seeded 0.044 where the gate said 0.185); and a small slice's negative gain at a deeper
     # depth held that depth's estimate at 0.01-0.16 for the whole run, an error drafting never
-    # corrects, since a depth the policy does not draft is never measured. Next: pair only at
-    # depths serving has measured for the live head. Bench suffix
-    # @trainer.paired_policy_seed=true (README, "Two identical online arms").
+    # corrects, since a depth the policy does not draft is never measured. Since session 63
+    # the pairing applies only as far as serving's figure is a measurement
+    # (DraftLengthPolicy.seed_weight); the share that is still a seed takes the candidate's
+    # rate as it is. Bench suffix @trainer.paired_policy_seed=true (README, "Two identical
+    # online arms").
     paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage

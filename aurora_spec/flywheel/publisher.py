@@ -62,13 +62,24 @@ class _Watch:
 
 
 def paired_seed(serving: Sequence[float], candidate: Sequence[float],
-                live: Sequence[float], floor: float = 0.01) -> list[float]:
-    """Per depth: what serving measured for the live head plus the candidate's gain over it
-    on the gate's slice, within [floor, 1 - floor] (the gate's lists extend by their last
-    value, as PolicyConfig.prior_alpha does)."""
+                live: Sequence[float], seed_weight: Sequence[float] | None = None,
+                floor: float = 0.01) -> list[float]:
+    """Per depth: what serving measured for the live head plus the candidate's gain over it on
+    the gate's slice, within [floor, 1 - floor] (the gate's lists extend by their last value,
+    as PolicyConfig.prior_alpha does). ``seed_weight`` (DraftLengthPolicy.seed_weight): the
+    share of serving's figure that is still the seed it got, not a measurement; that share of
+    the result is the candidate's own rate instead. Why: serving's figure for a head that
+    barely drafted, or at a depth it never drafts, is its seed, and pairing a seed with a small
+    slice's gain moved it to where drafting never went to correct it ([4x]: a depth-1 seed of
+    0.044 where the gate said 0.185; depths 2-3 held at 0.01-0.16 for a whole run)."""
     n = len(serving)
-    gains = [c - lv for c, lv in zip(per_depth(candidate, n), per_depth(live, n), strict=True)]
-    return [min(1 - floor, max(floor, s + g)) for s, g in zip(serving, gains, strict=True)]
+    shares = per_depth(list(seed_weight), n) if seed_weight else [0.0] * n
+    out = []
+    for s, c, lv, share in zip(serving, per_depth(candidate, n), per_depth(live, n), shares,
+                               strict=True):
+        paired = min(1 - floor, max(floor, s + c - lv))
+        out.append(share * c + (1 - share) * paired)
+    return out
 
 
 class Publisher:
@@ -163,14 +174,14 @@ class Publisher:
                       live_alpha: Sequence[float] | None = None) -> list[float] | None:
         """Engine thread: set the draft-length policies' acceptance estimates (global and per
         running request) to ``alpha`` (None: the prior; with ``live_alpha``: the global
-        estimates moved by ``alpha - live_alpha``) and restart probing; returns the old global
-        estimates."""
+        estimates moved by ``alpha - live_alpha`` where they are measurements, ``paired_seed``)
+        and restart probing; returns the old global estimates."""
         policy = getattr(self.engine, "policy", None)
         if policy is None:
             return None
         old = list(policy.alpha)
-        new = paired_seed(old, alpha, live_alpha) if alpha and live_alpha else (
-            alpha or policy.cfg.prior_alpha)
+        new = (paired_seed(old, alpha, live_alpha, policy.seed_weight) if alpha and live_alpha
+               else alpha or policy.cfg.prior_alpha)
         running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
         for p in [policy, *running]:
             if p is not None:  # the new head's estimates, its own counts; probe at once

@@ -344,25 +344,33 @@ def test_a_swap_takes_held_out_rates_only_at_the_width_served(tmp_path):
 def test_a_paired_seed_moves_servings_estimates_by_the_gain_on_the_gate_slice(tmp_path):
     """With the live head's rates on the gate's slice beside the candidate's, a swap seeds the
     policy with what serving measured for the live head plus the candidate's gain there (per
-    depth, kept within [0.01, 0.99]); without them, with the candidate's rates as they are."""
+    depth, kept within [0.01, 0.99]), but only as far as serving's figure is a measurement:
+    the share still its seed (a depth never drafted) takes the candidate's rate as it is.
+    Without the live head's rates, the candidate's rates as they are."""
     from aurora_spec.flywheel.publisher import paired_seed
 
-    assert paired_seed([0.34, 0.2, 0.2], [0.14, 0.1], [0.12, 0.3]) == pytest.approx(
+    assert paired_seed([0.34, 0.2, 0.2], [0.14, 0.1], [0.12, 0.3], [0.0]) == pytest.approx(
         [0.36, 0.01, 0.01])
     assert paired_seed([0.9], [0.9], [0.5]) == [0.99]
+    assert paired_seed([0.3, 0.3], [0.2, 0.4], [0.1, 0.1], [0.0, 1.0]) == pytest.approx(
+        [0.4, 0.4])  # depth 2: still the seed
+    assert paired_seed([0.3], [0.2], [0.1], [0.25]) == pytest.approx([0.25 * 0.2 + 0.75 * 0.4])
     model, _ = tiny_target("llama", seed=4)
     drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
     engine = Engine(TargetRunner(model, CacheConfig(max_slots=2, capacity=256)), drafter,
                     EngineConfig(PolicyConfig(max_draft=4), calibrate=False))
-    engine.policy.alpha[:] = [0.34, 0.3, 0.25, 0.2]  # what serving measured for version 0
+    engine.policy.alpha[:] = [0.34, 0.3, 0.25, 0.2]  # what serving measured for version 0 ...
+    engine.policy.seed_weight[:] = [0.0, 0.0, 0.0, 1.0]  # ... at depths 1-3, not at 4
     store = CheckpointStore(tmp_path)
     pub = Publisher(drafter, engine, model, store)
     for version, live_alpha, seeded in (
-            (1, [0.12, 0.1], [0.36, 0.32, 0.27, 0.22]),  # paired: 0.34 + (0.14 - 0.12) ...
-            (2, None, [0.14, 0.12, 0.12, 0.12])):  # the candidate's rates as they are
+            (1, [0.12, 0.1], [0.36, 0.32, 0.27, 0.12]),  # paired: 0.34 + (0.14 - 0.12) ...
+            (2, None, [0.14, 0.12, 0.12, 0.12]),  # the candidate's rates as they are
+            (3, [0.1], [0.14, 0.12, 0.12, 0.12])):  # nothing measured for version 2 yet
         head = head_for(model, seed=version)
         head.version = version
         pub.offer(str(store.save(head)), alpha=[0.14, 0.12], live_alpha=live_alpha)
         engine.step()  # the swap runs between steps
         assert drafter.head.version == version
         assert engine.policy.alpha == pytest.approx(seeded), version
+        assert engine.policy.seed_weight == [1.0] * 4, version

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from aurora_spec.drafters.policy import CostModel, DraftLengthPolicy, PolicyConfig
 
 
@@ -307,3 +309,20 @@ def test_costs_are_learnt_per_thread_count() -> None:
     assert abs(c.verify_time(1) - 0.045) < 0.005
     tail = ratios[100:]
     assert max(tail) - min(tail) < 0.1 and abs(tail[-1] - 0.050 / 0.045) < 0.05
+
+
+def test_seed_weight_is_the_share_of_the_global_estimate_not_yet_measured() -> None:
+    """Each finished request that drafted a depth moves the global estimate toward its own rate
+    by its weight, and that depth's seed weight falls by the same factor; depths not drafted
+    keep theirs; a restart (a new head) makes every estimate a seed again."""
+    root = DraftLengthPolicy(PolicyConfig(max_draft=4, request_ema=0.1, request_full_trials=8))
+    for trials in (8, 4):
+        req = DraftLengthPolicy(root.cfg, parent=root)
+        for _ in range(trials):
+            req.observe(1, 0)  # depth 1 drafted and rejected: depth 2 not reached
+        req.finish()
+    assert root.seed_weight[0] == pytest.approx(0.9 * 0.95)
+    assert root.seed_weight[1:] == [1.0, 1.0, 1.0]
+    assert root.alpha[0] == pytest.approx(0.5 * 0.9 * 0.95)  # the seed's share of 0.5 is left
+    root.restart([0.3, 0.2])
+    assert root.seed_weight == [1.0] * 4 and root.alpha == [0.3, 0.2, 0.2, 0.2]
