@@ -221,6 +221,9 @@ class ArmOptions:
     # arm's ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` suffixes (and the short aliases).
     trainer_config: tuple[tuple[str, Any], ...] = ()
     trace_config: tuple[tuple[str, Any], ...] = ()
+    # Any engine arm: (field, value) overrides of its draft-length PolicyConfig
+    # (``@policy.FIELD=VALUE``).
+    policy_config: tuple[tuple[str, Any], ...] = ()
     # Online arms: the server's utilisation. Below 1, each request is followed by the idle time a
     # server at that load would have, (1/load - 1) x the request's time, the trainer running.
     load: float = 1.0
@@ -281,8 +284,8 @@ def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
     packed = target_kernels(target.model, drafter is not None, opts.max_slots,
                             opts.target_kernels)
     runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context), packed)
-    engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=opts.max_draft),
-                                                  calibrate=opts.calibrate))
+    policy = PolicyConfig(**{"max_draft": opts.max_draft, **dict(opts.policy_config)})
+    engine = Engine(runner, drafter, EngineConfig(policy, calibrate=opts.calibrate))
     return EngineArm(name, kind, engine, target.stop_ids)
 
 
@@ -329,16 +332,17 @@ class ArmSpec:
     trainer_spin: bool | None = None  # ``@spin`` / ``@nospin`` (online arms)
     trainer_config: tuple[tuple[str, Any], ...] | None = None  # ``@trainer.FIELD=VALUE`` ...
     trace_config: tuple[tuple[str, Any], ...] | None = None  # ``@trace.FIELD=VALUE`` (online)
+    policy_config: tuple[tuple[str, Any], ...] | None = None  # ``@policy.FIELD=VALUE`` (engines)
     target_kernels: str | None = None  # ``@packed``: target-only on the speculating kernels
 
 
 _OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
               "rollback_paired", "trainer_spin", "trainer_config", "trace_config",
-              "target_kernels")
+              "policy_config", "target_kernels")
 _TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired", "trainer_spin",
             "trainer_config", "trace_config"}
 _SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired|spin|nospin|packed"
-                     r"|shiftgate|noshiftgate|(?:trainer|trace)\.\w+=[^@]+)$")
+                     r"|shiftgate|noshiftgate|(?:trainer|trace|policy)\.\w+=[^@]+)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
           "paired": ("rollback_paired", True), "unpaired": ("rollback_paired", False),
@@ -388,12 +392,14 @@ def _config_value(part: str, config: type, field: str, text: str) -> Any:
 
 
 def _config_override(part: str, tag: str) -> tuple[str, str, Any]:
-    """``trainer.FIELD=VALUE`` / ``trace.FIELD=VALUE``: (which, field, typed value)."""
+    """``trainer.FIELD=VALUE`` / ``trace.FIELD=VALUE`` / ``policy.FIELD=VALUE``: (which, field,
+    typed value)."""
+    from aurora_spec.drafters.policy import PolicyConfig
     from aurora_spec.flywheel.config import TraceConfig, TrainerConfig
 
     lhs, _, text = tag.partition("=")
     which, _, field = lhs.partition(".")
-    config = TrainerConfig if which == "trainer" else TraceConfig
+    config = {"trainer": TrainerConfig, "trace": TraceConfig, "policy": PolicyConfig}[which]
     return which, field, _config_value(part, config, field, text)
 
 
@@ -401,14 +407,14 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
     """Strip the ``@...`` suffixes (any order; see parse_arms) off one arm: the body and the
     ArmSpec overrides they set."""
     over: dict[str, Any] = {}
-    configs: dict[str, dict[str, Any]] = {"trainer": {}, "trace": {}}
+    configs: dict[str, dict[str, Any]] = {"trainer": {}, "trace": {}, "policy": {}}
     body = part
     while (m := _SUFFIX.search(body)) is not None:
         tag = _expand(part, m.group(1))
         if tag in _FLAGS:
             key, value = _FLAGS[tag]
             over[key] = value
-        elif tag.startswith(("trainer.", "trace.")):
+        elif tag.startswith(("trainer.", "trace.", "policy.")):
             which, field, value = _config_override(part, tag)
             configs[which].setdefault(field, value)  # the rightmost suffix wins
         else:  # @wN / @tN: the regex guarantees digits
@@ -422,11 +428,13 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 def parse_arms(spec: str) -> list[ArmSpec]:
     """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
-    [@spin|@nospin][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@shiftgate|@noshiftgate][@hN][@rN][@packed]``
+    [@spin|@nospin][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@policy.FIELD=VALUE]
+    [@shiftgate|@noshiftgate][@hN][@rN][@packed]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,online@trainer.lr=0.003,static:DIR``.
     ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` set one field of an online arm's
-    TrainerConfig / TraceConfig (flywheel/config.py); ``@shiftgate`` is
+    TrainerConfig / TraceConfig (flywheel/config.py), ``@policy.FIELD=VALUE`` one of any engine
+    arm's draft-length PolicyConfig (drafters/policy.py); ``@shiftgate`` is
     ``@trainer.gate_shift_positions=256``, ``@hN`` ``@trainer.holdout_every_shift=N`` and
     ``@rN`` ``@trainer.recent_ratio=N/100``. ``none@packed``: target-only on the packed kernels
     the speculating arms verify on, where plain ``none`` takes the faster one for one row

@@ -54,6 +54,16 @@ class PolicyConfig:
     # Nodes the drafter proposes per depth (top-w trees): a depth-k draft is verified as w*k + 1
     # tokens, while drafting it costs k head steps (the w branches of a depth share one step).
     tree_width: int = 1
+    # Depth probes: every this many drafting steps of a request, draft one depth deeper than
+    # the estimates pick, while the global estimate at that depth is still mostly the seed it
+    # got at the last swap (DraftLengthPolicy.seed_weight above ``deep_probe_until``); 0: off.
+    # Why: a depth the policy does not draft is never measured, so a seed too low for it stays
+    # for as long as the head is live (an online head on SQL drafted one depth of its tree,
+    # its depth-2 seeds 0.24-0.41, where the SQL head drafted three at 0.57-0.62: README,
+    # "Two identical online arms"). The price while it probes: one head step and one depth of
+    # verified nodes every ``deep_probe_every`` steps.
+    deep_probe_every: int = 0
+    deep_probe_until: float = 0.5
 
 
 @dataclass
@@ -233,6 +243,7 @@ class DraftLengthPolicy:
                                    else per_depth(cfg.prior_alpha, cfg.max_draft))
         self.probe = ProbeState.starting(cfg.probe_every)
         self._probing = False  # the last choice was a probe (per request: batches interleave)
+        self._deep_since = 0  # drafting steps since the last depth probe
         # Per depth, the weight ``alpha`` still gives the seed it got at the last restart (1:
         # nothing measured since; each folded request multiplies it by one minus its weight).
         # Why: a swap that pairs the gate's figures with serving's own (publisher.paired_seed)
@@ -289,13 +300,25 @@ class DraftLengthPolicy:
         self._probing = False
         if k > 0:
             probe.steps_since = 0
-            return k
+            return self._deeper(k, limit)
         probe.steps_since += 1
         if probe.steps_since >= probe.interval:
             probe.steps_since = 0
             self._probing = True
             return min(self.cfg.probe_length, limit)
         return 0
+
+    def _deeper(self, k: int, limit: int) -> int:
+        """``k``, or ``k + 1`` when a depth probe is due (PolicyConfig.deep_probe_every)."""
+        every = self.cfg.deep_probe_every
+        if not every or k >= min(limit, self.cfg.max_draft):
+            return k
+        self._deep_since += 1
+        seeded = (self.parent or self).seed_weight[k] > self.cfg.deep_probe_until
+        if self._deep_since < every or not seeded:
+            return k
+        self._deep_since = 0
+        return k + 1
 
     def capped(self, drafted: int) -> None:
         """The batch plan drafted ``drafted`` tokens where choose() asked for more: a probe

@@ -2,10 +2,10 @@
 
 Runs wherever it is put: in the trainer process (flywheel/worker.py), or in-process for offline
 fitting (``aurora train``) and tests. Owns a float32 copy of the head, AdamW, the windows
-(recent + replay reservoir + held-out slice), the draft-vocabulary builder, and the gate: a
-candidate is offered only when its offline acceptance on the held-out slice beats the live
-version's (that measure: flywheel/scoring.py). When to stop stepping and start again is
-flywheel/rest.py (a mixin of Trainer); the traffic-shift detector is flywheel/shift.py.
+(recent + replay reservoir + held-out slice) and the draft-vocabulary builder. Two mixins of
+Trainer hold the rest: the gate, which offers a candidate only when its offline acceptance on
+the held-out slice beats the live version's (flywheel/gating.py), and when to stop stepping and
+start again (flywheel/rest.py); the traffic-shift detector is flywheel/shift.py.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from aurora_spec.flywheel.losses import (
     flywheel_loss,
     target_top,
 )
-from aurora_spec.flywheel.replay import FreshSlice, WindowStore
+from aurora_spec.flywheel.gating import Gating
+from aurora_spec.flywheel.replay import WindowStore
 from aurora_spec.flywheel.rest import Resting
-from aurora_spec.flywheel.scoring import Scores, score_windows
-from aurora_spec.flywheel.shift import ShiftWatch
 from aurora_spec.flywheel.traces import TraceRecord
 from aurora_spec.flywheel.vocab import DraftIds, VocabBuilder
 from aurora_spec.hardware import cpu_native_bf16
@@ -48,17 +47,6 @@ def bf16_autocast_ok(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_native_bf16()
-
-
-@dataclass
-class GateResult:
-    passed: bool
-    candidate: float  # mean accepted draft tokens per draft point (greedy chain of gate_depth)
-    live: float
-    positions: int
-    reason: str = ""
-    alpha: list[float] = field(default_factory=list)  # candidate's per-depth acceptance
-    live_alpha: list[float] = field(default_factory=list)  # the live head's, same slice
 
 
 @dataclass
@@ -89,7 +77,7 @@ class TrainerStats:
     target_top_windows: int = 0  # windows whose target top ids were computed (not cached)
 
 
-class Trainer(Resting):
+class Trainer(Gating, Resting):
     def __init__(self, head: Eagle3Head, target: TargetHead, embed: Embedder,
                  cfg: TrainerConfig | None = None, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg = cfg or TrainerConfig()
@@ -104,7 +92,6 @@ class Trainer(Resting):
                                  cfg.holdout_windows, cfg.seed, cfg.reservoir_bytes,
                                  unseen_pairs=4 * cfg.gate_positions,
                                  holdout_blocks=cfg.holdout_blocks)
-        self.fresh = FreshSlice(cfg.gate_positions)  # the prequential gate's candidate and slice
         c = self.head.config
         self.vocab = VocabBuilder(c.target_vocab_size, c.draft_vocab_size,
                                   cfg.vocab_rebuild_coverage, cfg.vocab_min_tokens,
@@ -112,11 +99,8 @@ class Trainer(Resting):
         self.stats = TrainerStats()
         self.draft_ids = DraftIds(c.target_vocab_size)  # Window.target_top across rebuilds
         self.records = 0
-        self.last_alpha: list[float] = []
-        self._live_score: tuple[tuple, float, int, list[float]] | None = None
+        self._init_gate(cfg)
         self._init_rest(cfg)
-        self.shift = ShiftWatch(cfg.rest_wake_steps, cfg.rest_wake_drop)
-        self._shift_mark: int | None = None  # store.holdout_added at the last shift, until judged
         torch.manual_seed(cfg.seed)
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto"
                                                    and bf16_autocast_ok(self.device))
@@ -283,161 +267,6 @@ class Trainer(Resting):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), \
                 attention:
             yield
-
-    # ---- evaluation and gate ---------------------------------------------------------------
-    def score(self, head: Eagle3Head, windows: list[Window] | None = None,
-              depth: int | None = None) -> Scores:
-        """``head``'s offline acceptance on ``windows`` (default: held-out slice); its per-depth
-        rates also go to ``last_alpha``."""
-        windows = self.store.holdout_slice() if windows is None else windows
-        scores = score_windows(head, windows, self.embed, depth or self.cfg.gate_depth,
-                               max(self.cfg.batch_tokens, 1), self.device, self._autocast,
-                               self.score_width)
-        self.last_alpha = list(scores.alpha)
-        return scores
-
-    @property
-    def score_width(self) -> int:
-        """Siblings at depth 1 of the drafts scored: ``cfg.score_width``, chains when unset
-        (0 is filled in with the serving drafter's width where there is one: OnlineLearner)."""
-        return self.cfg.score_width or 1
-
-    def offline_acceptance(self, head: Eagle3Head, windows: list[Window] | None = None,
-                           depth: int | None = None) -> tuple[float, int]:
-        """Mean accepted draft tokens per draft point on ``windows`` (default: held-out slice),
-        and the points scored."""
-        scores = self.score(head, windows, depth)
-        return scores.mean, scores.points
-
-    def _on_shift(self) -> None:
-        if not self.cfg.gate_shift_positions:
-            return
-        self._shift_mark = self.store.holdout_added
-        self.store.holdout_every = self.cfg.holdout_every_shift or self.cfg.holdout_every
-        log.info("traffic shift: served acceptance fell to %.3f per step; the gate judges on "
-                 "traffic held out from now on (at least %d positions)", self.shift.level or 0.0,
-                 self.cfg.gate_shift_positions)
-
-    def _positions_since_shift(self) -> int | None:
-        """Scored held-out positions that arrived since the shift being followed (None: none)."""
-        if self._shift_mark is None:
-            return None
-        holdout = self.store.holdout_slice()
-        new = min(self.store.holdout_added - self._shift_mark, len(holdout))
-        return sum(w.scored_pairs for w in holdout[len(holdout) - new:])
-
-    def _end_shift_when_judged(self) -> None:
-        """Once gate_positions arrived since the shift, the usual slice is all new traffic."""
-        since = self._positions_since_shift()
-        if since is not None and since >= self.cfg.gate_positions:
-            self._shift_mark = None
-            self.store.holdout_every = self.cfg.holdout_every
-
-    def gate_size(self) -> int:
-        """Held-out positions the gate judges on: ``gate_positions``, or after a shift only as
-        many as arrived since (at least ``gate_shift_positions``) until that many did."""
-        c = self.cfg
-        since = self._positions_since_shift()
-        if since is None:
-            return c.gate_positions
-        return min(max(since, c.gate_shift_positions), c.gate_positions)
-
-    def gate_windows(self) -> list[Window]:
-        """The newest held-out windows, about ``gate_size()`` pairs in all."""
-        out, n, size = [], 0, self.gate_size()
-        for w in reversed(self.store.holdout_slice()):
-            if n >= size:
-                break
-            out.append(w)
-            n += w.scored_pairs
-        return out
-
-    def live_acceptance(self, windows: list[Window], source: tuple) -> tuple[float, int]:
-        """The live head's offline acceptance on ``windows`` (the gate's slice, named by
-        ``source``), cached until the live head or the slice changes: gates in a row with
-        neither changed score the live head once. Its per-depth rates: ``live_alpha``."""
-        key = (self.live.version, id(self.live), source, len(windows))
-        if self._live_score is None or self._live_score[0] != key:
-            mean, n = self.gate_acceptance(self.live, windows)
-            self._live_score = (key, mean, n, list(self.last_alpha))
-        return self._live_score[1], self._live_score[2]
-
-    @property
-    def live_alpha(self) -> list[float]:
-        """The live head's per-depth rates on the slice it was scored on last."""
-        return [] if self._live_score is None else list(self._live_score[3])
-
-    def gate_acceptance(self, head: Eagle3Head, windows: list[Window]) -> tuple[float, int]:
-        """``offline_acceptance`` on the gate's slice (newest window first), each window weighted
-        by its recency when ``gate_half_life`` is set."""
-        scores = self.score(head, windows)
-        if not self.cfg.gate_half_life or not scores.points:
-            return scores.mean, scores.points
-        k = torch.arange(len(windows), dtype=torch.float32)
-        return scores.weighted(0.5 ** (k / self.cfg.gate_half_life)), scores.points
-
-    def gate(self, candidate: Eagle3Head, windows: list[Window], source: tuple) -> GateResult:
-        """Judge ``candidate`` against the live head on ``windows``, the slice named by
-        ``source`` (the name keys the cached live score)."""
-        live, n = self.live_acceptance(windows, source)
-        cand, _ = self.gate_acceptance(candidate, windows)
-        alpha = [round(a, 4) for a in self.last_alpha]  # the candidate's (evaluated last)
-        c = self.cfg
-        if n < c.gate_min_positions:
-            res = GateResult(False, cand, live, n, f"held-out slice too small ({n} positions)")
-        elif not cand > live + c.gate_margin:
-            res = GateResult(False, cand, live, n, f"candidate {cand:.3f} does not beat live "
-                                                   f"{live:.3f} + margin {c.gate_margin}")
-        else:
-            res = GateResult(True, cand, live, n, alpha=alpha,
-                             live_alpha=[round(a, 4) for a in self.live_alpha])
-        self.stats.gates += 1
-        self.stats.gate_rejections += 0 if res.passed else 1
-        if res.passed and cand >= live * (1 + c.rest_progress):
-            self.on_progress()
-        elif n >= c.gate_min_positions:  # refused, or passed by too little to train on for
-            self.stats.gates_without_progress += 1
-        self.stats.last_gate = {"passed": res.passed, "candidate": round(cand, 4),
-                                "live": round(live, 4), "positions": n, "reason": res.reason}
-        return res
-
-    def propose_candidate(self) -> tuple[Eagle3Head, GateResult] | None:
-        """A frozen copy of the current weights with the next version, if it passes the gate;
-        with the prequential gate, the copy frozen last time, once the traffic since has come."""
-        if self.cfg.gate_prequential:
-            return self._propose_prequential()
-        cand = self.frozen_candidate()
-        return self._publish(cand, self.gate(cand, self.gate_windows(),
-                                             ("held-out", self.store.holdout_added)))
-
-    def frozen_candidate(self) -> Eagle3Head:
-        """A frozen copy of the weights a candidate would have now: the trained ones, or their
-        moving average (TrainerConfig.candidate_ema)."""
-        cand = copy.deepcopy(self.head).eval()
-        if self.average is not None:
-            self.average.copy_into(cand)
-        for p in cand.parameters():
-            p.requires_grad_(False)
-        return cand
-
-    def _propose_prequential(self) -> tuple[Eagle3Head, GateResult] | None:
-        if self.fresh.candidate is not None and not self.fresh.ready:
-            return None  # its slice is still arriving; the weights train on meanwhile
-        judged, windows, serial = self.fresh.candidate, self.fresh.windows, self.fresh.serial
-        self.fresh.freeze(self.frozen_candidate())  # the next candidate, judged on what comes next
-        if judged is None:
-            return None
-        return self._publish(judged, self.gate(judged, windows, ("fresh", serial)))
-
-    def _publish(self, cand: Eagle3Head, res: GateResult) -> tuple[Eagle3Head, GateResult] | None:
-        if not res.passed:
-            log.info("gate: candidate not published: %s", res.reason)
-            return None
-        cand.version = self.next_version
-        self.next_version += 1
-        self.store.mark()  # what arrives from now on, no published head has trained on
-        self.stats.candidates += 1
-        return cand, res
 
     def set_live(self, head: Eagle3Head) -> None:
         """The gate's baseline becomes ``head`` (after a swap or a rollback)."""

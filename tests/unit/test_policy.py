@@ -326,3 +326,36 @@ def test_seed_weight_is_the_share_of_the_global_estimate_not_yet_measured() -> N
     assert root.alpha[0] == pytest.approx(0.5 * 0.9 * 0.95)  # the seed's share of 0.5 is left
     root.restart([0.3, 0.2])
     assert root.seed_weight == [1.0] * 4 and root.alpha == [0.3, 0.2, 0.2, 0.2]
+
+
+def test_depth_probes_measure_a_depth_the_estimates_never_draft_until_it_is_measured() -> None:
+    """With deep_probe_every = 4, one drafting step in four drafts one depth deeper than the
+    estimates pick, while the global estimate at that depth is still mostly its seed; once
+    requests have measured it there (seed weight at most deep_probe_until), no more. Off by
+    default."""
+    def request(cfg: PolicyConfig, root: DraftLengthPolicy) -> list[int]:
+        req = DraftLengthPolicy(cfg, parent=root)
+        choices = []
+        for _ in range(16):
+            k = req.choose(8)
+            choices.append(k)
+            req.observe(k, k)  # every drafted depth accepted
+        req.finish()
+        return choices
+
+    prior = (0.6, 0.05)  # depth 1 pays, depth 2 does not (as seeded)
+    off = PolicyConfig(max_draft=4, prior_alpha=prior, ema=0.0)
+    assert request(off, DraftLengthPolicy(off, costs(0.05))) == [1] * 16
+    cfg = PolicyConfig(max_draft=4, prior_alpha=prior, ema=0.0, deep_probe_every=4,
+                       request_ema=0.25, request_full_trials=4)
+    root = DraftLengthPolicy(cfg, costs(0.05))
+    first = request(cfg, root)
+    assert first == [1, 1, 1, 2] * 4
+    assert root.seed_weight[1] == pytest.approx(0.75)  # 4 trials at depth 2: one full request
+    request(cfg, root)
+    request(cfg, root)  # 0.75 ** 3 < 0.5: depth 2 is measured now
+    assert root.seed_weight[1] < cfg.deep_probe_until
+    assert root.alpha[1] == pytest.approx(1 - 0.95 * 0.75 ** 3)  # measured: all accepted
+    k = root.best_length(8)
+    assert k >= 2  # depth 2 pays now ...
+    assert request(cfg, root) == [k, k, k, k + 1] * 4  # ... and the next depth is probed
