@@ -249,6 +249,7 @@ class DraftLengthPolicy:
         # Why: a swap that pairs the gate's figures with serving's own (publisher.paired_seed)
         # must know whether serving's figure is a measurement or still a seed.
         self.seed_weight = [1.0] * cfg.max_draft
+        self.seed = list(self.alpha)  # ... and that seed
         self._forget_counts()
 
     def _forget_counts(self) -> None:
@@ -261,8 +262,16 @@ class DraftLengthPolicy:
         forget the counts measured on the old one, and probe at the next decision."""
         self.alpha[:] = per_depth(alpha, len(self.alpha))
         self.seed_weight[:] = [1.0] * len(self.alpha)
+        self.seed[:] = self.alpha
         self._forget_counts()
         self.probe = ProbeState.starting(self.cfg.probe_every)
+
+    def measured(self) -> list[tuple[float, float]]:
+        """Per depth, what the estimate holds beyond its seed: (w, w * m), where w is the
+        weight it gives measurements (1 - seed_weight) and m their weighted mean (the estimate
+        is (1 - w) * seed + w * m)."""
+        return [(1 - sw, a - sw * s)
+                for a, sw, s in zip(self.alpha, self.seed_weight, self.seed, strict=True)]
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0

@@ -127,10 +127,9 @@ class TrainerConfig:
     # seeded 0.044 where the gate said 0.185); and a small slice's negative gain at a deeper
     # depth held that depth's estimate at 0.01-0.16 for the whole run, an error drafting never
     # corrects, since a depth the policy does not draft is never measured. Since session 63
-    # the pairing applies only as far as serving's figure is a measurement
-    # (DraftLengthPolicy.seed_weight); the share that is still a seed takes the candidate's
-    # rate as it is. Bench suffix @trainer.paired_policy_seed=true (README, "Two identical
-    # online arms").
+    # the pairing applies only as far as serving's estimate is a measurement, not its seed
+    # (publisher.paired_seed: c + w * (m - live)). Bench suffix
+    # @trainer.paired_policy_seed=true (README, "Two identical online arms").
     paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage

@@ -61,25 +61,22 @@ class _Watch:
     deadline: int = 0  # the new version's drafting steps by which the verdict must come
 
 
-def paired_seed(serving: Sequence[float], candidate: Sequence[float],
-                live: Sequence[float], seed_weight: Sequence[float] | None = None,
-                floor: float = 0.01) -> list[float]:
-    """Per depth: what serving measured for the live head plus the candidate's gain over it on
-    the gate's slice, within [floor, 1 - floor] (the gate's lists extend by their last value,
-    as PolicyConfig.prior_alpha does). ``seed_weight`` (DraftLengthPolicy.seed_weight): the
-    share of serving's figure that is still the seed it got, not a measurement; that share of
-    the result is the candidate's own rate instead. Why: serving's figure for a head that
-    barely drafted, or at a depth it never drafts, is its seed, and pairing a seed with a small
-    slice's gain moved it to where drafting never went to correct it ([4x]: a depth-1 seed of
-    0.044 where the gate said 0.185; depths 2-3 held at 0.01-0.16 for a whole run)."""
-    n = len(serving)
-    shares = per_depth(list(seed_weight), n) if seed_weight else [0.0] * n
-    out = []
-    for s, c, lv, share in zip(serving, per_depth(candidate, n), per_depth(live, n), shares,
-                               strict=True):
-        paired = min(1 - floor, max(floor, s + c - lv))
-        out.append(share * c + (1 - share) * paired)
-    return out
+def paired_seed(candidate: Sequence[float], live: Sequence[float],
+                measured: Sequence[tuple[float, float]], floor: float = 0.01) -> list[float]:
+    """Per depth: the candidate's rate on the gate's slice, moved by what serving measured for
+    the live head beyond the live head's own rate on that slice, as far as serving's estimate
+    is a measurement: c + w * (m - live), within [floor, 1 - floor]. ``measured``: per depth
+    (w, w * m), DraftLengthPolicy.measured(): w the weight serving's estimate gives its
+    measurements, m their mean; w = 0 gives the candidate's rate as it is, w = 1 serving's
+    measurement plus the candidate's gain on the slice. (The gate's lists extend by their last
+    value, as PolicyConfig.prior_alpha does.) Why not serving's estimate as it is: for a head
+    that barely drafted, or at a depth it never drafts, it is its seed, and pairing a seed with
+    a small slice's gain moved it to where drafting never went to correct it ([4x]: a depth-1
+    seed of 0.044 where the gate said 0.185; depths 2-3 held at 0.01-0.16 for a whole run)."""
+    n = len(measured)
+    return [min(1 - floor, max(floor, c + wm - w * lv))
+            for c, lv, (w, wm) in zip(per_depth(candidate, n), per_depth(live, n), measured,
+                                      strict=True)]
 
 
 class Publisher:
@@ -180,7 +177,7 @@ class Publisher:
         if policy is None:
             return None
         old = list(policy.alpha)
-        new = (paired_seed(old, alpha, live_alpha, policy.seed_weight) if alpha and live_alpha
+        new = (paired_seed(alpha, live_alpha, policy.measured()) if alpha and live_alpha
                else alpha or policy.cfg.prior_alpha)
         running = [getattr(s, "policy", None) for s in getattr(self.engine, "running", [])]
         for p in [policy, *running]:

@@ -349,18 +349,19 @@ def test_a_paired_seed_moves_servings_estimates_by_the_gain_on_the_gate_slice(tm
     Without the live head's rates, the candidate's rates as they are."""
     from aurora_spec.flywheel.publisher import paired_seed
 
-    assert paired_seed([0.34, 0.2, 0.2], [0.14, 0.1], [0.12, 0.3], [0.0]) == pytest.approx(
-        [0.36, 0.01, 0.01])
-    assert paired_seed([0.9], [0.9], [0.5]) == [0.99]
-    assert paired_seed([0.3, 0.3], [0.2, 0.4], [0.1, 0.1], [0.0, 1.0]) == pytest.approx(
-        [0.4, 0.4])  # depth 2: still the seed
-    assert paired_seed([0.3], [0.2], [0.1], [0.25]) == pytest.approx([0.25 * 0.2 + 0.75 * 0.4])
+    measured = [(1.0, 0.34), (1.0, 0.2), (1.0, 0.2)]  # (weight w, w * mean), as measured()
+    assert paired_seed([0.14, 0.1], [0.12, 0.3], measured) == pytest.approx([0.36, 0.01, 0.01])
+    assert paired_seed([0.9], [0.5], [(1.0, 0.9)]) == [0.99]
+    assert paired_seed([0.2, 0.4], [0.1, 0.1], [(1.0, 0.3), (0.0, 0.0)]) == pytest.approx(
+        [0.4, 0.4])  # depth 2: nothing measured, the candidate's rate
+    assert paired_seed([0.2], [0.1], [(0.5, 0.2)]) == pytest.approx([0.5 * 0.2 + 0.5 * 0.5])
     model, _ = tiny_target("llama", seed=4)
     drafter = Eagle3Drafter(head_for(model, seed=0), model.embed.weight)
     engine = Engine(TargetRunner(model, CacheConfig(max_slots=2, capacity=256)), drafter,
                     EngineConfig(PolicyConfig(max_draft=4), calibrate=False))
     engine.policy.alpha[:] = [0.34, 0.3, 0.25, 0.2]  # what serving measured for version 0 ...
     engine.policy.seed_weight[:] = [0.0, 0.0, 0.0, 1.0]  # ... at depths 1-3, not at 4
+    engine.policy.seed[3] = 0.2
     store = CheckpointStore(tmp_path)
     pub = Publisher(drafter, engine, model, store)
     for version, live_alpha, seeded in (

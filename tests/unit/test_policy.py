@@ -324,8 +324,11 @@ def test_seed_weight_is_the_share_of_the_global_estimate_not_yet_measured() -> N
     assert root.seed_weight[0] == pytest.approx(0.9 * 0.95)
     assert root.seed_weight[1:] == [1.0, 1.0, 1.0]
     assert root.alpha[0] == pytest.approx(0.5 * 0.9 * 0.95)  # the seed's share of 0.5 is left
+    (w, wm), unmeasured = root.measured()[:2]
+    assert w == pytest.approx(1 - 0.9 * 0.95) and wm == pytest.approx(0.0)  # measured rate 0
+    assert unmeasured == (0.0, 0.0)
     root.restart([0.3, 0.2])
-    assert root.seed_weight == [1.0] * 4 and root.alpha == [0.3, 0.2, 0.2, 0.2]
+    assert root.seed_weight == [1.0] * 4 and root.alpha == [0.3, 0.2, 0.2, 0.2] == root.seed
 
 
 def test_depth_probes_measure_a_depth_the_estimates_never_draft_until_it_is_measured() -> None:
