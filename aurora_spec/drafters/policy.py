@@ -218,7 +218,10 @@ class PolicySnapshot:
 
     alpha: tuple[float, ...]  # this policy's per-depth acceptance estimates (first 3 depths)
     draft_ms: float  # drafting one depth
-    verify_ms: tuple[float, float]  # a 1-token forward, a depth-1 draft's forward
+    # Forwards of 1 token, of a depth-1 draft and of a depth-2 one, as priced. Why the third: a
+    # size the policy stopped choosing keeps the price it last measured (calibration, at
+    # worst), and whether depth 2 pays turns on it (HISTORY.md, session 63).
+    verify_ms: tuple[float, float, float]
     best_length: int  # the k the estimates pick (0: drafting off, probes only)
     probe_interval: int
 
@@ -293,9 +296,12 @@ class DraftLengthPolicy:
 
     def snapshot(self) -> PolicySnapshot:
         c, w = self.costs, self.cfg.tree_width
+
+        def ms(tokens: int) -> float:
+            return round(c.verify_time(tokens) * 1e3, 2)
+
         return PolicySnapshot(tuple(round(a, 3) for a in self.alpha[:3]),
-                              round(c.draft_time() * 1e3, 2),
-                              (round(c.verify_time(1) * 1e3, 2), round(c.verify_time(w + 1) * 1e3, 2)),
+                              round(c.draft_time() * 1e3, 2), (ms(1), ms(w + 1), ms(2 * w + 1)),
                               self.best_length(self.cfg.max_draft), self.probe.interval)
 
     def choose(self, limit: int) -> int:

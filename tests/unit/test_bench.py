@@ -466,6 +466,8 @@ def test_records_show_the_draft_length_policy_at_each_requests_start_and_end() -
     assert set(first["start"]) == {"alpha", "draft_ms", "verify_ms", "best_length",
                                    "probe_interval"}
     assert first["start"]["alpha"] == [0.5, 0.5, 0.5]  # the prior: nothing measured yet
+    one, depth1, depth2 = first["end"]["verify_ms"]  # as priced: more tokens never cost less
+    assert 0 < one <= depth1 <= depth2
     assert first["end"]["alpha"] != first["start"]["alpha"]  # a random head: rejections
     # The second request starts from the global estimates, moved by the first by one request's
     # weight (0.1 at most), not all the way to the first request's own estimates.
