@@ -61,7 +61,9 @@ class PolicyConfig:
     # for as long as the head is live (an online head on SQL drafted one depth of its tree,
     # its depth-2 seeds 0.24-0.41, where the SQL head drafted three at 0.57-0.62: README,
     # "Two identical online arms"). The price while it probes: one head step and one depth of
-    # verified nodes every ``deep_probe_every`` steps.
+    # verified nodes every ``deep_probe_every`` steps. Measured with 8 (docs/bench/
+    # shift-measured/): the head drafted two deep on SQL, its depth-2 rate as the gate had
+    # seeded it (the seeds were not too low), tau +0.14 and tokens/s a tie; not adopted.
     deep_probe_every: int = 0
     deep_probe_until: float = 0.5
 

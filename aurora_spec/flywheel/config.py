@@ -128,8 +128,9 @@ class TrainerConfig:
     # depth held that depth's estimate at 0.01-0.16 for the whole run, an error drafting never
     # corrects, since a depth the policy does not draft is never measured. Since session 63
     # the pairing applies only as far as serving's estimate is a measurement, not its seed
-    # (publisher.paired_seed: c + w * (m - live)). Bench suffix
-    # @trainer.paired_policy_seed=true (README, "Two identical online arms").
+    # (publisher.paired_seed: c + w * (m - live)); on the shift stream a tie (1.15x against the
+    # default's 1.16x, docs/bench/shift-measured/). Bench suffix
+    # @trainer.paired_policy_seed=true (README, "Pairing only what serving measured").
     paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
