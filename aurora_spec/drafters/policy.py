@@ -63,7 +63,8 @@ class PolicyConfig:
     # "Two identical online arms"). The price while it probes: one head step and one depth of
     # verified nodes every ``deep_probe_every`` steps. Measured with 8 (docs/bench/
     # shift-measured/): the head drafted two deep on SQL, its depth-2 rate as the gate had
-    # seeded it (the seeds were not too low), tau +0.14 and tokens/s a tie; not adopted.
+    # seeded it (the seeds were not too low), tau +0.14 and tokens/s a tie; on day 0 tau
+    # 2.30 against 2.27 at 1.40x against 1.41x (docs/bench/day0-measured/); not adopted.
     deep_probe_every: int = 0
     deep_probe_until: float = 0.5
 

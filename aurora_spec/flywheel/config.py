@@ -129,7 +129,9 @@ class TrainerConfig:
     # corrects, since a depth the policy does not draft is never measured. Since session 63
     # the pairing applies only as far as serving's estimate is a measurement, not its seed
     # (publisher.paired_seed: c + w * (m - live)); on the shift stream a tie (1.15x against the
-    # default's 1.16x, docs/bench/shift-measured/). Bench suffix
+    # default's 1.16x, docs/bench/shift-measured/), and on day 0 tau 2.21 against 2.27
+    # (docs/bench/day0-measured/), where one seed still came from a few probe trials read as a
+    # measurement: a weight from trial counts is the next step. Bench suffix
     # @trainer.paired_policy_seed=true (README, "Pairing only what serving measured").
     paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
