@@ -8,7 +8,9 @@ The policy keeps running estimates of
 and picks k maximising expected tokens per second, E_k / (t(k+1) + k c), with
 E_k = 1 + sum_{i<=k} prod_{j<=i} alpha_j (Leviathan et al. 2023, with measured costs). When k = 0
 wins, the policy still probes with a short draft every ``probe_every`` steps so that a drafter that
-improves (the online learner) is noticed; the probe costs a few percent at most.
+improves (the online learner) is noticed; the probe costs a few percent at most. With
+``deep_probe_every`` set it also drafts one depth deeper now and then, while that depth's
+estimate is still the seed a swap gave it (off by default: measured a tie, HISTORY.md session 63).
 
 Acceptance estimates are per request, and global: every request starts from the global ones,
 which learn from each finished request as one sample (its own acceptance rate per depth), not
