@@ -224,8 +224,8 @@ class PolicySnapshot:
     alpha: tuple[float, ...]  # this policy's per-depth acceptance estimates (first 3 depths)
     draft_ms: float  # drafting one depth
     # Forwards of 1 token, of a depth-1 draft and of a depth-2 one, as priced. Why the third: a
-    # size the policy stopped choosing keeps the price it last measured (calibration, at
-    # worst), and whether depth 2 pays turns on it (HISTORY.md, session 63).
+    # size the policy stopped choosing keeps the price it last measured (its calibration if it
+    # was never chosen), and whether depth 2 pays turns on it (HISTORY.md, session 63).
     verify_ms: tuple[float, float, float]
     best_length: int  # the k the estimates pick (0: drafting off, probes only)
     probe_interval: int

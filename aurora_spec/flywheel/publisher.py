@@ -117,8 +117,8 @@ class Publisher:
               live_alpha: Sequence[float] | None = None) -> Eagle3Head | None:
         """Load a candidate checkpoint and make it live; None when refused. ``alpha``: its
         per-depth acceptance estimated offline (seeds the draft-length policy); with
-        ``live_alpha``, the live head's on the same slice, the seed is paired instead: the
-        policy's estimates moved by ``alpha - live_alpha`` (TrainerConfig.paired_policy_seed)."""
+        ``live_alpha``, the live head's on the same slice, the seed is paired instead
+        (``paired_seed``; TrainerConfig.paired_policy_seed)."""
         device, dtype = self._device_dtype()
         try:
             head = CheckpointStore.load(path, self.model, device, dtype)
@@ -170,9 +170,9 @@ class Publisher:
     def _reset_policy(self, alpha: Sequence[float] | None,
                       live_alpha: Sequence[float] | None = None) -> list[float] | None:
         """Engine thread: set the draft-length policies' acceptance estimates (global and per
-        running request) to ``alpha`` (None: the prior; with ``live_alpha``: the global
-        estimates moved by ``alpha - live_alpha`` where they are measurements, ``paired_seed``)
-        and restart probing; returns the old global estimates."""
+        running request) to ``alpha`` (None: the prior; with ``live_alpha``: ``alpha`` moved by
+        what serving measured for the live head beyond ``live_alpha``, ``paired_seed``) and
+        restart probing; returns the old global estimates."""
         policy = getattr(self.engine, "policy", None)
         if policy is None:
             return None
