@@ -69,6 +69,17 @@ class PolicyConfig:
     # 2.30 against 2.27 at 1.40x against 1.41x (docs/bench/day0-measured/); not adopted.
     deep_probe_every: int = 0
     deep_probe_until: float = 0.5
+    # When the verify size of one depth deeper than the estimates pick has gone unmeasured for
+    # the cost model's ``stale_after`` verifies, the next ``reprice_burst`` drafting steps draft
+    # that depth, and the cost model averages their times afresh (CostModel.observe_verify);
+    # 0: off. Why: the cost model re-measures only the sizes the policy chooses, so a price
+    # taken in a slow moment (or a slow calibration) keeps the policy from choosing that size
+    # for as long as serving runs. In a shift run the online head held the same SQL estimates in
+    # two arms and only the one that drafted depth 2 now and then drafted it for good: at those
+    # rates depth 2 pays if its verify costs at most ~1.10x depth 1's, and this host measures
+    # ~1.0x (README, "Pairing only what serving measured"). The price: ``reprice_burst`` steps
+    # one depth deeper every ``stale_after`` verifies at most (8 in 512: ~1.5% of steps).
+    reprice_burst: int = 0
 
 
 @dataclass
@@ -115,6 +126,8 @@ class CostModel:
     outlier: float = 2.0
     stale_after: int = 512
     times: dict[int, float] = field(default_factory=dict)  # shape: batch of 1, by tokens
+    # Sizes being priced afresh after going stale -> their observations since (see _learn).
+    repricing: dict[int, int] = field(default_factory=dict)
     observed: int = 0  # single-request verifies observed
     last_seen: dict[int, int] = field(default_factory=dict)  # tokens -> ``observed`` then
     batch_times: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch, tokens)
@@ -133,21 +146,46 @@ class CostModel:
 
     def observe_verify(self, tokens: int, seconds: float, batch: int = 1) -> None:
         if batch == 1:
+            ema = self._shape_ema(tokens)
             self.observed += 1
             self.last_seen[tokens] = self.observed
-            self.times[tokens] = self._learn(self.times.get(tokens), seconds)
+            self.times[tokens] = self._learn(self.times.get(tokens), seconds, ema,
+                                             move_speed=tokens not in self.repricing)
         else:
             key = (batch, tokens)
             self.batch_times[key] = self._learn(self.batch_times.get(key), seconds)
 
-    def _learn(self, shape: float | None, seconds: float) -> float:
-        """Move the speed, then this size's shape; returns the shape."""
+    def stale(self, tokens: int) -> bool:
+        """Not verified (nor calibrated) within the last ``stale_after`` single-request verifies."""
+        return not self._fresh(tokens)
+
+    def _shape_ema(self, tokens: int) -> float:
+        """The weight of this observation in the size's shape: the usual ``ema``, except that a
+        size verified after going stale restarts its average (the n-th observation since weighs
+        1/n, until that falls to ``ema``). Why: one observation moves a shape by a tenth of the
+        gap, so a price that went wrong while unmeasured took ~20 verifies of that size to
+        mend, and the policy does not choose a size it prices too dear."""
+        if tokens in self.times and tokens != 1 and self.stale(tokens):
+            self.repricing[tokens] = 0
+        if tokens not in self.repricing:
+            return self.ema
+        n = self.repricing[tokens] = self.repricing[tokens] + 1
+        if 1 / n <= self.ema:
+            del self.repricing[tokens]
+        return max(self.ema, 1 / n)
+
+    def _learn(self, shape: float | None, seconds: float, ema: float | None = None,
+               move_speed: bool = True) -> float:
+        """Move the speed (unless this size's shape is being priced afresh: a wrong shape would
+        move it the wrong way), then this size's shape by ``ema`` (default the usual); returns
+        the shape."""
         if not shape:  # a size not seen before: its shape at the speed of now
             return seconds / self.speed
-        # A condition not seen before starts at speed 1 (a forward there may be a spike).
-        speed = self._update(self.speed, seconds / shape, self.speed_ema)
-        self.speeds[self.condition] = speed
-        return self._update(shape, seconds / speed, self.ema)
+        speed = self.speed
+        if move_speed:  # a condition not seen before starts at speed 1 (a spike, maybe)
+            speed = self.speeds[self.condition] = self._update(speed, seconds / shape,
+                                                               self.speed_ema)
+        return self._update(shape, seconds / speed, self.ema if ema is None else ema)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens > 0:
@@ -329,9 +367,14 @@ class DraftLengthPolicy:
         return 0
 
     def _deeper(self, k: int, limit: int) -> int:
-        """``k``, or ``k + 1`` when a depth probe is due (PolicyConfig.deep_probe_every)."""
+        """``k``, or ``k + 1`` when that depth's price is stale (PolicyConfig.reprice_burst) or
+        a depth probe is due (PolicyConfig.deep_probe_every)."""
+        if k >= min(limit, self.cfg.max_draft):
+            return k
+        if self.cfg.reprice_burst and self._reprice(self.cfg.tree_width * (k + 1) + 1):
+            return k + 1
         every = self.cfg.deep_probe_every
-        if not every or k >= min(limit, self.cfg.max_draft):
+        if not every:
             return k
         self._deep_since += 1
         seeded = (self.parent or self).seed_weight[k] > self.cfg.deep_probe_until
@@ -339,6 +382,15 @@ class DraftLengthPolicy:
             return k
         self._deep_since = 0
         return k + 1
+
+    def _reprice(self, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` tokens is due to be timed: its price is stale, or
+        being averaged afresh and short of ``reprice_burst`` observations."""
+        costs = self.costs
+        if tokens not in costs.times:
+            return False  # never priced: the curve between measured sizes stands in for it
+        n = costs.repricing.get(tokens)
+        return costs.stale(tokens) or (n is not None and n < self.cfg.reprice_burst)
 
     def capped(self, drafted: int) -> None:
         """The batch plan drafted ``drafted`` tokens where choose() asked for more: a probe

@@ -362,3 +362,58 @@ def test_depth_probes_measure_a_depth_the_estimates_never_draft_until_it_is_meas
     k = root.best_length(8)
     assert k >= 2  # depth 2 pays now ...
     assert request(cfg, root) == [k, k, k, k + 1] * 4  # ... and the next depth is probed
+
+
+def test_a_stale_size_is_priced_afresh_without_moving_the_speed() -> None:
+    """A size verified again after going stale restarts its average: its first observation
+    sets its shape (at the speed of now, which that observation does not move, since its old
+    shape is what is in doubt), the n-th weighs 1/n until that falls to ``ema``."""
+    c = CostModel(stale_after=20)
+    c.times.update({1: 0.030, 4: 0.031, 7: 0.045})  # 7 priced in a slow moment
+    for _ in range(15):
+        c.observe_verify(1, 0.060)  # the host at half speed now, for every size
+        c.observe_verify(4, 0.062)
+    assert c.stale(7) and not c.stale(4) and not c.stale(1)
+    speed = c.speed
+    assert speed == pytest.approx(2.0, rel=0.05)
+    c.observe_verify(7, 0.064)  # its true shape: 32 ms at speed 1
+    assert c.speed == speed
+    assert c.shape(7) == pytest.approx(0.064 / speed)  # was 45 ms: one ema step, 43.6
+    for seconds in (0.072, 0.056, 0.064):  # the next ones average with it, 1/2, 1/3, 1/4
+        c.observe_verify(7, seconds)
+    assert c.shape(7) == pytest.approx(0.064 / speed)
+    assert c.repricing[7] == 4
+    for _ in range(6):
+        c.observe_verify(7, 0.064)
+    assert 7 not in c.repricing  # from the 10th, the usual ema
+
+
+def test_a_stale_price_one_depth_deeper_is_timed_again_and_then_drafted() -> None:
+    """With reprice_burst = 8, once the verify size one depth deeper than the estimates pick has
+    gone ``stale_after`` verifies unmeasured, the next 8 drafting steps draft that depth; priced
+    as measured, it pays and the policy keeps it. Off (0), a price taken in a slow moment keeps
+    the policy one depth short for as long as it serves."""
+    true = {1: 0.030, 4: 0.031, 7: 0.032, 10: 0.040, 13: 0.050}
+
+    def serve(burst: int, steps: int = 60) -> list[int]:
+        c = CostModel(stale_after=20)
+        c.times.update(true)
+        c.times[7] = 0.045  # depth 2 priced too dear (at 45 ms it does not pay; at 32 it does)
+        c.draft_token_s = 0.001
+        cfg = PolicyConfig(max_draft=4, tree_width=3, prior_alpha=(0.5, 0.4, 0.05), ema=0.0,
+                           reprice_burst=burst)
+        p = DraftLengthPolicy(cfg, c)
+        choices = []
+        for _ in range(steps):
+            k = p.choose(4)
+            choices.append(k)
+            c.observe_verify(3 * k + 1, true[3 * k + 1])
+        return choices
+
+    assert serve(0) == [1] * 60
+    choices = serve(8)
+    assert choices[:21] == [1] * 21  # depth 2's calibration counts as fresh for 20 verifies
+    # Then it is timed again: once is enough to price it as measured, so from there it is
+    # drafted on its merit, and depth 3 (as stale: calibrated, never verified) is timed in turn,
+    # 8 steps each time it has gone 20 verifies unmeasured.
+    assert choices[21:] == [2] + [3] * 8 + [2] * 21 + [3] * 8 + [2]
