@@ -1,8 +1,9 @@
 """Each arm of a stream bench against its static arm after the first shift, three ways: the
 report's ratio of median tokens/s, the ratio of mean per-request tokens/s, and the ratio of total
-decode tokens over total decode time; plus the median of each arm's priced verify cost of a
-one-depth draft over a one-token step (policy snapshots; ~1.0 when drafting is priced as measured
-on this CPU) and how many outputs differ from the static arm's.
+decode tokens over total decode time; plus the medians of each arm's priced verify cost of a
+one-depth draft over a one-token step and of a two-depth draft over a one-depth one (policy
+snapshots, where they record it; ~1.0 when drafting is priced as measured on this CPU) and how
+many outputs differ from the static arm's.
 Usage: python scripts/bench_ratios.py RUN_DIR/results.json [--from 50]."""
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ def main() -> None:
         med, mean, total = figures(rs)
         costs = [r["policy"]["start"]["verify_ms"] for r in rs if r.get("policy")]
         priced = statistics.median(c[1] / c[0] for c in costs) if costs else float("nan")
+        deeper = [c[2] / c[1] for c in costs if len(c) > 2]
+        priced2 = statistics.median(deeper) if deeper else float("nan")
         print(json.dumps({"arm": arm, "requests": len(rs),
                           "median_ratio": round(med / base[0], 3),
                           "mean_ratio": round(mean / base[1], 3),
                           "total_ratio": round(total / base[2], 3),
                           "priced_draft_verify": round(priced, 3),
+                          "priced_depth2_depth1": round(priced2, 3),
                           "outputs_differ": sum(r["token_ids_sha1"]
                                                 != ref_by_index[r["index"]]["token_ids_sha1"]
                                                 for r in rs),

@@ -10,7 +10,9 @@ E_k = 1 + sum_{i<=k} prod_{j<=i} alpha_j (Leviathan et al. 2023, with measured c
 wins, the policy still probes with a short draft every ``probe_every`` steps so that a drafter that
 improves (the online learner) is noticed; the probe costs a few percent at most. With
 ``deep_probe_every`` set it also drafts one depth deeper now and then, while that depth's
-estimate is still the seed a swap gave it (off by default: measured a tie, HISTORY.md session 63).
+estimate is still the seed a swap gave it (off by default: measured a tie, HISTORY.md session 63),
+and with ``reprice_burst`` set it drafts one depth deeper for a few steps when that depth's price
+has gone stale (off by default: prices as measured, tokens/s a tie, HISTORY.md session 64).
 
 Acceptance estimates are per request, and global: every request starts from the global ones,
 which learn from each finished request as one sample (its own acceptance rate per depth), not
@@ -79,6 +81,10 @@ class PolicyConfig:
     # rates depth 2 pays if its verify costs at most ~1.10x depth 1's, and this host measures
     # ~1.0x (README, "Pairing only what serving measured"). The price: ``reprice_burst`` steps
     # one depth deeper every ``stale_after`` verifies at most (8 in 512: ~1.5% of steps).
+    # Measured with 8 (docs/bench/shift-reprice/, day0-reprice/): without it the arms priced a
+    # depth-2 forward at 1.39x (online) and 1.78x (static) a depth-1 one, with it at 1.00x as
+    # calibration measures; the online head then drafted two deep on SQL and code, tau +0.10 to
+    # +0.17, tokens/s a tie (1.15x against 1.16x the static head); not adopted.
     reprice_burst: int = 0
 
 
@@ -114,7 +120,13 @@ class CostModel:
     smaller size: a drafter verifies few of the sizes calibration times (a width-3 tree without
     the lookup chain: 1, 4, 7 ... tokens), and one calibration spike at an unused size then
     floored every larger one for good (a bench's static arm kept a 4-token verify at 45.6 ms
-    where it measured ~40, so it priced its drafts 14% too dear and stopped drafting)."""
+    where it measured ~40, so it priced its drafts 14% too dear and stopped drafting).
+
+    A size verified again after going stale restarts its average (``_shape_ema``), and
+    ``PolicyConfig.reprice_burst`` has the policy verify the size one depth deeper when it is
+    stale. Why: the sizes the policy does not choose keep whatever price they last had, and
+    that price drifts from the sizes it does choose (in a shift run a depth-2 forward stayed
+    priced at 1.4-2.3x a depth-1 one, where it costs ~1.0x)."""
 
     ema: float = 0.1  # weight of a new observation in a shape (and in drafting's time)
     # The speed's, higher: it absorbs a slow-down within a few forwards, so the shapes see times
