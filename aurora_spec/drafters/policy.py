@@ -138,7 +138,7 @@ class CostModel:
     outlier: float = 2.0
     stale_after: int = 512
     times: dict[int, float] = field(default_factory=dict)  # shape: batch of 1, by tokens
-    # Sizes being priced afresh after going stale -> their observations since (see _learn).
+    # Sizes being priced afresh after going stale -> their observations since (_shape_ema).
     repricing: dict[int, int] = field(default_factory=dict)
     observed: int = 0  # single-request verifies observed
     last_seen: dict[int, int] = field(default_factory=dict)  # tokens -> ``observed`` then

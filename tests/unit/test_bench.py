@@ -260,6 +260,34 @@ def test_policy_suffixes_reach_any_engine_arms_draft_length_policy_and_stay_loss
     assert sum(r["proposed"] for r in drafted) > 1.3 * width * steps  # depth 2 every other step
 
 
+def test_an_arm_repricing_stale_depths_stays_lossless() -> None:
+    """``@policy.reprice_burst``: with every size stale after 2 verifies, the arm keeps drafting
+    one depth deeper than its estimates pick to time it again, and emits what target-only
+    emits."""
+    from aurora_spec.bench.arms import ArmOptions, BenchTarget, build_arm
+    from tests.tiny_models import tiny_target
+
+    (spec,) = parse_arms("eagle3@nolookup@policy.reprice_burst=8@policy.ema=0"
+                         "@policy.request_ema=0")
+    model, _ = tiny_target("llama", seed=4)
+    target = BenchTarget(None, None, model, 256, ())
+    opts = ArmOptions(calibrate=False, draft_vocab=64)
+    arm = build_arm(target, spec, opts)
+    policy, costs = arm.engine.policy, arm.engine.costs
+    assert policy.cfg.reprice_burst == 8
+    costs.stale_after, costs.draft_token_s = 2, 1e-9
+    costs.times.update({t: 0.03 + 0.001 * t for t in range(1, 40)})
+    policy.alpha[:] = [0.9] + [0.01] * (len(policy.alpha) - 1)  # one depth pays, two do not
+    none = build_arm(target, parse_arms("none")[0], opts)
+    reqs = [BenchRequest(_planned(i), [5, 6, 7, 8, 9][i:] * 3) for i in range(3)]
+    out = run_interleaved([none, arm], reqs, [], 24, progress=False, save_ids=True)
+    mark_divergence(out, "none")
+    drafted = [r for r in out.records if r["arm"] == spec.name]
+    assert all(r["diverged_at"] is None for r in drafted)
+    steps = sum(r["tokens"] / r["tau"] for r in drafted)
+    assert sum(r["proposed"] for r in drafted) > 1.3 * policy.cfg.tree_width * steps
+
+
 def test_spin_suffixes_set_the_trainers_openmp_wait() -> None:
     """``@spin`` / ``@nospin``: the online arm's trainer threads spin or sleep at barriers
     (LearnerConfig.omp_passive off / on); other arms refuse them."""
