@@ -84,7 +84,8 @@ class PolicyConfig:
     # Measured with 8 (docs/bench/shift-reprice/, day0-reprice/): without it the arms priced a
     # depth-2 forward at 1.39x (online) and 1.78x (static) a depth-1 one, with it at 1.00x as
     # calibration measures; the online head then drafted two deep on SQL and code, tau +0.10 to
-    # +0.17, tokens/s a tie (1.15x against 1.16x the static head); not adopted.
+    # +0.17, tokens/s a tie (1.15x against 1.16x the static head, 1.15x against 1.13x in a
+    # repeat); not adopted.
     reprice_burst: int = 0
 
 
