@@ -12,6 +12,7 @@ import torch
 from aurora_spec.bench import plots, report, stream_report
 from aurora_spec.bench.arms import (
     ArmOutput,
+    ArmSpec,
     BenchError,
     EngineArm,
     HfArm,
@@ -226,66 +227,62 @@ def test_arm_suffixes_set_any_trainer_or_trace_field() -> None:
         parse_arms("static:/tmp/h@trace.prompt_rows=0")
 
 
+def _tiny_policy_arm(spec: ArmSpec) -> tuple[EngineArm, EngineArm]:
+    """A tiny real target, and an eagle3 arm on it whose policy finds one depth paying and two
+    not (frozen estimates, costs growing 1 ms per token)."""
+    from aurora_spec.bench.arms import ArmOptions, BenchTarget, build_arm
+    from tests.tiny_models import tiny_target
+
+    model, _ = tiny_target("llama", seed=4)
+    target = BenchTarget(None, None, model, 256, ())
+    opts = ArmOptions(calibrate=False, draft_vocab=64)
+    arm, none = (build_arm(target, s, opts) for s in (spec, parse_arms("none")[0]))
+    assert isinstance(arm, EngineArm) and isinstance(none, EngineArm)
+    policy, costs = arm.engine.policy, arm.engine.costs
+    costs.draft_token_s = 1e-9
+    costs.times.update({t: 0.03 + 0.001 * t for t in range(1, 40)})
+    policy.alpha[:] = [0.9] + [0.01] * (len(policy.alpha) - 1)
+    assert policy.best_length(8) == 1
+    return arm, none
+
+
+def _depth_per_step_beside_target_only(arm: EngineArm, none: EngineArm) -> float:
+    """Runs three requests on both arms; asserts the arm's outputs equal target-only's and
+    returns its proposed tokens per step over the tree width (1.0: one depth every step)."""
+    reqs = [BenchRequest(_planned(i), [5, 6, 7, 8, 9][i:] * 3) for i in range(3)]
+    out = run_interleaved([none, arm], reqs, [], 24, progress=False, save_ids=True)
+    mark_divergence(out, "none")
+    drafted = [r for r in out.records if r["arm"] == arm.name]
+    assert all(r["diverged_at"] is None for r in drafted)
+    steps = sum(r["tokens"] / r["tau"] for r in drafted)
+    return sum(r["proposed"] for r in drafted) / (arm.engine.policy.cfg.tree_width * steps)
+
+
 def test_policy_suffixes_reach_any_engine_arms_draft_length_policy_and_stay_lossless() -> None:
     """``@policy.FIELD=VALUE`` sets a field of an engine arm's PolicyConfig (any arm, not only
     online ones); an arm whose policy drafts one depth and probes a second every other step
     (depth probes) emits what target-only emits."""
-    from aurora_spec.bench.arms import ArmOptions, BenchTarget, build_arm
-    from tests.tiny_models import tiny_target
-
     (spec,) = parse_arms("eagle3@nolookup@policy.deep_probe_every=2@policy.ema=0"
                          "@policy.request_ema=0")
     assert spec.policy_config == (("deep_probe_every", 2), ("ema", 0.0), ("request_ema", 0.0))
     with pytest.raises(BenchError, match="PolicyConfig has no field 'depth'"):
         parse_arms("none@policy.depth=2")
-    model, _ = tiny_target("llama", seed=4)
-    target = BenchTarget(None, None, model, 256, ())
-    opts = ArmOptions(calibrate=False, draft_vocab=64)
-    arm = build_arm(target, spec, opts)
-    policy, costs = arm.engine.policy, arm.engine.costs
-    assert policy.cfg.deep_probe_every == 2
-    # Frozen costs and estimates under which one depth pays and two do not.
-    costs.ema, costs.speed_ema, costs.draft_token_s = 0.0, 0.0, 1e-9
-    costs.times.update({t: 0.03 + 0.001 * t for t in range(1, 40)})
-    policy.alpha[:] = [0.9] + [0.01] * (len(policy.alpha) - 1)
-    assert policy.best_length(8) == 1
-    none = build_arm(target, parse_arms("none")[0], opts)
-    reqs = [BenchRequest(_planned(i), [5, 6, 7, 8, 9][i:] * 3) for i in range(3)]
-    out = run_interleaved([none, arm], reqs, [], 24, progress=False, save_ids=True)
-    mark_divergence(out, "none")
-    drafted = [r for r in out.records if r["arm"] == spec.name]
-    assert all(r["diverged_at"] is None for r in drafted)
-    steps = sum(r["tokens"] / r["tau"] for r in drafted)
-    width = policy.cfg.tree_width
-    assert sum(r["proposed"] for r in drafted) > 1.3 * width * steps  # depth 2 every other step
+    arm, none = _tiny_policy_arm(spec)
+    assert arm.engine.policy.cfg.deep_probe_every == 2
+    arm.engine.costs.ema = arm.engine.costs.speed_ema = 0.0  # the costs stay as frozen
+    assert _depth_per_step_beside_target_only(arm, none) > 1.3  # depth 2 every other step
 
 
 def test_an_arm_repricing_stale_depths_stays_lossless() -> None:
     """``@policy.reprice_burst``: with every size stale after 2 verifies, the arm keeps drafting
     one depth deeper than its estimates pick to time it again, and emits what target-only
     emits."""
-    from aurora_spec.bench.arms import ArmOptions, BenchTarget, build_arm
-    from tests.tiny_models import tiny_target
-
     (spec,) = parse_arms("eagle3@nolookup@policy.reprice_burst=8@policy.ema=0"
                          "@policy.request_ema=0")
-    model, _ = tiny_target("llama", seed=4)
-    target = BenchTarget(None, None, model, 256, ())
-    opts = ArmOptions(calibrate=False, draft_vocab=64)
-    arm = build_arm(target, spec, opts)
-    policy, costs = arm.engine.policy, arm.engine.costs
-    assert policy.cfg.reprice_burst == 8
-    costs.stale_after, costs.draft_token_s = 2, 1e-9
-    costs.times.update({t: 0.03 + 0.001 * t for t in range(1, 40)})
-    policy.alpha[:] = [0.9] + [0.01] * (len(policy.alpha) - 1)  # one depth pays, two do not
-    none = build_arm(target, parse_arms("none")[0], opts)
-    reqs = [BenchRequest(_planned(i), [5, 6, 7, 8, 9][i:] * 3) for i in range(3)]
-    out = run_interleaved([none, arm], reqs, [], 24, progress=False, save_ids=True)
-    mark_divergence(out, "none")
-    drafted = [r for r in out.records if r["arm"] == spec.name]
-    assert all(r["diverged_at"] is None for r in drafted)
-    steps = sum(r["tokens"] / r["tau"] for r in drafted)
-    assert sum(r["proposed"] for r in drafted) > 1.3 * policy.cfg.tree_width * steps
+    arm, none = _tiny_policy_arm(spec)
+    assert arm.engine.policy.cfg.reprice_burst == 8
+    arm.engine.costs.stale_after = 2
+    assert _depth_per_step_beside_target_only(arm, none) > 1.3
 
 
 def test_spin_suffixes_set_the_trainers_openmp_wait() -> None:
