@@ -169,8 +169,17 @@ class CostModel:
             self.batch_times[key] = self._learn(self.batch_times.get(key), seconds)
 
     def stale(self, tokens: int) -> bool:
-        """Not verified (nor calibrated) within the last ``stale_after`` single-request verifies."""
-        return not self._fresh(tokens)
+        """Not verified (nor calibrated) within the last ``stale_after`` single-request verifies
+        (never 1 token: every size is floored by it). A stale size no longer floors larger ones
+        (``shape``) and is priced afresh when verified again (``_shape_ema``)."""
+        return tokens != 1 and self.observed - self.last_seen.get(tokens, 0) > self.stale_after
+
+    def due_for_pricing(self, tokens: int, observations: int) -> bool:
+        """Whether a forward of ``tokens`` tokens should be timed now: it was priced once and is
+        stale, or is being priced afresh with fewer than ``observations`` timings so far."""
+        if tokens not in self.times:
+            return False  # never priced: the curve between measured sizes stands in for it
+        return self.stale(tokens) or self.repricing.get(tokens, observations) < observations
 
     def _shape_ema(self, tokens: int) -> float:
         """The weight of this observation in the size's shape: the usual ``ema``, except that a
@@ -178,7 +187,7 @@ class CostModel:
         1/n, until that falls to ``ema``). Why: one observation moves a shape by a tenth of the
         gap, so a price that went wrong while unmeasured took ~20 verifies of that size to
         mend, and the policy does not choose a size it prices too dear."""
-        if tokens in self.times and tokens != 1 and self.stale(tokens):
+        if tokens in self.times and self.stale(tokens):
             self.repricing[tokens] = 0
         if tokens not in self.repricing:
             return self.ema
@@ -226,12 +235,8 @@ class CostModel:
         # More tokens never cost less. Measured times are noisy and the CPU kernels make 1-4
         # tokens cost the same, so without this running max a 2-token verify measured 10%
         # cheaper than a 1-token one would make a useless day-0 head draft on every step.
-        below = [t for s, t in self.times.items() if s <= tokens and self._fresh(s)]
+        below = [t for s, t in self.times.items() if s <= tokens and not self.stale(s)]
         return max(self._curve(tokens), max(below, default=0.0))
-
-    def _fresh(self, tokens: int) -> bool:
-        """Whether this size's time may floor larger ones (calibrated sizes are, at first)."""
-        return tokens == 1 or self.observed - self.last_seen.get(tokens, 0) <= self.stale_after
 
     def _curve(self, tokens: int) -> float:
         if tokens in self.times:
@@ -384,7 +389,8 @@ class DraftLengthPolicy:
         a depth probe is due (PolicyConfig.deep_probe_every)."""
         if k >= min(limit, self.cfg.max_draft):
             return k
-        if self.cfg.reprice_burst and self._reprice(self.cfg.tree_width * (k + 1) + 1):
+        burst, deeper = self.cfg.reprice_burst, self.cfg.tree_width * (k + 1) + 1
+        if burst and self.costs.due_for_pricing(deeper, burst):
             return k + 1
         every = self.cfg.deep_probe_every
         if not every:
@@ -395,15 +401,6 @@ class DraftLengthPolicy:
             return k
         self._deep_since = 0
         return k + 1
-
-    def _reprice(self, tokens: int) -> bool:
-        """Whether a forward of ``tokens`` tokens is due to be timed: its price is stale, or
-        being averaged afresh and short of ``reprice_burst`` observations."""
-        costs = self.costs
-        if tokens not in costs.times:
-            return False  # never priced: the curve between measured sizes stands in for it
-        n = costs.repricing.get(tokens)
-        return costs.stale(tokens) or (n is not None and n < self.cfg.reprice_burst)
 
     def capped(self, drafted: int) -> None:
         """The batch plan drafted ``drafted`` tokens where choose() asked for more: a probe
