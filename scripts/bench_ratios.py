@@ -3,25 +3,32 @@ report's ratio of median tokens/s, the ratio of mean per-request tokens/s, and t
 decode tokens over total decode time; plus the medians of each arm's priced verify cost of a
 one-depth draft over a one-token step and of a two-depth draft over a one-depth one (policy
 snapshots, where they record it; ~1.0 when drafting is priced as measured on this CPU) and how
-many outputs differ from the static arm's.
-Usage: python scripts/bench_ratios.py RUN_DIR/results.json [--from 50]."""
+many outputs differ from the static arm's; each arm's mean tau and how often its policy's best
+length at a request's start was 0, 1, 2 ...; and each arm's median decode step (decode time over
+tokens / tau) beside what its policy priced a step of 0, 1 and 2 depths at the requests' end
+(verify plus drafting).
+Usage: python scripts/bench_ratios.py RUN_DIR/results.json [--from 50] [--to N]."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+from collections import Counter
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("results")
     ap.add_argument("--from", dest="start", type=int, default=50, help="first request counted")
+    ap.add_argument("--to", dest="stop", type=int, default=None,
+                    help="first request not counted (default: none)")
     ap.add_argument("--base", default=None, help="arm to compare with (default: the static arm)")
     a = ap.parse_args()
     d = json.load(open(a.results))
     arms = d["config"]["arms"]
-    reqs = {arm: [r for r in d["requests"] if r["arm"] == arm and r["index"] >= a.start]
+    stop = float("inf") if a.stop is None else a.stop
+    reqs = {arm: [r for r in d["requests"] if r["arm"] == arm and a.start <= r["index"] < stop]
             for arm in arms}
     ref = a.base or next(arm for arm in arms if arm.startswith("static"))
 
@@ -45,10 +52,24 @@ def main() -> None:
                           "total_ratio": round(total / base[2], 3),
                           "priced_draft_verify": round(priced, 3),
                           "priced_depth2_depth1": round(priced2, 3),
+                          "tau": round(statistics.mean(r["tau"] for r in rs), 2),
+                          "best_length_at_start": dict(sorted(Counter(
+                              r["policy"]["start"]["best_length"] for r in rs
+                              if r.get("policy")).items())),
+                          "median_step_ms": round(statistics.median(
+                              r["decode_s"] * 1e3 * r["tau"] / r["decode_tokens"] for r in rs), 1),
+                          "priced_step_ms": priced_steps(rs),
                           "outputs_differ": sum(r["token_ids_sha1"]
                                                 != ref_by_index[r["index"]]["token_ids_sha1"]
                                                 for r in rs),
                           "per_request_by_threads": by_threads(rs, ref_by_index)}))
+
+
+def priced_steps(rs: list[dict]) -> list[float]:
+    """Median priced step of 0, 1 and 2 depths (verify plus drafting) at the requests' end."""
+    ends = [r["policy"]["end"] for r in rs if r.get("policy")]
+    return [round(statistics.median(e["verify_ms"][k] + k * e["draft_ms"] for e in ends), 1)
+            for k in range(3) if ends and all(len(e["verify_ms"]) > k for e in ends)]
 
 
 def by_threads(rs: list[dict], ref_by_index: dict[int, dict]) -> dict[str, dict[str, float]]:
