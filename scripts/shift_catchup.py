@@ -6,7 +6,7 @@ benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is wo
         --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64] [--steps 5 --burst 20:10]
     python scripts/shift_catchup.py at-once runs/catchup/traces.pt --domain sql --init runs/head-chat
     python scripts/shift_catchup.py [--device cuda] speed runs/catchup/traces.pt \\
-        [--init runs/head-code] [--trainer '{"batch_tokens": 128}'] [--profile]
+        [--init runs/head-code] [--trainer '{"batch_tokens": 128}'] [--profile] [--heap-buffers]
 
 ``collect`` generates target-only greedy answers (64 tokens, chat template) for a stream of
 domains (default code:10,summarization:40,translation:40) and keeps the trace records serving
@@ -33,7 +33,8 @@ order) and scores it on that domain's held-out requests every ``--every`` steps:
 traffic can take a head. ``speed`` times the trainer's optimizer step (wall and CPU ms, after 3
 warm-up steps) on the first 20 requests of the stream's first two domains; with ``--profile`` it also prints
 torch.profiler's table of where a step goes, and with a ``loss_vocab`` in ``--trainer`` the
-size of a batch's top-k union and the target mass it carries (``_top_k_share``).
+size of a batch's top-k union and the target mass it carries (``_top_k_share``);
+``--heap-buffers`` times it with glibc keeping large buffers in the heap (aurora_spec/memory.py).
 Run settings one at a time on an otherwise idle machine.
 """
 
@@ -48,6 +49,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from aurora_spec.memory import keep_large_buffers_in_heap, peak_rss_mb
 
 
 def _burst(text: str) -> tuple[int, int]:
@@ -185,7 +188,8 @@ def speed(a: argparse.Namespace) -> None:
                       "wall_ms": round((time.perf_counter() - t0) / a.steps * 1e3, 1),
                       "cpu_ms": round((time.process_time() - cpu0) / a.steps * 1e3, 1),
                       "system_ms": round((os.times().system - sys0) / a.steps * 1e3, 1),
-                      "minor_faults": round(faults / a.steps)}))
+                      "minor_faults": round(faults / a.steps),
+                      "max_rss_mb": peak_rss_mb()}))
     if trainer.cfg.loss_vocab:
         print(json.dumps(_top_k_share(trainer)))
     if a.profile:
@@ -351,10 +355,16 @@ def main() -> None:
                    help="profile rows per operator and input shape (default: per operator)")
     s.add_argument("--sort", default="self_cpu_time_total",
                    help="the profile table's order (torch.profiler key_averages().table sort_by)")
+    s.add_argument("--heap-buffers", action="store_true",
+                   help="glibc keeps large buffers in the heap, as the trainer process does "
+                   "(aurora_spec/memory.py); without it glibc's defaults, unless "
+                   "MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set")
     a = ap.parse_args()
     if a.cmd == "fit" and a.burst and a.seconds:
         ap.error("--burst counts steps: use it with --seconds 0 --steps N")
     torch.set_num_threads(a.threads)
+    if getattr(a, "heap_buffers", False) and not keep_large_buffers_in_heap():
+        print("--heap-buffers: the C library refused (not glibc?); its defaults stay")
     {"collect": collect, "fit": fit, "at-once": at_once, "speed": speed}[a.cmd](a)
 
 

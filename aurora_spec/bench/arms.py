@@ -217,6 +217,8 @@ class ArmOptions:
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
     rollback_paired: bool = True  # online arms: a suspect swap is judged on the same traffic
     trainer_spin: bool = False  # online arms: the trainer's OpenMP threads spin (omp_passive off)
+    # Online arms: glibc keeps the trainer's large buffers in its heap (LearnerConfig)
+    trainer_heap_buffers: bool = True
     # Online arms: (field, value) overrides of their TrainerConfig and TraceConfig, from the
     # arm's ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` suffixes (and the short aliases).
     trainer_config: tuple[tuple[str, Any], ...] = ()
@@ -330,6 +332,7 @@ class ArmSpec:
     trainer_rests: bool | None = None  # ``@rest`` / ``@norest`` (online arms); None: auto
     rollback_paired: bool | None = None  # ``@paired`` / ``@unpaired`` (online arms)
     trainer_spin: bool | None = None  # ``@spin`` / ``@nospin`` (online arms)
+    trainer_heap_buffers: bool | None = None  # ``@heap`` / ``@mmap`` (online arms)
     trainer_config: tuple[tuple[str, Any], ...] | None = None  # ``@trainer.FIELD=VALUE`` ...
     trace_config: tuple[tuple[str, Any], ...] | None = None  # ``@trace.FIELD=VALUE`` (online)
     policy_config: tuple[tuple[str, Any], ...] | None = None  # ``@policy.FIELD=VALUE`` (engines)
@@ -337,16 +340,17 @@ class ArmSpec:
 
 
 _OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
-              "rollback_paired", "trainer_spin", "trainer_config", "trace_config",
-              "policy_config", "target_kernels")
+              "rollback_paired", "trainer_spin", "trainer_heap_buffers", "trainer_config",
+              "trace_config", "policy_config", "target_kernels")
 _TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired", "trainer_spin",
-            "trainer_config", "trace_config"}
-_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired|spin|nospin|packed"
+            "trainer_heap_buffers", "trainer_config", "trace_config"}
+_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired|spin|nospin|heap|mmap|packed"
                      r"|shiftgate|noshiftgate|(?:trainer|trace|policy)\.\w+=[^@]+)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
           "paired": ("rollback_paired", True), "unpaired": ("rollback_paired", False),
           "spin": ("trainer_spin", True), "nospin": ("trainer_spin", False),
+          "heap": ("trainer_heap_buffers", True), "mmap": ("trainer_heap_buffers", False),
           "lookup": ("lookup", True), "nolookup": ("lookup", False),
           "packed": ("target_kernels", "packed")}
 # Short names for config overrides measured in the README: ``@shiftgate`` is the gate that
@@ -428,7 +432,7 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 def parse_arms(spec: str) -> list[ArmSpec]:
     """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
-    [@spin|@nospin][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@policy.FIELD=VALUE]
+    [@spin|@nospin][@heap|@mmap][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@policy.FIELD=VALUE]
     [@shiftgate|@noshiftgate][@hN][@rN][@packed]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,online@trainer.lr=0.003,static:DIR``.
@@ -451,7 +455,7 @@ def parse_arms(spec: str) -> list[ArmSpec]:
                              f"some take an argument: kind:ARG)")
         if _TRAINER & set(over) and not kind.startswith("online"):
             raise BenchError(f"arm {part!r}: @idle, @share, @tN, @rest, @norest, @paired, "
-                             f"@unpaired, @spin, @nospin, @trainer.*, @trace.*, @shiftgate, @noshiftgate, @hN "
+                             f"@unpaired, @spin, @nospin, @heap, @mmap, @trainer.*, @trace.*, @shiftgate, @noshiftgate, @hN "
                              f"and @rN are for online arms (they set their trainer's CPU "
                              f"priority, threads, rests, rollback test and configuration)")
         if "target_kernels" in over and kind != "none":

@@ -96,7 +96,8 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
                                           trainer_idle=o.trainer_idle,
                                           trainer_rests=o.trainer_rests,
                                           rollback_paired=o.rollback_paired,
-                                          omp_passive=not o.trainer_spin))
+                                          omp_passive=not o.trainer_spin,
+                                          trainer_heap_buffers=o.trainer_heap_buffers))
     learner.start()
     learner.pause()
     return OnlineArm(inner, learner, o.load)

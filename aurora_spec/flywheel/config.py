@@ -251,6 +251,9 @@ class LearnerConfig:
     share_cores: bool = True
     trainer_device: str = "auto"  # auto: a CUDA device when the machine has one, else cpu
     omp_passive: bool = True  # OMP_WAIT_POLICY=PASSIVE in the trainer process
+    # glibc keeps a step's large buffers (the lm_head's dense gradient, ...) in the trainer
+    # process's heap instead of faulting in fresh pages every step (aurora_spec/memory.py)
+    trainer_heap_buffers: bool = True
     trainer_nice: int = 10  # the trainer process's niceness: serving wins contended cores
     # True: run a CPU trainer under SCHED_IDLE (Linux) instead: it only gets CPU time serving
     # leaves unused, and serving keeps every thread while it trains. Serving loses nothing;

@@ -32,6 +32,7 @@ from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_t
 from aurora_spec.flywheel.config import LearnerConfig
 from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step
+from aurora_spec.memory import HEAP_BUFFERS_ENV
 from aurora_spec.threads import name_os_thread, single_thread_kernels
 from aurora_spec.types import PrefillTrace, StepTrace
 
@@ -366,6 +367,8 @@ class OnlineLearner:
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if c.omp_passive:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if c.trainer_heap_buffers:
+            env.update(HEAP_BUFFERS_ENV)
         proc = ctx.Process(target=trainer_main, args=(spec, self._inbox, self._outbox),
                            name="aurora-trainer", daemon=True)
         with _child_env(**env):

@@ -170,7 +170,7 @@ def test_parse_arms() -> None:
         ("online", "online", None, None, None),  # auto: the learner decides from the head
         ("online-from:/tmp/h@share", "online-from", "/tmp/h", None, False)]
     with pytest.raises(BenchError, match="@idle, @share, @tN, @rest, @norest, @paired, "
-                                         "@unpaired, @spin, @nospin, @trainer.*, @trace.*, @shiftgate, "
+                                         "@unpaired, @spin, @nospin, @heap, @mmap, @trainer.*, @trace.*, @shiftgate, "
                                          "@noshiftgate, @hN and @rN are for online arms"):
         parse_arms("static:/tmp/h@idle")
     with pytest.raises(BenchError, match="are for online arms"):
@@ -283,6 +283,16 @@ def test_an_arm_repricing_stale_depths_stays_lossless() -> None:
     assert arm.engine.policy.cfg.reprice_burst == 8
     arm.engine.costs.stale_after = 2
     assert _depth_per_step_beside_target_only(arm, none) > 1.3
+
+
+def test_heap_suffixes_set_the_trainers_allocator() -> None:
+    """``@heap`` / ``@mmap``: the online arm's trainer keeps large buffers in glibc's heap or
+    takes glibc's defaults (LearnerConfig.trainer_heap_buffers); other arms refuse them."""
+    heap, mmap, plain = parse_arms("online-from:/tmp/h@idle@heap,online@mmap,online")
+    assert (heap.trainer_heap_buffers, mmap.trainer_heap_buffers,
+            plain.trainer_heap_buffers) == (True, False, None)
+    with pytest.raises(BenchError, match="are for online arms"):
+        parse_arms("static:/tmp/h@mmap")
 
 
 def test_spin_suffixes_set_the_trainers_openmp_wait() -> None:

@@ -169,7 +169,8 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_thread
         trainer=TrainerConfig(batch_tokens=128, window=32, publish_every=2, holdout_every=2,
                               gate_min_positions=8, gate_margin=100.0, rest_after_rejections=1,
                               rest_min_windows=10_000, rest_wake_drop=100.0,
-                              rest_wake_coverage=0.0, vocab_min_tokens=10_000))
+                              rest_wake_coverage=0.0, vocab_min_tokens=10_000),
+        trainer_heap_buffers=False)
     learner = OnlineLearner(model, engine, cfg)
     prompt = list(range(3, 11))
     try:
@@ -178,6 +179,7 @@ def test_serving_gets_the_trainers_core_back_while_it_rests(tmp_path, two_thread
         assert learner.trainer_rests  # ... and rests, giving its core back
         assert learner.serving_threads() == 1
         assert learner.wait_for(lambda s: s.get("trainer_threads") == 1, timeout=60)
+        assert learner.status()["heap_buffers"] is False  # glibc's defaults, as asked
         engine.generate(prompt, PARAMS)
         assert torch.get_num_threads() == 1  # the trainer trains on the other core
         deadline = time.monotonic() + 90
@@ -217,6 +219,8 @@ def test_an_idle_trainer_learns_on_idle_cpu_and_serving_keeps_every_thread(tmp_p
         assert learner.serving_threads() == 2
         assert learner.wait_for(lambda s: "priority" in s, timeout=60)  # the trainer is up
         assert learner.status()["priority"] == "SCHED_IDLE"
+        assert learner.status()["heap_buffers"] is True  # the default (aurora_spec/memory.py)
+        assert learner.status()["max_rss_mb"] > 0  # the trainer process's own peak memory
         assert learner.status()["score_width"] == 3
         # Auto threads: an idle-class trainer gets every thread (it only runs when they're free).
         assert learner.status()["trainer_threads"] == 2
