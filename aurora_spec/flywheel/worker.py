@@ -23,9 +23,9 @@ import multiprocessing as mp
 import os
 import queue
 import time
+from typing import TYPE_CHECKING, Any
 
 from aurora_spec.memory import peak_rss_mb
-from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aurora_spec.flywheel.trainer import Trainer
