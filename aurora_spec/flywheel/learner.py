@@ -362,7 +362,8 @@ class OnlineLearner:
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
                 "next_version": max(self.store.max_version(), live.version) + 1,
                 "send_bytes": c.send_bytes, "nice": c.trainer_nice, "idle": self.trainer_idle,
-                "log_level": logging.getLogger().level,
+                # the package's level, not the root's: `aurora serve` sets only the former
+                "log_level": logging.getLogger("aurora_spec").getEffectiveLevel(),
                 **self._shared}
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if c.omp_passive:

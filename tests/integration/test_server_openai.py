@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def server(smollm2_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
-        yield url, proc
+        yield url, proc, log
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -255,6 +256,22 @@ def test_metrics_and_health(server) -> None:
         assert name in text, name
 
 
+def test_the_trainer_process_reports_to_the_servers_log_and_metrics(server) -> None:
+    """The trainer process logs at the server's --log-level (info) to the server's stderr, and
+    its status reaches /metrics: its allocator setting and peak memory (aurora_spec/memory.py)."""
+    url, _, log = server
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics", headers=AUTH).text
+        if "trainer started" in log.read_text() and "aurora_learner_heap_buffers" in text:
+            break
+        time.sleep(1)
+    assert re.search(r"trainer\[\d+\] .*trainer started \(.*heap buffers\)", log.read_text())
+    assert "aurora_learner_heap_buffers 1.0" in text
+    rss = re.search(r"^aurora_learner_max_rss_mb (\S+)$", text, re.M)
+    assert rss is not None and float(rss.group(1)) > 0
+
+
 # ---- live page --------------------------------------------------------------------------------
 
 
@@ -273,7 +290,7 @@ def test_live_page_renders_data_points_in_chromium(server, tmp_path) -> None:
 
 
 def test_sigterm_finishes_in_flight_request_then_exits(server) -> None:
-    url, proc = server
+    url, proc, _ = server
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
             "stream": True}
     lines: list[str] = []
