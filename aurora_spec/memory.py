@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 MMAP_THRESHOLD = 32 << 20  # glibc's largest accepted value on 64-bit (4 MiB * sizeof(long))
@@ -35,6 +36,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (glib
 # when its allocator initialises (other C libraries ignore them).
 HEAP_BUFFERS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
                     "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
+def started_with_heap_buffers() -> bool:
+    """Whether this process started with HEAP_BUFFERS_ENV (LearnerConfig.trainer_heap_buffers
+    in the trainer process): glibc read it as its allocator initialised."""
+    return all(os.environ.get(k) == v for k, v in HEAP_BUFFERS_ENV.items())
 
 
 def keep_large_buffers_in_heap() -> bool:

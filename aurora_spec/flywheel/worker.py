@@ -25,7 +25,7 @@ import queue
 import time
 from typing import TYPE_CHECKING, Any
 
-from aurora_spec.memory import peak_rss_mb
+from aurora_spec.memory import peak_rss_mb, started_with_heap_buffers
 
 if TYPE_CHECKING:
     from aurora_spec.flywheel.trainer import Trainer
@@ -64,12 +64,6 @@ def _judge(trainer: Any, published: dict, new_version: int, previous_version: in
     return {"version": new_version, **judge_swap(trainer, new, previous).as_dict()}
 
 
-def _heap_buffers() -> bool:
-    """Whether this process started with LearnerConfig.trainer_heap_buffers' environment (glibc
-    reads it as its allocator initialises: aurora_spec/memory.py)."""
-    return "MALLOC_MMAP_THRESHOLD_" in os.environ
-
-
 def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     priority = _lower_priority(spec)
     import torch
@@ -92,7 +86,7 @@ def trainer_main(spec: dict[str, Any], inbox: Any, outbox: Any) -> None:
     embed = Embedder(spec["embed_weight"].to(device), spec["embed_scale"])
     trainer = Trainer(init, target, embed, spec["trainer_cfg"], device)
     trainer.next_version = max(trainer.next_version, spec["next_version"])
-    heap = "heap buffers" if _heap_buffers() else "glibc's buffer defaults"
+    heap = "heap buffers" if started_with_heap_buffers() else "glibc's buffer defaults"
     log.info("trainer started (pid %d, %d threads, %s, %s, %s)", os.getpid(), spec["threads"],
              device, priority, heap)
     _Worker(spec, trainer, inbox, outbox, priority).run()
@@ -169,7 +163,7 @@ class _Worker:
         st.update(trainer_paused=self.paused, pid=os.getpid(),
                   pending_candidate=None if self.pending is None else self.pending[0],
                   priority=self.priority, trainer_threads=torch.get_num_threads(),
-                  heap_buffers=_heap_buffers(),
+                  heap_buffers=started_with_heap_buffers(),
                   max_rss_mb=peak_rss_mb(),  # what the trainer's memory settings cost
                   last_verdict=self.last_verdict,
                   cpu_s={"total": round(time.process_time() - self.cpu0, 3),
