@@ -46,6 +46,13 @@ class TrainerConfig:
     depth: int = 3  # training-time-test unroll depth (EAGLE-3)
     depth_weights: tuple[float, ...] = (1.0, 0.8, 0.64, 0.51, 0.41, 0.33, 0.26, 0.21)
     lambda_discard: float = 0.3  # weight of the KL at rejected-branch contexts (0 = off)
+    # True: depth d >= 2 of the unroll runs only at the pairs whose draft serving would have
+    # had accepted through depth d-1 (the emitted token among the depth-1 top score_width, then
+    # the greedy token), the only places a verifier ever sees a depth-d draft; False: at every
+    # pair (EAGLE-3's training-time test as published). Why: depths 2 and 3 were ~55% of a
+    # CPU step's matrix products, spent where the head's depth-1 draft was already wrong: right
+    # after a shift nearly every pair, while serving drafts one depth of siblings there.
+    unroll_accepted: bool = False
     batch_tokens: int = 256  # committed positions per training step (packed)
     # > 0: each step's KL over at least this many draft ids (every position's loss_top_k target
     # tokens + uniformly sampled others, flywheel/losses.py loss_rows) instead of the whole draft

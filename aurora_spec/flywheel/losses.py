@@ -22,7 +22,7 @@ that mass small and reports coverage). Full-vocabulary logits are never stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -85,20 +85,41 @@ class Embedder:
 
 @dataclass
 class Unrolled:
-    logits: list[torch.Tensor]  # per depth, (Nc, Vd) for the committed pairs
-    valid: list[torch.Tensor]  # per depth, (Nc,) bool: the query exists at that depth
+    logits: list[torch.Tensor]  # per depth, (N_d, Vd) for the committed pairs in ``pairs``
+    valid: list[torch.Tensor]  # per depth, (N_d,) bool: the query exists at that depth
     logits_b: torch.Tensor  # (Nb, Vd) branch pairs, depth 1
+    # per depth, the committed pairs (indices) the logits are for; None: all of them, in order
+    pairs: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a[:, None] == b[None, :]
 
 
+def _hits(logits: torch.Tensor, truth: torch.Tensor, width: int,
+          vocab_rows: torch.Tensor | None) -> torch.Tensor:
+    """Whether each row's draft would be accepted: the emitted token (draft id, -1: outside the
+    vocabulary) among the top ``width`` of its logits (over the draft ids ``vocab_rows``, if
+    given, which always hold the emitted tokens: losses.loss_rows)."""
+    with torch.no_grad():
+        top = logits.detach().topk(min(width, logits.shape[-1]), dim=-1).indices
+        ids = top if vocab_rows is None else vocab_rows[top]
+        return (ids == truth[:, None]).any(-1)
+
+
 def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int,
                      with_branches: bool = True,
-                     vocab_rows: torch.Tensor | None = None) -> Unrolled:
+                     vocab_rows: torch.Tensor | None = None,
+                     accepted_only: tuple[torch.Tensor, int] | None = None) -> Unrolled:
     """All depths of the training-time test in ``depth`` forwards of the packed batch; logits
-    over the draft ids ``vocab_rows`` only, if given."""
+    over the draft ids ``vocab_rows`` only, if given.
+
+    ``accepted_only`` = (the emitted tokens as draft ids per committed pair, -1: outside the
+    vocabulary; the draft's width at depth 1): depth d >= 2 runs only at the pairs whose chain
+    the verifier would have accepted through depth d-1 (the emitted token among the depth-1
+    top ``width``, then the greedy token at each depth after), the only places serving ever
+    drafts depth d. Elsewhere a deeper query costs a forward and a backward for a draft no
+    verifier sees; right after a shift that is most pairs."""
     b = batch
     nc = b.n_committed
     nb = b.n_branch if with_branches else 0
@@ -123,6 +144,12 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
     g, logits = head(head.fuse(hid.to(wdt))[None], emb[None], pos[None], cache,
                      mask=WindowBlocks.from_mask(mask, win, win), lm_rows=lm_rows)
     out_logits, valids = [logits[0, :nc]], [torch.ones(nc, dtype=torch.bool, device=dev)]
+    pairs: list[torch.Tensor | None] = [None]
+    logits_b = logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1])
+    if accepted_only is not None:
+        return _unroll_accepted(head, b, emb_c, depth, cache, win, lm_rows, vocab_rows,
+                                accepted_only, Unrolled(out_logits, valids, logits_b, pairs),
+                                g[0, :nc])
     g_prev = g[0, :nc]
     has_prev = b.prev_c >= 0
     prev = b.prev_c.clamp(min=0)
@@ -138,9 +165,52 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
                              mask=blocks, lm_rows=lm_rows)
         out_logits.append(logits_d[0])
         valids.append(valids[-1][prev] & has_prev)
+        pairs.append(None)
         g_prev = g_d[0]
-    logits_b = logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1])
-    return Unrolled(out_logits, valids, logits_b)
+    return Unrolled(out_logits, valids, logits_b, pairs)
+
+
+def _unroll_accepted(head: Eagle3Head, b: Batch, emb_c: torch.Tensor, depth: int,
+                     cache, win: torch.Tensor, lm_rows: torch.Tensor | None,
+                     vocab_rows: torch.Tensor | None, accepted_only: tuple[torch.Tensor, int],
+                     out: Unrolled, g1: torch.Tensor) -> Unrolled:
+    """unrolled_forward's depths >= 2 at the accepted chains only (see there). ``sel[e]``: the
+    committed pairs depth e ran at, in order; their entries sit in ``cache`` layer by layer
+    after depth 1's, so a depth-d query at pair p sees depth 1 up to p-d+1 and the depth-e
+    entry at p-(d-e), which exists: its chain was accepted that far."""
+    truth, width = accepted_only
+    nc, dev = b.n_committed, b.pos_c.device
+    same_c = _same(b.win_c, b.win_c)
+    has_prev = b.prev_c >= 0
+    prev = b.prev_c.clamp(min=0)
+    sel: dict[int, torch.Tensor] = {1: torch.arange(nc, device=dev)}
+    slot = torch.arange(nc, device=dev)  # each pair's row in g_prev (-1: not at that depth)
+    hit = _hits(out.logits[0], truth, width, vocab_rows)
+    g_prev = g1
+    for d in range(2, depth + 1):
+        ok = has_prev & (slot[prev] >= 0) & hit[slot[prev].clamp(min=0)]
+        s = ok.nonzero().squeeze(1)
+        if len(s) == 0:
+            break
+        sel[d] = s
+        pc = b.pos_c[s]
+        parts = [same_c[s] & (b.pos_c[None, :] <= pc[:, None] - d + 1)]
+        if len(win) > nc:  # branch pairs: depth 1 only, never seen deeper
+            parts.append(torch.zeros(len(s), len(win) - nc, dtype=torch.bool, device=dev))
+        for e in range(2, d + 1):
+            parts.append(same_c[s][:, sel[e]] & (b.pos_c[sel[e]][None, :] == pc[:, None] - (d - e)))
+        blocks = WindowBlocks.from_mask(torch.cat(parts, dim=1), b.win_c[s],
+                                        torch.cat([win] + [b.win_c[sel[e]] for e in range(2, d + 1)]))
+        g_d, logits_d = head(g_prev[slot[prev[s]]][None], emb_c[s][None], pc[None], cache,
+                             mask=blocks, lm_rows=lm_rows)
+        out.logits.append(logits_d[0])
+        out.valid.append(torch.ones(len(s), dtype=torch.bool, device=dev))
+        out.pairs.append(s)
+        hit = _hits(logits_d[0], truth[s], 1, vocab_rows)  # deeper: greedy, one branch
+        slot = torch.full((nc,), -1, dtype=torch.long, device=dev)
+        slot[s] = torch.arange(len(s), device=dev)
+        g_prev = g_d[0]
+    return out
 
 
 def _kl(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
@@ -191,12 +261,15 @@ class LossOut:
 def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Embedder,
                   depth: int, depth_weights: tuple[float, ...],
                   lambda_discard: float, with_top1: bool = True,
-                  loss_vocab: int = 0, loss_top_k: int = 16) -> LossOut:
+                  loss_vocab: int = 0, loss_top_k: int = 16,
+                  accepted_width: int = 0) -> LossOut:
     """The weighted loss and its parts. ``with_top1``: also the draft's top-1 agreement per
     depth (for status only: an argmax over the draft vocabulary per depth, ~5% of a CPU step,
     so the trainer asks for it now and then); NaN without it. ``loss_vocab`` > 0: the KL over
     ``loss_rows`` (at least that many draft ids) instead of the whole draft vocabulary, both
-    distributions renormalised there."""
+    distributions renormalised there. ``accepted_width`` > 0: depths >= 2 only where serving's
+    draft of that width would have been accepted so far (unrolled_forward's ``accepted_only``),
+    each depth's KL the mean over those pairs."""
     with_b = lambda_discard > 0 and batch.n_branch > 0
     d2t = head.d2t
     with torch.no_grad():
@@ -212,17 +285,22 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
         tgt_b = target.logits(batch.final_b, d2t, rows) if with_b else None
         if rows is not None:
             d2t = d2t[rows]
-    un = unrolled_forward(head, batch, embed, depth, with_branches=with_b, vocab_rows=rows)
+    accepted = None
+    if accepted_width > 0:
+        accepted = (head.t2d[batch.truth_c], accepted_width)
+    un = unrolled_forward(head, batch, embed, depth, with_branches=with_b, vocab_rows=rows,
+                          accepted_only=accepted)
     weights = list(depth_weights[:depth]) + [depth_weights[-1]] * max(0, depth - len(depth_weights))
     total = un.logits[0].new_zeros(())
     wsum = 0.0
     kls, top1 = [], []
-    for d, (lg, valid) in enumerate(zip(un.logits, un.valid)):
+    for d, (lg, valid, at) in enumerate(zip(un.logits, un.valid, un.pairs)):
+        tgt, truth = (tgt_c, batch.truth_c) if at is None else (tgt_c[at], batch.truth_c[at])
         if not bool(valid.any()):
             kls.append(float("nan"))
             top1.append(float("nan"))
             continue
-        kl = _kl(tgt_c[valid], lg[valid]).mean()
+        kl = _kl(tgt[valid], lg[valid]).mean()
         total = total + weights[d] * kl
         wsum += weights[d]
         kls.append(float(kl.detach()))
@@ -230,8 +308,10 @@ def flywheel_loss(head: Eagle3Head, batch: Batch, target: TargetHead, embed: Emb
             top1.append(float("nan"))
             continue
         with torch.no_grad():
-            top1.append(float((d2t[lg[valid].argmax(-1)] == batch.truth_c[valid]).float().mean()))
+            top1.append(float((d2t[lg[valid].argmax(-1)] == truth[valid]).float().mean()))
     total = total / max(wsum, 1e-9)
+    kls += [float("nan")] * (depth - len(kls))  # depths no accepted chain reached
+    top1 += [float("nan")] * (depth - len(top1))
     discard = float("nan")
     if with_b and tgt_b is not None and len(tgt_b):
         kl_b = _kl(tgt_b, un.logits_b).mean()

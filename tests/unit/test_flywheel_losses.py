@@ -402,3 +402,64 @@ def test_the_cuda_trainer_keeps_attention_off_cudnn() -> None:
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before  # serving's choice is left alone
+
+
+def _accepted_chains(full, prev: torch.Tensor, truth: torch.Tensor, width: int):
+    """The slow reference of unrolled_forward's ``accepted_only``: from the full unroll's
+    logits, the pairs each depth >= 2 must run at (a chain accepted through the depth before)."""
+    sel = [torch.ones(len(truth), dtype=torch.bool)]
+    hit = (full.logits[0].topk(width, dim=-1).indices == truth[:, None]).any(-1)
+    for lg in full.logits[1:]:
+        at = (prev >= 0) & sel[-1][prev.clamp(min=0)] & hit[prev.clamp(min=0)]
+        sel.append(at)
+        hit = at & (lg.argmax(-1) == truth)
+    return sel
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_unrolling_only_accepted_chains_gives_the_full_unrolls_logits_there(width):
+    """Depths >= 2 run only where serving's draft would have been accepted so far: at exactly
+    those pairs (checked against a reference built from the full unroll), with the full
+    unroll's logits there (their chains see the same keys)."""
+    model, _ = tiny_target("llama", seed=2)
+    head = head_for(model, seed=3)
+    _, records, _, _ = run_engine(model, head, [7, 8, 9, 10], max_tokens=50)
+    batch = pack_windows(assemble(records, window=16))
+    embed = Embedder(model.embed.weight)
+    with torch.no_grad():
+        full = unrolled_forward(head, batch, embed, 3)
+    # Emitted tokens (draft ids) that make some chains accepted through depth 2: pair q = 0
+    # mod 3 gets its depth-1 guess, q = 1 its depth-2 guess, q = 2 a token never guessed.
+    nc = batch.n_committed
+    q = torch.arange(nc)
+    truth = torch.where(q % 3 == 0, full.logits[0].argmax(-1), full.logits[1].argmax(-1))
+    truth = torch.where(q % 3 == 2, torch.full_like(truth, -1), truth)
+    with torch.no_grad():
+        part = unrolled_forward(head, batch, embed, 3, accepted_only=(truth, width))
+    want = _accepted_chains(full, batch.prev_c, truth, width)
+    assert part.pairs[0] is None and len(part.logits) == 3
+    for d in (1, 2):
+        at = part.pairs[d]
+        assert at is not None and torch.equal(at, want[d].nonzero().squeeze(1))
+        assert 0 < len(at) < nc and bool(full.valid[d][at].all())
+        torch.testing.assert_close(part.logits[d], full.logits[d][at], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part.logits[0], full.logits[0])
+
+
+def test_a_loss_unrolled_on_accepted_chains_trains_depth_one_alone_when_nothing_is_accepted():
+    """No emitted token in the draft's guesses: no deeper query runs, the loss is the depth-1
+    KL (plus the discard part), and it still backpropagates."""
+    model, _ = tiny_target("llama", seed=1)
+    head = head_for(model, seed=4)
+    _, records, _, _ = run_engine(model, head, [3, 4, 5], max_tokens=40)
+    batch = pack_windows(assemble(records, window=32))
+    target, embed = TargetHead(model.lm_head.weight), Embedder(model.embed.weight)
+    outside = dataclasses.replace(batch, truth_c=torch.full_like(batch.truth_c, -1))
+    head.t2d[-1] = -1  # token id -1 indexes the last row: keep it outside the vocabulary too
+    part = flywheel_loss(head, outside, target, embed, 3, (1.0, 0.8, 0.64), 0.0,
+                         accepted_width=3)
+    only1 = flywheel_loss(head, outside, target, embed, 1, (1.0,), 0.0)
+    torch.testing.assert_close(part.loss, only1.loss)
+    assert len(part.accepted_kl) == 3 and all(k != k for k in part.accepted_kl[1:])
+    part.loss.backward()
+    assert head.fc.weight.grad is not None and bool(head.fc.weight.grad.abs().sum() > 0)
