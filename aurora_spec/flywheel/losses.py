@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from aurora_spec.drafters.eagle3_head import Eagle3Head
+from aurora_spec.drafters.eagle3_head import DraftCache, Eagle3Head
 from aurora_spec.flywheel.batch import Batch
 from aurora_spec.models.blocks import WindowBlocks
 
@@ -171,7 +171,7 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
 
 
 def _unroll_accepted(head: Eagle3Head, b: Batch, emb_c: torch.Tensor, depth: int,
-                     cache, win: torch.Tensor, lm_rows: torch.Tensor | None,
+                     cache: DraftCache, win: torch.Tensor, lm_rows: torch.Tensor | None,
                      vocab_rows: torch.Tensor | None, accepted_only: tuple[torch.Tensor, int],
                      out: Unrolled, g1: torch.Tensor) -> Unrolled:
     """unrolled_forward's depths >= 2 at the accepted chains only (see there). ``sel[e]``: the
