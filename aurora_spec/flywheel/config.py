@@ -49,9 +49,12 @@ class TrainerConfig:
     # True: depth d >= 2 of the unroll runs only at the pairs whose draft serving would have
     # had accepted through depth d-1 (the emitted token among the depth-1 top score_width, then
     # the greedy token), the only places a verifier ever sees a depth-d draft; False: at every
-    # pair (EAGLE-3's training-time test as published). Why: depths 2 and 3 were ~55% of a
-    # CPU step's matrix products, spent where the head's depth-1 draft was already wrong: right
-    # after a shift nearly every pair, while serving drafts one depth of siblings there.
+    # pair (EAGLE-3's training-time test as published). Why: the deeper queries elsewhere cost
+    # a forward and a backward for drafts no verifier sees; right after a shift nearly every
+    # pair. A CPU step 1.54x cheaper from the chat head, 1.87x from a random one (AVX2-only
+    # host, one thread). Off by default: served a tie on the shift stream (1.16x the static
+    # head against 1.17x) and on day 0 a lower tau over the last 50 (2.21 against 2.28; README,
+    # "Unrolling only the chains serving would have accepted"; @trainer.unroll_accepted=true).
     unroll_accepted: bool = False
     batch_tokens: int = 256  # committed positions per training step (packed)
     # > 0: each step's KL over at least this many draft ids (every position's loss_top_k target

@@ -183,7 +183,7 @@ def _unroll_accepted(head: Eagle3Head, b: Batch, emb_c: torch.Tensor, depth: int
     same_c = _same(b.win_c, b.win_c)
     has_prev = b.prev_c >= 0
     prev = b.prev_c.clamp(min=0)
-    sel: dict[int, torch.Tensor] = {1: torch.arange(nc, device=dev)}
+    sel: dict[int, torch.Tensor] = {}
     slot = torch.arange(nc, device=dev)  # each pair's row in g_prev (-1: not at that depth)
     hit = _hits(out.logits[0], truth, width, vocab_rows)
     g_prev = g1
