@@ -22,12 +22,12 @@ that mass small and reports coverage). Full-vocabulary logits are never stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from aurora_spec.drafters.eagle3_head import DraftCache, Eagle3Head
+from aurora_spec.drafters.eagle3_head import Eagle3Head
 from aurora_spec.flywheel.batch import Batch
 from aurora_spec.models.blocks import WindowBlocks
 
@@ -89,7 +89,7 @@ class Unrolled:
     valid: list[torch.Tensor]  # per depth, (N_d,) bool: the query exists at that depth
     logits_b: torch.Tensor  # (Nb, Vd) branch pairs, depth 1
     # per depth, the committed pairs (indices) the logits are for; None: all of them, in order
-    pairs: list[torch.Tensor | None] = field(default_factory=list)
+    pairs: list[torch.Tensor | None]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _hits(logits: torch.Tensor, truth: torch.Tensor, width: int,
     vocabulary) among the top ``width`` of its logits (over the draft ids ``vocab_rows``, if
     given, which always hold the emitted tokens: losses.loss_rows)."""
     with torch.no_grad():
-        top = logits.detach().topk(min(width, logits.shape[-1]), dim=-1).indices
+        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices
         ids = top if vocab_rows is None else vocab_rows[top]
         return (ids == truth[:, None]).any(-1)
 
@@ -143,60 +143,32 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
     # Windows never see each other: attention runs window by window (models/blocks.py).
     g, logits = head(head.fuse(hid.to(wdt))[None], emb[None], pos[None], cache,
                      mask=WindowBlocks.from_mask(mask, win, win), lm_rows=lm_rows)
-    out_logits, valids = [logits[0, :nc]], [torch.ones(nc, dtype=torch.bool, device=dev)]
-    pairs: list[torch.Tensor | None] = [None]
-    logits_b = logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1])
-    if accepted_only is not None:
-        return _unroll_accepted(head, b, emb_c, depth, cache, win, lm_rows, vocab_rows,
-                                accepted_only, Unrolled(out_logits, valids, logits_b, pairs),
-                                g[0, :nc])
-    g_prev = g[0, :nc]
+    out = Unrolled([logits[0, :nc]], [torch.ones(nc, dtype=torch.bool, device=dev)],
+                   logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1]), [None])
     has_prev = b.prev_c >= 0
     prev = b.prev_c.clamp(min=0)
-    for d in range(2, depth + 1):
-        parts = [same_c & (b.pos_c[None, :] <= b.pos_c[:, None] - d + 1)]
-        if nb:
-            parts.append(torch.zeros(nc, nb, dtype=torch.bool, device=dev))
-        for e in range(2, d + 1):
-            parts.append(same_c & (b.pos_c[None, :] == b.pos_c[:, None] - (d - e)))
-        blocks = WindowBlocks.from_mask(torch.cat(parts, dim=1), b.win_c,
-                                        torch.cat([win] + [b.win_c] * (d - 1)))
-        g_d, logits_d = head(g_prev[prev][None], emb_c[None], b.pos_c[None], cache,
-                             mask=blocks, lm_rows=lm_rows)
-        out_logits.append(logits_d[0])
-        valids.append(valids[-1][prev] & has_prev)
-        pairs.append(None)
-        g_prev = g_d[0]
-    return Unrolled(out_logits, valids, logits_b, pairs)
-
-
-def _unroll_accepted(head: Eagle3Head, b: Batch, emb_c: torch.Tensor, depth: int,
-                     cache: DraftCache, win: torch.Tensor, lm_rows: torch.Tensor | None,
-                     vocab_rows: torch.Tensor | None, accepted_only: tuple[torch.Tensor, int],
-                     out: Unrolled, g1: torch.Tensor) -> Unrolled:
-    """unrolled_forward's depths >= 2 at the accepted chains only (see there). ``sel[e]``: the
-    committed pairs depth e ran at, in order; their entries sit in ``cache`` layer by layer
-    after depth 1's, so a depth-d query at pair p sees depth 1 up to p-d+1 and the depth-e
-    entry at p-(d-e), which exists: its chain was accepted that far."""
-    truth, width = accepted_only
-    nc, dev = b.n_committed, b.pos_c.device
-    same_c = _same(b.win_c, b.win_c)
-    has_prev = b.prev_c >= 0
-    prev = b.prev_c.clamp(min=0)
+    every = torch.arange(nc, device=dev)
+    # sel[e]: the committed pairs depth e ran at, in order; their entries sit in ``cache`` layer
+    # by layer after depth 1's, so a depth-d query at pair p sees depth 1 up to p-d+1 and the
+    # depth-e entry at p-(d-e) (with accepted_only it exists: its chain was accepted that far).
     sel: dict[int, torch.Tensor] = {}
-    slot = torch.arange(nc, device=dev)  # each pair's row in g_prev (-1: not at that depth)
-    hit = _hits(out.logits[0], truth, width, vocab_rows)
-    g_prev = g1
+    slot = every  # each pair's row in g_prev (-1: not at that depth)
+    g_prev = g[0, :nc]
+    truth, width = accepted_only if accepted_only is not None else (None, 1)
+    hit = None if truth is None else _hits(out.logits[0], truth, width, vocab_rows)
     for d in range(2, depth + 1):
-        ok = has_prev & (slot[prev] >= 0) & hit[slot[prev].clamp(min=0)]
-        s = ok.nonzero().squeeze(1)
-        if len(s) == 0:
-            break
+        if hit is None:  # every pair; a query with no chain that deep is marked invalid
+            s, valid = every, out.valid[-1][prev] & has_prev
+        else:
+            s = (has_prev & (slot[prev] >= 0) & hit[slot[prev].clamp(min=0)]).nonzero().squeeze(1)
+            if len(s) == 0:
+                break
+            valid = torch.ones(len(s), dtype=torch.bool, device=dev)
         sel[d] = s
         pc = b.pos_c[s]
         parts = [same_c[s] & (b.pos_c[None, :] <= pc[:, None] - d + 1)]
-        if len(win) > nc:  # branch pairs: depth 1 only, never seen deeper
-            parts.append(torch.zeros(len(s), len(win) - nc, dtype=torch.bool, device=dev))
+        if nb:  # branch pairs: depth 1 only, never seen deeper
+            parts.append(torch.zeros(len(s), nb, dtype=torch.bool, device=dev))
         for e in range(2, d + 1):
             parts.append(same_c[s][:, sel[e]] & (b.pos_c[sel[e]][None, :] == pc[:, None] - (d - e)))
         blocks = WindowBlocks.from_mask(torch.cat(parts, dim=1), b.win_c[s],
@@ -204,11 +176,12 @@ def _unroll_accepted(head: Eagle3Head, b: Batch, emb_c: torch.Tensor, depth: int
         g_d, logits_d = head(g_prev[slot[prev[s]]][None], emb_c[s][None], pc[None], cache,
                              mask=blocks, lm_rows=lm_rows)
         out.logits.append(logits_d[0])
-        out.valid.append(torch.ones(len(s), dtype=torch.bool, device=dev))
-        out.pairs.append(s)
-        hit = _hits(logits_d[0], truth[s], 1, vocab_rows)  # deeper: greedy, one branch
-        slot = torch.full((nc,), -1, dtype=torch.long, device=dev)
-        slot[s] = torch.arange(len(s), device=dev)
+        out.valid.append(valid)
+        out.pairs.append(None if hit is None else s)
+        if truth is not None:
+            hit = _hits(logits_d[0], truth[s], 1, vocab_rows)  # deeper: greedy, one branch
+            slot = torch.full((nc,), -1, dtype=torch.long, device=dev)
+            slot[s] = torch.arange(len(s), device=dev)
         g_prev = g_d[0]
     return out
 

@@ -212,7 +212,7 @@ class Trainer(Gating, Resting):
             out = flywheel_loss(self.head, batch, self.target, self.embed, c.depth,
                                 c.depth_weights, c.lambda_discard, with_top1=with_top1,
                                 loss_vocab=c.loss_vocab, loss_top_k=c.loss_top_k,
-                                accepted_width=(c.score_width or 1) if c.unroll_accepted else 0)
+                                accepted_width=self.score_width if c.unroll_accepted else 0)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if c.grad_clip > 0:
