@@ -304,24 +304,32 @@ def acceptance_lengths(head: Eagle3Head, batch: Batch, embed: Embedder,
     ``width`` > 1 scores the trees serving drafts (Eagle3Drafter._tree): the top ``width``
     tokens at depth 1, each branch extended greedily. Depth 1 is accepted when the emitted token
     is among them, and only that branch can go on, from the emitted token: the chain's test
-    from depth 2."""
-    un = unrolled_forward(head, batch, embed, depth, with_branches=False)
-    d2t = head.d2t
+    from depth 2.
+
+    Depth d runs only where a chain was accepted through depth d-1 (unrolled_forward's
+    ``accepted_only``): a query elsewhere could not change any length, and on a weak head it is
+    most of them."""
+    truth = head.t2d[batch.truth_c]
+    un = unrolled_forward(head, batch, embed, depth, with_branches=False,
+                          accepted_only=(truth, width))
     nc = batch.n_committed
-    correct = [(d2t[lg.argmax(-1)] == batch.truth_c) & v for lg, v in zip(un.logits, un.valid)]
-    if width > 1 and correct:
-        lg, v = un.logits[0], un.valid[0]
-        top = d2t[lg.topk(min(width, lg.shape[-1]), dim=-1).indices]
-        correct[0] = (top == batch.truth_c[:, None]).any(-1) & v
-    nxt = torch.full((nc,), -1, dtype=torch.long, device=batch.prev_c.device)
+    dev = batch.prev_c.device
+    # correct[d][p]: depth d+1's draft at pair p matches the emitted token (False where it
+    # did not run: no chain reached p that deep)
+    correct = []
+    for d, (lg, at) in enumerate(zip(un.logits, un.pairs)):
+        hit = _hits(lg, truth if at is None else truth[at], width if d == 0 else 1, None)
+        full = torch.zeros(nc, dtype=torch.bool, device=dev)
+        full[slice(None) if at is None else at] = hit
+        correct.append(full)
+    nxt = torch.full((nc,), -1, dtype=torch.long, device=dev)
     has = batch.prev_c >= 0
-    nxt[batch.prev_c[has]] = torch.arange(nc, device=nxt.device)[has]
+    nxt[batch.prev_c[has]] = torch.arange(nc, device=dev)[has]
     run = correct[0].clone()
     total = run.long()
-    idx = torch.arange(nc, device=nxt.device)
-    for d in range(1, depth):
+    idx = torch.arange(nc, device=dev)
+    for d in range(1, len(correct)):  # depths past the last list entry: no chain got there
         idx = torch.where(idx >= 0, nxt[idx.clamp(min=0)], idx)
-        ok = idx >= 0
-        run = run & ok & correct[d][idx.clamp(min=0)]
+        run = run & (idx >= 0) & correct[d][idx.clamp(min=0)]
         total += run.long()
     return total

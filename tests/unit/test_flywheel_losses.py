@@ -463,3 +463,45 @@ def test_a_loss_unrolled_on_accepted_chains_trains_depth_one_alone_when_nothing_
     assert len(part.accepted_kl) == 3 and all(k != k for k in part.accepted_kl[1:])
     part.loss.backward()
     assert head.fc.weight.grad is not None and bool(head.fc.weight.grad.abs().sum() > 0)
+
+
+def _lengths_from_full_unroll(head, batch, embed, depth: int, width: int) -> torch.Tensor:
+    """The slow reference of acceptance_lengths: every depth at every pair, then each chain
+    walked along its successors."""
+    full = unrolled_forward(head, batch, embed, depth, with_branches=False)
+    d2t, truth = head.d2t, batch.truth_c
+    correct = [(d2t[lg.argmax(-1)] == truth) & v for lg, v in zip(full.logits, full.valid)]
+    correct[0] = (d2t[full.logits[0].topk(width, dim=-1).indices] == truth[:, None]).any(-1)
+    nxt = {int(p): i for i, p in enumerate(batch.prev_c.tolist()) if p >= 0}
+    lengths = []
+    for i in range(batch.n_committed):
+        n, at = 0, i
+        while n < depth and at is not None and bool(correct[n][at]):
+            n, at = n + 1, nxt.get(at)
+        lengths.append(n)
+    return torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_acceptance_lengths_unrolling_accepted_chains_equal_the_full_unrolls(width):
+    """The gate's measure runs a depth only where a chain got that far; every length equals
+    the full unroll's, on emitted tokens that make chains of every length 0..depth."""
+    model, _ = tiny_target("llama", seed=2)
+    head = head_for(model, seed=3).eval()
+    _, records, _, _ = run_engine(model, head, [7, 8, 9, 10], max_tokens=50)
+    batch = pack_windows(assemble(records, window=16), with_branches=False)
+    embed = Embedder(model.embed.weight)
+    depth = 3
+    with torch.no_grad():
+        full = unrolled_forward(head, batch, embed, depth, with_branches=False)
+    # each pair emits, drawn at random, its depth-1, -2 or -3 guess or the token its depth-1
+    # draft ranks last: chains stop wherever a draw misses their depth
+    q = torch.arange(batch.n_committed)
+    guess = [lg.argmax(-1) for lg in full.logits] + [full.logits[0].argmin(-1)]
+    draw = torch.randint(0, 4, (len(q),), generator=torch.Generator().manual_seed(0))
+    pick = torch.stack(guess)[draw, q]
+    batch = dataclasses.replace(batch, truth_c=head.d2t[pick])
+    want = _lengths_from_full_unroll(head, batch, embed, depth, width)
+    got = acceptance_lengths(head, batch, embed, depth, width)
+    assert set(want.tolist()) == {0, 1, 2, 3}, want.tolist()
+    assert torch.equal(got, want)
