@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short check of the engine and the trainer on a CUDA GPU (README "On a GPU"): the lossless and
+# A short check of the engine and the trainer on a CUDA GPU (docs/RESULTS.md "On a GPU"): the lossless and
 # online-loop tests with tiny models on the GPU, then day 0 on the bundled model in float32 and
 # bfloat16 (target-only against online learning, the trainer process on the same GPU).
 #   bash scripts/cuda_check.sh MODEL OUT_DIR [REQUESTS_PER_DOMAIN]

@@ -1,5 +1,5 @@
 """How fast does a trained head catch up after a traffic shift? An offline proxy for the wide-shift
-benchmark (README, "Domain shift"), minutes instead of ~35, to choose what is worth benching.
+benchmark (docs/RESULTS.md, "Domain shift"), minutes instead of ~35, to choose what is worth benching.
 
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\

@@ -353,7 +353,7 @@ _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "heap": ("trainer_heap_buffers", True), "mmap": ("trainer_heap_buffers", False),
           "lookup": ("lookup", True), "nolookup": ("lookup", False),
           "packed": ("target_kernels", "packed")}
-# Short names for config overrides measured in the README: ``@shiftgate`` is the gate that
+# Short names for config overrides measured in docs/RESULTS.md: ``@shiftgate`` is the gate that
 # follows shifts at the value measured (256 positions), ``@hN`` holds out 1 in N requests
 # after a shift, ``@rN`` draws N% of each batch from the newest windows.
 _ALIASES = {"shiftgate": "trainer.gate_shift_positions=256",

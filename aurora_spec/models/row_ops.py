@@ -5,7 +5,7 @@ attention with its cache writes, and the gated MLP's ``silu(gate) * up``.
 Why: at batch 1 a decode step spends much of its time outside the linears, in per-operation
 cost. ``torch.rms_norm`` on CPU is seven ATen operations (pow, mean, add, rsqrt, two muls and
 conversions), 41 us for one 576-float row against 6 us for a single add (``python -m timeit``,
-README "Kernels depend on the CPU"), and a SmolLM2-135M forward calls it 61 times; the rotary
+docs/RESULTS.md "Kernels depend on the CPU"), and a SmolLM2-135M forward calls it 61 times; the rotary
 embedding is five more operations per layer, and attention (two cache writes, slices, sdpa and
 a transpose back) ~150 us per layer on the AVX2 host. Here each is one call.
 
