@@ -52,8 +52,9 @@ class TrainerConfig:
     # pair (EAGLE-3's training-time test as published). Why: the deeper queries elsewhere cost
     # a forward and a backward for drafts no verifier sees; right after a shift nearly every
     # pair. A CPU step 1.54x cheaper from the chat head, 1.87x from a random one (AVX2-only
-    # host, one thread). Off by default: served a tie on the shift stream (1.16x the static
-    # head against 1.17x) and on day 0 a lower tau over the last 50 (2.21 against 2.28; docs/RESULTS.md,
+    # host, one thread). Off by default: two runs of each stream side by side served ties (the
+    # shift 1.16x and 1.17x the static head against the default's 1.17x and 1.16x; day 0's last
+    # 50 tau 2.21 at 1.27x and 2.25 at 1.36x against 2.28 at 1.41x and 2.18 at 1.35x; docs/RESULTS.md,
     # "Unrolling only the chains serving would have accepted"; @trainer.unroll_accepted=true).
     unroll_accepted: bool = False
     batch_tokens: int = 256  # committed positions per training step (packed)
