@@ -1,4 +1,4 @@
-"""What the gate's scoring costs, on recorded traffic: the accepted-chains unroll serving uses
+"""What the gate's scoring costs, on recorded traffic: the accepted-chains unroll the gate uses
 (``losses.acceptance_lengths``) against the full unroll it replaced, on the newest ~512 scored
 positions of each domain of a ``shift_catchup.py collect`` file (one gate slice), alternating
 rounds; it also checks that both give the same scores (docs/RESULTS.md, "Unrolling only the
