@@ -90,6 +90,9 @@ class Unrolled:
     logits_b: torch.Tensor  # (Nb, Vd) branch pairs, depth 1
     # per depth, the committed pairs (indices) the logits are for; None: all of them, in order
     pairs: list[torch.Tensor | None]
+    # with accepted_only, per depth: whether each of those pairs' draft would be accepted (the
+    # rule that chose the next depth's pairs); empty without it
+    hits: list[torch.Tensor]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,7 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
     g, logits = head(head.fuse(hid.to(wdt))[None], emb[None], pos[None], cache,
                      mask=WindowBlocks.from_mask(mask, win, win), lm_rows=lm_rows)
     out = Unrolled([logits[0, :nc]], [torch.ones(nc, dtype=torch.bool, device=dev)],
-                   logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1]), [None])
+                   logits[0, nc:] if nb else logits.new_zeros(0, logits.shape[-1]), [None], [])
     has_prev = b.prev_c >= 0
     prev = b.prev_c.clamp(min=0)
     every = torch.arange(nc, device=dev)
@@ -156,6 +159,8 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
     g_prev = g[0, :nc]
     truth, width = accepted_only if accepted_only is not None else (None, 1)
     hit = None if truth is None else _hits(out.logits[0], truth, width, vocab_rows)
+    if hit is not None:
+        out.hits.append(hit)
     for d in range(2, depth + 1):
         if hit is None:  # every pair; a query with no chain that deep is marked invalid
             s, valid = every, out.valid[-1][prev] & has_prev
@@ -180,6 +185,7 @@ def unrolled_forward(head: Eagle3Head, batch: Batch, embed: Embedder, depth: int
         out.pairs.append(None if hit is None else s)
         if truth is not None:
             hit = _hits(logits_d[0], truth[s], 1, vocab_rows)  # deeper: greedy, one branch
+            out.hits.append(hit)
             slot = torch.full((nc,), -1, dtype=torch.long, device=dev)
             slot[s] = torch.arange(len(s), device=dev)
         g_prev = g_d[0]
@@ -317,8 +323,7 @@ def acceptance_lengths(head: Eagle3Head, batch: Batch, embed: Embedder,
     # correct[d][p]: depth d+1's draft at pair p matches the emitted token (False where it
     # did not run: no chain reached p that deep)
     correct = []
-    for d, (lg, at) in enumerate(zip(un.logits, un.pairs)):
-        hit = _hits(lg, truth if at is None else truth[at], width if d == 0 else 1, None)
+    for hit, at in zip(un.hits, un.pairs):
         full = torch.zeros(nc, dtype=torch.bool, device=dev)
         full[slice(None) if at is None else at] = hit
         correct.append(full)
