@@ -494,11 +494,13 @@ def test_acceptance_lengths_unrolling_accepted_chains_equal_the_full_unrolls(wid
     depth = 3
     with torch.no_grad():
         full = unrolled_forward(head, batch, embed, depth, with_branches=False)
-    # each pair emits, drawn at random, its depth-1, -2 or -3 guess or the token its depth-1
-    # draft ranks last: chains stop wherever a draw misses their depth
+    # each pair emits, drawn at random, its depth-1, -2 or -3 guess, the token its depth-1
+    # draft ranks second (accepted by a tree, not by a chain) or the one it ranks last: chains
+    # stop wherever a draw misses their depth
     q = torch.arange(batch.n_committed)
-    guess = [lg.argmax(-1) for lg in full.logits] + [full.logits[0].argmin(-1)]
-    draw = torch.randint(0, 4, (len(q),), generator=torch.Generator().manual_seed(0))
+    guess = [lg.argmax(-1) for lg in full.logits]
+    guess += [full.logits[0].topk(2, dim=-1).indices[:, 1], full.logits[0].argmin(-1)]
+    draw = torch.randint(0, 5, (len(q),), generator=torch.Generator().manual_seed(0))
     pick = torch.stack(guess)[draw, q]
     batch = dataclasses.replace(batch, truth_c=head.d2t[pick])
     want = _lengths_from_full_unroll(head, batch, embed, depth, width)
