@@ -13,9 +13,9 @@ threshold at its 128 KiB default, so a buffer freed at the top of the heap is gi
 faulted in again (a probe that frees one 19 MB tensor a step faulted more with it than without).
 
 Measured with ``python scripts/shift_catchup.py --threads T speed runs/catchup-cs/traces.pt
---init runs/head-chat --steps 20 [--heap-buffers]`` (docs/RESULTS.md, "A trainer step's page faults"):
-on an AVX512-BF16 host the mmap threshold alone took a step from ~4,050 faults and ~43 ms of
-system time to 644 and ~9 ms, 1.13x faster on 1 thread and 1.14x on 2; on an AVX2-only host,
+--init runs/head-chat --steps 20 [--heap-buffers]`` (docs/results/trainer.md, "A trainer step's page
+faults"): on an AVX512-BF16 host the mmap threshold alone took a step from ~4,050 faults and ~43 ms
+of system time to 644 and ~9 ms, 1.13x faster on 1 thread and 1.14x on 2; on an AVX2-only host,
 where glibc's defaults fault less (1,000-3,800 a step), both settings took it to none. The
 price: the process keeps what it freed (peak RSS +350 MB in that script's process; the trainer
 process of a day-0 bench beside glibc's defaults peaked lower with it, 2.3 GB against 2.7).

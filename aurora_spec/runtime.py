@@ -24,7 +24,7 @@ RANDOM_HEAD_PRIOR = 0.05  # a day-0 head: probe first, draft once acceptance is 
 # depth-1 top-3 hit rate is ~1.5x the top-1 rate (0.53 vs 0.36, scripts/learning_curve.py), and a
 # 3-node draft verifies as 4 tokens, which the CPU kernels price like 1 (cpu_linear.py); the
 # policy prices deeper trees by their w*k + 1 tokens. Measured with a trained code head on code
-# and math (docs/RESULTS.md): 1.30x target-only with 3 branches against 1.03x with a chain.
+# and math (docs/bench/HISTORY.md): 1.30x target-only with 3 branches against 1.03x with a chain.
 DEFAULT_TREE_WIDTH = {"eagle3": 3, "ngram": 1}
 
 

@@ -8,8 +8,8 @@ Why: torch runs a CPU kernel on an OpenMP team of the calling thread. A helper t
 one parallel kernel (a ``torch.cat`` of trace rows, the weight reorder of a new head) gets a team
 of its own, whose worker threads live as long as the helper. libgomp then manages more threads
 than the machine has cores and makes every team, serving's included, sleep at its barriers
-instead of spinning ("throttled" spin). Measured on the 2-core VM (docs/RESULTS.md, "A measurement
-fault"): target-only decoding beside an online learner ran at 32.5 tokens/s against 49.4
+instead of spinning ("throttled" spin). Measured on the 2-core VM (docs/results/kernels.md, "A
+measurement fault"): target-only decoding beside an online learner ran at 32.5 tokens/s against 49.4
 without one (43.6 after this fix), and in ``aurora bench`` the online arm, whose idle-class
 trainer kept the cores busy so that serving's wake-ups were quick, looked 5-13% cheaper per
 verify step than the arms beside it.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A short check of the engine and the trainer on a CUDA GPU (docs/RESULTS.md "On a GPU"): the lossless and
-# online-loop tests with tiny models on the GPU, then day 0 on the bundled model in float32 and
-# bfloat16 (target-only against online learning, the trainer process on the same GPU).
+# A short check of the engine and the trainer on a CUDA GPU (docs/results/gpu.md "On a GPU"): the
+# lossless and online-loop tests with tiny models on the GPU, then day 0 on the bundled model in
+# float32 and bfloat16 (target-only against online learning, the trainer process on the same GPU).
 #   bash scripts/cuda_check.sh MODEL OUT_DIR [REQUESTS_PER_DOMAIN]
 # MODEL: a bundled name (smollm2-135m) or a .gguf path; the traffic comes from $AURORA_TRAFFIC or
 # ../shared/data/traffic. Each stage runs under its own time limit and the script goes on to the

@@ -1,7 +1,7 @@
 """What the gate's scoring costs, on recorded traffic: the accepted-chains unroll the gate uses
 (``losses.acceptance_lengths``) against the full unroll it replaced, on the newest ~512 scored
 positions of each domain of a ``shift_catchup.py collect`` file (one gate slice), alternating
-rounds; it also checks that both give the same scores (docs/RESULTS.md, "Unrolling only the
+rounds; it also checks that both give the same scores (docs/results/trainer.md, "Unrolling only the
 chains serving would have accepted").
 
     python scripts/gate_cost.py runs/catchup-cs/traces.pt [--init runs/head-chat] [--rounds 3]

@@ -1,5 +1,6 @@
 """How fast does a trained head catch up after a traffic shift? An offline proxy for the wide-shift
-benchmark (docs/RESULTS.md, "Domain shift"), minutes instead of ~35, to choose what is worth benching.
+benchmark (docs/results/shift.md, "Domain shift"), minutes instead of ~35, to choose what is worth
+benching.
 
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\

@@ -63,9 +63,9 @@ class PolicyConfig:
     # got at the last swap (DraftLengthPolicy.seed_weight above ``deep_probe_until``); 0: off.
     # Why: a depth the policy does not draft is never measured, so a seed too low for it stays
     # for as long as the head is live (an online head on SQL drafted one depth of its tree,
-    # its depth-2 seeds 0.24-0.41, where the SQL head drafted three at 0.57-0.62: docs/RESULTS.md,
-    # "Two identical online arms"). The price while it probes: one head step and one depth of
-    # verified nodes every ``deep_probe_every`` steps. Measured with 8 (docs/bench/
+    # its depth-2 seeds 0.24-0.41, where the SQL head drafted three at 0.57-0.62:
+    # docs/results/gate.md, "Two identical online arms"). The price while it probes: one head step
+    # and one depth of verified nodes every ``deep_probe_every`` steps. Measured with 8 (docs/bench/
     # shift-measured/): the head drafted two deep on SQL, its depth-2 rate as the gate had
     # seeded it (the seeds were not too low), tau +0.14 and tokens/s a tie; on day 0 tau
     # 2.30 against 2.27 at 1.40x against 1.41x (docs/bench/day0-measured/); not adopted.
@@ -79,12 +79,12 @@ class PolicyConfig:
     # for as long as serving runs. In a shift run the online head held the same SQL estimates in
     # two arms and only the one that drafted depth 2 now and then drafted it for good: at those
     # rates depth 2 pays if its verify costs at most ~1.10x depth 1's, and this host measures
-    # ~1.0x (docs/RESULTS.md, "Pairing only what serving measured"). The price: ``reprice_burst`` steps
-    # one depth deeper every ``stale_after`` verifies at most (8 in 512: ~1.5% of steps).
-    # Measured with 8 (docs/bench/shift-reprice/, day0-reprice/): without it the arms priced a
-    # depth-2 forward at 1.39x (online) and 1.78x (static) a depth-1 one, with it at 1.00x as
-    # calibration measures; the online head then drafted two deep on SQL and code, tau +0.10 to
-    # +0.17, tokens/s a tie (1.15x against 1.16x the static head, 1.15x against 1.13x in a
+    # ~1.0x (docs/results/gate.md, "Pairing only what serving measured"). The price:
+    # ``reprice_burst`` steps one depth deeper every ``stale_after`` verifies at most (8 in 512:
+    # ~1.5% of steps). Measured with 8 (docs/bench/shift-reprice/, day0-reprice/): without it the
+    # arms priced a depth-2 forward at 1.39x (online) and 1.78x (static) a depth-1 one, with it at
+    # 1.00x as calibration measures; the online head then drafted two deep on SQL and code, tau
+    # +0.10 to +0.17, tokens/s a tie (1.15x against 1.16x the static head, 1.15x against 1.13x in a
     # repeat); not adopted.
     reprice_burst: int = 0
 

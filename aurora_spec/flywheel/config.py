@@ -38,7 +38,8 @@ class TrainerConfig:
     # training on chat the trainee scored 0.196-0.199 on held-out chat at 5e-4, 0.166-0.169 at
     # 1e-3 (the chat head: 0.180), and the catch-up mean over SQL and code was 0.359-0.362
     # against 0.337-0.351; 1e-4 caught up slower. Served as fast as 1e-3 in the benchmark
-    # (docs/RESULTS.md, "Domain shift": the drift was not what delays the first version after a shift).
+    # (docs/results/shift.md, "Domain shift": the drift was not what delays the first version after
+    # a shift).
     lr_trained: float | None = 5e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -54,8 +55,9 @@ class TrainerConfig:
     # pair. A CPU step 1.54x cheaper from the chat head, 1.87x from a random one (AVX2-only
     # host, one thread). Off by default: two runs of each stream side by side served ties (the
     # shift 1.16x and 1.17x the static head against the default's 1.17x and 1.16x; day 0's last
-    # 50 tau 2.21 at 1.27x and 2.25 at 1.36x against 2.28 at 1.41x and 2.18 at 1.35x; docs/RESULTS.md,
-    # "Unrolling only the chains serving would have accepted"; @trainer.unroll_accepted=true).
+    # 50 tau 2.21 at 1.27x and 2.25 at 1.36x against 2.28 at 1.41x and 2.18 at 1.35x;
+    # docs/results/trainer.md, "Unrolling only the chains serving would have accepted";
+    # @trainer.unroll_accepted=true).
     unroll_accepted: bool = False
     batch_tokens: int = 256  # committed positions per training step (packed)
     # > 0: each step's KL over at least this many draft ids (every position's loss_top_k target
@@ -64,10 +66,10 @@ class TrainerConfig:
     # CPU, 388 against 580 ms on one thread, `scripts/shift_catchup.py --threads 1 speed` as is
     # and with `--trainer '{"loss_vocab": 0}'`); 0: the whole vocabulary. Why 2048 by default:
     # no run measured it serving a lower tau, and a trainer that shares serving's cores takes a
-    # third less CPU per step. Day 0 side by side (docs/RESULTS.md "Day 0", [4d]): last 50 requests tau
-    # 2.25 at 1.36x target-only against 2.22 at 1.30x, trainer CPU 216 s against 289 s; on chat
-    # -> SQL -> code from the chat head it made 1.2-1.3x the steps and served the same tau,
-    # twice (docs/RESULTS.md, "A static head from general-assistant traffic").
+    # third less CPU per step. Day 0 side by side (docs/results/day0.md "Day 0", [4d]): last 50
+    # requests tau 2.25 at 1.36x target-only against 2.22 at 1.30x, trainer CPU 216 s against 289 s;
+    # on chat -> SQL -> code from the chat head it made 1.2-1.3x the steps and served the same tau,
+    # twice (docs/results/shift.md, "A static head from general-assistant traffic").
     loss_vocab: int = 2048
     loss_top_k: int = 16
     window: int = 128  # committed positions per training window (one request's slice)
@@ -81,9 +83,10 @@ class TrainerConfig:
     # can take 20+ requests, and which ones depends on the ids' luck). On by default: on the
     # proxy it removed a gate stuck for a whole segment (live mean over three seeds 0.425
     # against 0.391); in the bench it tied with the hash three times with one held-out draw for
-    # both arms (1.23x and 1.23x, 1.30x and 1.32x, 1.25x and 1.25x the static head; docs/RESULTS.md, "The
-    # gate as served"), and on day 0 (tau 2.16 and 2.36 against the hash's 2.22 and 2.29, [4w]),
-    # so it is kept for the bounded wait (bench suffix @trainer.holdout_blocks=false).
+    # both arms (1.23x and 1.23x, 1.30x and 1.32x, 1.25x and 1.25x the static head;
+    # docs/results/gate.md, "The gate as served"), and on day 0 (tau 2.16 and 2.36 against the
+    # hash's 2.22 and 2.29, [4w]), so it is kept for the bounded wait (bench suffix
+    # @trainer.holdout_blocks=false).
     holdout_blocks: bool = True
     holdout_windows: int = 32  # the gate's slice: the newest held-out windows
     reuse: float = 16.0  # train on at most reuse x (positions ingested); then wait for traffic
@@ -91,8 +94,9 @@ class TrainerConfig:
     # > 0: candidates carry an exponential moving average of the trained weights with this
     # decay per step (flywheel/average.py) instead of the weights of the step they were frozen
     # at; 0: the latter. Off by default: on chat -> SQL -> code at 0.9 the proxy caught up 11%
-    # further, the bench served the same tokens/s with half as many versions live (docs/RESULTS.md, "A
-    # static head from general-assistant traffic"; bench suffix @trainer.candidate_ema=0.9).
+    # further, the bench served the same tokens/s with half as many versions live
+    # (docs/results/shift.md, "A static head from general-assistant traffic"; bench suffix
+    # @trainer.candidate_ema=0.9).
     candidate_ema: float = 0.0
     gate_depth: int = 4  # draft length of the offline acceptance measure
     # The measure drafts what serving drafts: top-``score_width`` trees (1: greedy chains). Its
@@ -104,7 +108,7 @@ class TrainerConfig:
     # If > 0: on that slice a held-out window k windows older than the newest weighs
     # 0.5 ** (k / gate_half_life), so traffic that just changed counts before it fills the slice.
     # Off by default: 4 raised the proxy's live mean 2% on one seed, two ties in the bench with
-    # holdout_blocks (docs/RESULTS.md, "The gate as served"; @trainer.gate_half_life=4).
+    # holdout_blocks (docs/results/gate.md, "The gate as served"; @trainer.gate_half_life=4).
     gate_half_life: float = 0.0
     # If > 0: after a traffic shift (the served acceptance of whatever head is live, over the
     # newest rest_wake_steps drafting steps, falls by rest_wake_drop below its peak) the gate
@@ -112,7 +116,8 @@ class TrainerConfig:
     # gate_positions of them arrived since. Off by default: at 256, on the wide shift measured
     # side by side with it off, it served 1.01x the static head after the shifts where off
     # served 1.04x (a 256-position slice passed candidates on noise), and 1.05x with
-    # holdout_every_shift 4 (docs/RESULTS.md, "Domain shift"; bench suffixes @shiftgate, @hN).
+    # holdout_every_shift 4 (docs/results/gate.md, "The gate after a shift"; bench suffixes
+    # @shiftgate, @hN).
     gate_shift_positions: int = 0
     # ... and until then 1 in this many new requests is held out (0: holdout_every, the same
     # as before the shift); e.g. 4 fills the slice of new traffic twice as fast.
@@ -143,7 +148,7 @@ class TrainerConfig:
     # default's 1.16x, docs/bench/shift-measured/), and on day 0 tau 2.21 against 2.27
     # (docs/bench/day0-measured/), where one seed still came from a few probe trials read as a
     # measurement: a weight from trial counts is the next step. Bench suffix
-    # @trainer.paired_policy_seed=true (docs/RESULTS.md, "Pairing only what serving measured").
+    # @trainer.paired_policy_seed=true (docs/results/gate.md, "Pairing only what serving measured").
     paired_policy_seed: bool = False
     gate_min_positions: int = 32  # no publication before the held-out slice has this many
     vocab_rebuild_coverage: float = 0.97  # rebuild the draft vocab below this coverage
@@ -165,8 +170,8 @@ class TrainerConfig:
     # progress for resting and for the backoff. Why: a sharing trainer costs serving ~25% of
     # its tokens/s while it trains (one thread of two), and a head gaining a few per cent per
     # candidate has stopped paying for that (0: any pass counts as progress). Measured on the
-    # 300-request day-0 stream (docs/RESULTS.md, "Day 0"): 0 / 0.05 / 0.10 served 220 / 203 / 163
-    # requests on one thread, 1.26x / 1.28x / 1.32x target-only overall.
+    # 300-request day-0 stream (docs/results/day0.md, "Day 0"): 0 / 0.05 / 0.10 served 220 / 203 /
+    # 163 requests on one thread, 1.26x / 1.28x / 1.32x target-only overall.
     rest_progress: float = 0.10
     rest_wake_drop: float = 0.25
     # The coverage wake: the draft vocabulary covers less than rest_wake_coverage of the tokens
@@ -269,7 +274,7 @@ class LearnerConfig:
     # True: run a CPU trainer under SCHED_IDLE (Linux) instead: it only gets CPU time serving
     # leaves unused, and serving keeps every thread while it trains. Serving loses nothing;
     # learning is as fast as serving is idle (on back-to-back bench traffic it made ~55% of the
-    # sharing trainer's steps from a trained head and ~4% from day 0: docs/RESULTS.md).
+    # sharing trainer's steps from a trained head and ~4% from day 0: docs/bench/HISTORY.md).
     # None (auto): idle when serving starts from a trained head (live version > 0 after resume),
     # where it measured faster than sharing; sharing from a day-0 head, which must learn fast.
     trainer_idle: bool | None = None
@@ -282,7 +287,7 @@ class LearnerConfig:
     # Drafting verify steps on a new version before judging it, as many as the previous version's
     # level is measured on (VersionStats.recent): steps within a request are correlated, and 48
     # (about one 64-token request) rolled back 5 of 7 versions that the held-out gate had passed
-    # (gemma shift at 50% load, docs/RESULTS.md).
+    # (gemma shift at 50% load, docs/bench/HISTORY.md).
     rollback_min_steps: int = 256
     rollback_drop: float = 0.25  # roll back when accepted/step falls by more than this share
     rollback_min_gap: float = 0.1  # ... and by at least this many tokens per step

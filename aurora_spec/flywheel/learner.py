@@ -300,7 +300,7 @@ class OnlineLearner:
 
     def _want_idle_trainer(self) -> bool:
         """``cfg.trainer_idle``, or when None (auto): idle from a trained head, where serving
-        on every thread beat a sharing trainer (docs/RESULTS.md, stream-shift-v4), sharing from
+        on every thread beat a sharing trainer (docs/bench/HISTORY.md, stream-shift-v4), sharing from
         a day-0 head, which learns fast only on a core of its own (an idle trainer made ~4% of
         the sharing one's steps there)."""
         if self.cfg.trainer_idle is not None:

@@ -168,8 +168,8 @@ class Resting:
 
         Why twice: on mixed traffic the mean over 256 steps (~9 requests) swings with the mix
         of the requests in it; one such swing of 25% woke a resting trainer near the end of a
-        day-0 run, with no change in the traffic (docs/RESULTS.md, "Day 0"), and every wake costs
-        serving its second thread. A real shift stays: confirming it costs one more window."""
+        day-0 run, with no change in the traffic (docs/results/day0.md, "Day 0"), and every wake
+        costs serving its second thread. A real shift stays: confirming it costs one more window."""
         n = self.cfg.rest_wake_steps
         if not n or self._served_since_rest < n:
             return ""

@@ -6,8 +6,8 @@ with the traffic; when it falls by ``drop`` below its peak, the traffic the head
 may be gone (a new domain, style or language). That shows within a few requests, where the
 held-out slice (1 request in 8) needs tens of them. It is not a sharp test: acceptance varies as
 much between requests of one domain, and at 256 steps and 25% the watch marked 8 "shifts" on
-the mixed 300-request day-0 stream and 5-9 on a stream with 2 (docs/RESULTS.md, "The gate after a
-shift"), which is one reason the gate that uses it is off by default.
+the mixed 300-request day-0 stream and 5-9 on a stream with 2 (docs/results/gate.md, "The gate after
+a shift"), which is one reason the gate that uses it is off by default.
 """
 
 from __future__ import annotations

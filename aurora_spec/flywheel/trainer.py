@@ -261,7 +261,8 @@ class Trainer(Gating, Resting):
     def _autocast(self):
         """bf16 autocast where it pays, and on CUDA never cuDNN's attention: it builds a plan for
         every new shape, ~15 ms of CPU a call (every batch here has its own length), which made
-        a bf16 step on an H200 396 ms against 18 without autocast (docs/RESULTS.md "On a GPU")."""
+        a bf16 step on an H200 396 ms against 18 without autocast (docs/results/gpu.md "On a
+        GPU")."""
         attention = (sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.MATH])
                      if self.device.type == "cuda" else contextlib.nullcontext())

@@ -34,8 +34,8 @@ With AVX2 and FMA but no AVX-512 the same source builds 16-output blocks and 6-r
 
 (a second run, beside 8-output blocks and 12-row tiles: 32/36/36/32/32/48/55 against
 31/35/34/32/36/44/62; MKL 54 for 1 row, oneDNN 56-60 for 1-6.) There 1-6 rows are one pass over the
-weights (~15 GB/s; docs/RESULTS.md, "Kernels depend on the CPU"), and 8-12 rows are bound by the
-multiply-adds. On a
+weights (~15 GB/s; docs/results/kernels.md, "Kernels depend on the CPU"), and 8-12 rows are bound by
+the multiply-adds. On a
 CPU with neither, the callers keep oneDNN.
 
 Draft heads can keep their copies in bfloat16 (``RowLinear(bf16_weights=True)``): the same

@@ -5,9 +5,9 @@ attention with its cache writes, and the gated MLP's ``silu(gate) * up``.
 Why: at batch 1 a decode step spends much of its time outside the linears, in per-operation
 cost. ``torch.rms_norm`` on CPU is seven ATen operations (pow, mean, add, rsqrt, two muls and
 conversions), 41 us for one 576-float row against 6 us for a single add (``python -m timeit``,
-docs/RESULTS.md "Kernels depend on the CPU"), and a SmolLM2-135M forward calls it 61 times; the rotary
-embedding is five more operations per layer, and attention (two cache writes, slices, sdpa and
-a transpose back) ~150 us per layer on the AVX2 host. Here each is one call.
+docs/results/kernels.md "Kernels depend on the CPU"), and a SmolLM2-135M forward calls it 61 times;
+the rotary embedding is five more operations per layer, and attention (two cache writes, slices,
+sdpa and a transpose back) ~150 us per layer on the AVX2 host. Here each is one call.
 
 Where it applies: float32 tensors on CPU with autograd off (serving runs under inference_mode,
 the trainer's judge under no_grad), when the C library builds. Training keeps the PyTorch

@@ -389,8 +389,9 @@ def test_trace_buffer_is_bounded_and_drops_oldest():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cuda_trainer_keeps_attention_off_cudnn() -> None:
-    """cuDNN's attention plans every new shape (~15 ms of CPU a call, docs/RESULTS.md "On a GPU") and
-    every training batch has its own length: a trainer step's attention must not use it."""
+    """cuDNN's attention plans every new shape (~15 ms of CPU a call, docs/results/gpu.md "On a
+    GPU") and every training batch has its own length: a trainer step's attention must not use
+    it."""
     from aurora_spec.flywheel.losses import Embedder, TargetHead
     from aurora_spec.flywheel.trainer import Trainer
 
