@@ -5,6 +5,7 @@ benching.
     python scripts/shift_catchup.py collect --out runs/catchup/traces.pt
     python scripts/shift_catchup.py fit runs/catchup/traces.pt --init runs/head-code \\
         --seconds 1.45 [--trainer '{"depth": 1}'] [--prompt-rows 64] [--steps 5 --burst 20:10]
+        [--after-shift lr=1e-3,steps=150,fresh=1,at=0]
     python scripts/shift_catchup.py at-once runs/catchup/traces.pt --domain sql --init runs/head-chat
     python scripts/shift_catchup.py [--device cuda] speed runs/catchup/traces.pt \\
         [--init runs/head-code] [--trainer '{"batch_tokens": 128}'] [--profile] [--heap-buffers]
@@ -17,7 +18,8 @@ day-0 head) and feeds it the stream in order, the last ``--held`` requests of ea
 the first held out (with ``--hold-first``, of the first too: does training on traffic the head
 already knows make it worse there?); after each request it trains for ``--seconds`` of wall
 time (equal CPU time for settings whose steps cost differently; ``--steps`` instead gives a
-fixed number of steps).
+fixed number of steps; ``--after-shift`` changes the learning rate or the optimizer's moments
+at a shift, see ``AfterShift``).
 Every 5 requests it scores the current head on the current domain's held-out requests (the gate's
 measure: mean accepted tokens of a greedy 4-token chain) and prints one JSON line with the
 curves, their mean, the ``--init`` head's untrained score on each domain (``static``: what a
@@ -64,6 +66,49 @@ def _burst(text: str) -> tuple[int, int]:
     if requests < 0 or steps < 0:
         raise argparse.ArgumentTypeError(f"REQUESTS and STEPS must be >= 0, got {text!r}")
     return requests, steps
+
+
+@dataclasses.dataclass
+class AfterShift:
+    """``--after-shift lr=X,steps=N,fresh=1,at=I``: at request ``at`` of each domain after the
+    first (0: as the shift starts; a served shift watch notices one ~8 requests in), train the
+    next ``steps`` optimizer steps at learning rate ``lr`` and, with ``fresh``, forget AdamW's
+    moments: does a trained head learn new traffic faster from its first steps on it?"""
+    lr: float | None = None
+    steps: int = 0
+    fresh: bool = False
+    at: int = 0
+    _left: int = 0  # boosted steps still to take
+    _base_lr: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AfterShift:
+        try:
+            kv = dict(part.split("=") for part in text.split(","))
+            got = cls(lr=float(kv.pop("lr")) if "lr" in kv else None,
+                      steps=int(kv.pop("steps", 0)), fresh=kv.pop("fresh", "0") == "1",
+                      at=int(kv.pop("at", 0)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected e.g. lr=1e-3,steps=150,fresh=1,at=0, "
+                                             f"got {text!r}") from None
+        if kv:
+            raise argparse.ArgumentTypeError(f"unknown --after-shift keys: {sorted(kv)}")
+        return got
+
+    def start(self, trainer) -> None:
+        if self.fresh:
+            trainer.opt.state.clear()  # AdamW starts each parameter's state afresh
+        self._left = self.steps if self.lr is not None else 0
+
+    def before_step(self, trainer) -> None:
+        """Set the learning rate of the coming step (trainer.lr too: a vocabulary rebuild makes
+        a new optimizer from it)."""
+        if self._base_lr is None:
+            self._base_lr = trainer.lr
+        trainer.lr = self.lr if self._left > 0 and self.lr is not None else self._base_lr
+        for group in trainer.opt.param_groups:
+            group["lr"] = trainer.lr
+        self._left -= 1
 
 
 def _stream(text: str) -> list[tuple[str, int]]:
@@ -241,10 +286,14 @@ def fit(a: argparse.Namespace) -> None:
                     live[d].append(round(trainer.offline_acceptance(trainer.live, held[d])[0], 4))
             trainer.ingest(request)
             trainer.flush()
+            if a.after_shift and d != domains[0] and i == a.after_shift.at:
+                a.after_shift.start(trainer)
             burst = d in held and i < burst_requests  # the first requests after a shift
             end = time.perf_counter() + a.seconds
             owed += burst_steps if burst else a.steps
             while trainer.can_train() and (time.perf_counter() < end if a.seconds else owed >= 1):
+                if a.after_shift:
+                    a.after_shift.before_step(trainer)
                 trainer.train_step()
                 owed -= 1
                 since_gate += 1
@@ -268,6 +317,7 @@ def fit(a: argparse.Namespace) -> None:
                                          / max(static_mean, 1e-9), 3)}
     print(json.dumps({"trainer": json.loads(a.trainer), "prompt_rows": a.prompt_rows,
                       "burst": a.burst and ":".join(map(str, a.burst)),
+                      "after_shift": a.after_shift and a.after_shift_text,
                       "steps": trainer.stats.steps, "seconds": round(time.perf_counter() - t0),
                       "cpu_s": round(time.process_time() - cpu0, 1),
                       "vocab_rebuilds": trainer.vocab.rebuilds,
@@ -333,6 +383,10 @@ def main() -> None:
     f.add_argument("--burst", type=_burst, default=None, metavar="REQUESTS:STEPS",
                    help="with --steps: STEPS steps per request instead for the first REQUESTS "
                    "requests of each domain after the first (more compute right after a shift)")
+    f.add_argument("--after-shift", dest="after_shift_text", default="",
+                   metavar="lr=X,steps=N,fresh=1,at=I",
+                   help="at request I of each later domain (default 0), train N steps at lr X "
+                   "and/or (fresh=1) forget the optimizer's moments (AfterShift)")
     f.add_argument("--gate", action="store_true",
                    help="also run the gate as serving does (1 in holdout_every requests held out "
                    "from training, a candidate every publish_every steps, swapped in when it "
@@ -361,6 +415,11 @@ def main() -> None:
                    "(aurora_spec/memory.py); without it glibc's defaults, unless "
                    "MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set")
     a = ap.parse_args()
+    if a.cmd == "fit":
+        try:
+            a.after_shift = AfterShift.parse(a.after_shift_text) if a.after_shift_text else None
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"--after-shift: {e}")
     if a.cmd == "fit" and a.burst and a.seconds:
         ap.error("--burst counts steps: use it with --seconds 0 --steps N")
     torch.set_num_threads(a.threads)
