@@ -17,6 +17,7 @@ import torch
 
 import shift_catchup as sc
 from aurora_spec.flywheel import scoring
+from aurora_spec.flywheel.gating import newest_windows
 from aurora_spec.flywheel.losses import acceptance_lengths, unrolled_forward
 
 
@@ -41,17 +42,6 @@ def full_unroll_lengths(head, batch, embed, depth: int, width: int = 1) -> torch
     return total
 
 
-def gate_slice(windows: list, positions: int = 512) -> list:
-    """The newest windows holding ``positions`` scored positions, as the gate's slice."""
-    out, n = [], 0
-    for w in reversed(windows):
-        out.append(w)
-        n += w.scored_pairs
-        if n >= positions:
-            break
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("traces")
@@ -67,7 +57,8 @@ def main() -> None:
     trainer = sc._trainer(a)
     data = torch.load(a.traces, weights_only=False)
     for domain, _ in sc._stream(data["stream"]):
-        windows = gate_slice(sc._held_windows(sc._requests(data["records"][domain], 0)))
+        windows = newest_windows(sc._held_windows(sc._requests(data["records"][domain], 0)),
+                                 trainer.cfg.gate_positions)
         ms: dict[str, list[int]] = {"full": [], "accepted": []}
         scores = {}
         for _ in range(a.rounds):

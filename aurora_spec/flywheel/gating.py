@@ -126,13 +126,7 @@ class Gating:
 
     def gate_windows(self) -> list[Window]:
         """The newest held-out windows, about ``gate_size()`` pairs in all."""
-        out, n, size = [], 0, self.gate_size()
-        for w in reversed(self.store.holdout_slice()):
-            if n >= size:
-                break
-            out.append(w)
-            n += w.scored_pairs
-        return out
+        return newest_windows(self.store.holdout_slice(), self.gate_size())
 
     def live_acceptance(self, windows: list[Window], source: tuple) -> tuple[float, int]:
         """The live head's offline acceptance on ``windows`` (the gate's slice, named by
@@ -220,3 +214,15 @@ class Gating:
         self.store.mark()  # what arrives from now on, no published head has trained on
         self.stats.candidates += 1
         return cand, res
+
+
+def newest_windows(windows: list[Window], pairs: int) -> list[Window]:
+    """The newest of ``windows`` (oldest first), newest first, until they hold ``pairs`` scored
+    pairs: a gate's slice."""
+    out, n = [], 0
+    for w in reversed(windows):
+        if n >= pairs:
+            break
+        out.append(w)
+        n += w.scored_pairs
+    return out
