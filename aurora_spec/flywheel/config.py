@@ -171,7 +171,9 @@ class TrainerConfig:
     # its tokens/s while it trains (one thread of two), and a head gaining a few per cent per
     # candidate has stopped paying for that (0: any pass counts as progress). Measured on the
     # 300-request day-0 stream (docs/results/day0.md, "Day 0"): 0 / 0.05 / 0.10 served 220 / 203 /
-    # 163 requests on one thread, 1.26x / 1.28x / 1.32x target-only overall.
+    # 163 requests on one thread, 1.26x / 1.28x / 1.32x target-only overall. 0.2 tied (a lower
+    # tau on the AVX512-BF16 host; on an AVX2-only one, two runs, the same speed: "Day 0" and
+    # "Resting sooner on an AVX2-only host", same file).
     rest_progress: float = 0.10
     rest_wake_drop: float = 0.25
     # The coverage wake: the draft vocabulary covers less than rest_wake_coverage of the tokens
