@@ -60,15 +60,12 @@ def run_engine(model, head, prompt, max_tokens=40, k=4, tree=1, prompt_rows=0):
         records.append(record_step(t, torch.float32, max_rejected=8))
         traces.append((t.context_len, t.proposal.tokens, t.result.num_accepted))
 
-    drafter = Eagle3Drafter(head, model.embed.weight, tree_width=tree)
-    runner = TargetRunner(model, CacheConfig(max_slots=1, capacity=256))
-    engine = Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=k, fixed_draft=k),
-                                                  calibrate=False), sink)
+    engine = make_engine(model, Eagle3Drafter(head, model.embed.weight, tree_width=tree), sink, k)
     if prompt_rows:
         engine.prefill_sink = lambda t: records.append(record_prefill(t, torch.float32,
                                                                       prompt_rows))
     out = engine.generate(prompt, SamplingParams(max_tokens=max_tokens))
-    return list(prompt) + list(out.token_ids), records, traces, runner
+    return list(prompt) + list(out.token_ids), records, traces, engine.runner
 
 
 def full_rows(runner, tokens):
