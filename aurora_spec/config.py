@@ -43,3 +43,6 @@ class DrafterConfig:
     # traffic) merged into the head's tree (drafters/hybrid.py). It pays from the first request,
     # when a day-0 head is still useless, and later where the head is wrong on repeated spans.
     lookup: bool = True
+    # eagle3 + lookup: on a step whose lookup chain adds nodes, verify only the head's first
+    # branch beside it, not its siblings (drafters/hybrid.py, ``narrow``).
+    lookup_narrow: bool = False

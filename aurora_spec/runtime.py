@@ -161,7 +161,7 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     from aurora_spec.drafters.hybrid import LookupHybrid
     from aurora_spec.drafters.ngram import NgramDrafter
 
-    return LookupHybrid(learned, NgramDrafter(tree_width=1))
+    return LookupHybrid(learned, NgramDrafter(tree_width=1), narrow=cfg.lookup_narrow)
 
 
 def _check_head_fits(head: Any, model: DecoderModel) -> None:

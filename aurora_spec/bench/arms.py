@@ -212,6 +212,7 @@ class ArmOptions:
     max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
     draft_dtype: str = "auto"
     lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
+    lookup_narrow: bool = False  # ... and only the head's first branch where the chain adds nodes
     trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving
@@ -282,7 +283,8 @@ def engine_arm(target: BenchTarget, name: str, kind: str, drafter_name: str,
     from aurora_spec.runtime import make_drafter, target_kernels
 
     drafter = make_drafter(DrafterConfig(drafter_name, weights, opts.draft_vocab, opts.tree_width,
-                                         opts.seed, opts.draft_dtype, opts.lookup), target.model)
+                                         opts.seed, opts.draft_dtype, opts.lookup,
+                                         opts.lookup_narrow), target.model)
     packed = target_kernels(target.model, drafter is not None, opts.max_slots,
                             opts.target_kernels)
     runner = TargetRunner(target.model, CacheConfig(opts.max_slots, target.max_context), packed)
@@ -327,6 +329,7 @@ class ArmSpec:
     # Per-arm overrides of ArmOptions by suffix (None: the run's option).
     tree_width: int | None = None  # ``@wN``: this arm drafts top-N trees
     lookup: bool | None = None  # ``@lookup`` / ``@nolookup``: this arm's eagle3 lookup chain
+    lookup_narrow: bool | None = None  # ``@narrow`` / ``@wide``: the head's siblings beside it
     trainer_idle: bool | None = None  # ``@idle`` / ``@share`` (online arms); None: auto
     trainer_threads: int | None = None  # ``@tN`` (online arms): the trainer's threads
     trainer_rests: bool | None = None  # ``@rest`` / ``@norest`` (online arms); None: auto
@@ -339,12 +342,12 @@ class ArmSpec:
     target_kernels: str | None = None  # ``@packed``: target-only on the speculating kernels
 
 
-_OVERRIDES = ("tree_width", "lookup", "trainer_idle", "trainer_threads", "trainer_rests",
-              "rollback_paired", "trainer_spin", "trainer_heap_buffers", "trainer_config",
-              "trace_config", "policy_config", "target_kernels")
+_OVERRIDES = ("tree_width", "lookup", "lookup_narrow", "trainer_idle", "trainer_threads",
+              "trainer_rests", "rollback_paired", "trainer_spin", "trainer_heap_buffers",
+              "trainer_config", "trace_config", "policy_config", "target_kernels")
 _TRAINER = {"trainer_idle", "trainer_threads", "trainer_rests", "rollback_paired", "trainer_spin",
             "trainer_heap_buffers", "trainer_config", "trace_config"}
-_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|idle|share|rest|norest|paired|unpaired|spin|nospin|heap|mmap|packed"
+_SUFFIX = re.compile(r"@(w\d+|t\d+|h\d+|r\d+|lookup|nolookup|narrow|wide|idle|share|rest|norest|paired|unpaired|spin|nospin|heap|mmap|packed"
                      r"|shiftgate|noshiftgate|(?:trainer|trace|policy)\.\w+=[^@]+)$")
 _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "rest": ("trainer_rests", True), "norest": ("trainer_rests", False),
@@ -352,6 +355,7 @@ _FLAGS = {"idle": ("trainer_idle", True), "share": ("trainer_idle", False),
           "spin": ("trainer_spin", True), "nospin": ("trainer_spin", False),
           "heap": ("trainer_heap_buffers", True), "mmap": ("trainer_heap_buffers", False),
           "lookup": ("lookup", True), "nolookup": ("lookup", False),
+          "narrow": ("lookup_narrow", True), "wide": ("lookup_narrow", False),
           "packed": ("target_kernels", "packed")}
 # Short names for config overrides measured in docs/RESULTS.md: ``@shiftgate`` is the gate that
 # follows shifts at the value measured (256 positions), ``@hN`` holds out 1 in N requests
@@ -431,8 +435,8 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 
 def parse_arms(spec: str) -> list[ArmSpec]:
-    """``kind[:ARG][@wN][@lookup|@nolookup][@idle|@share][@tN][@rest|@norest][@paired|@unpaired]
-    [@spin|@nospin][@heap|@mmap][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@policy.FIELD=VALUE]
+    """``kind[:ARG][@wN][@lookup|@nolookup][@narrow|@wide][@idle|@share][@tN][@rest|@norest]
+    [@paired|@unpaired][@spin|@nospin][@heap|@mmap][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@policy.FIELD=VALUE]
     [@shiftgate|@noshiftgate][@hN][@rN][@packed]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,online@trainer.lr=0.003,static:DIR``.

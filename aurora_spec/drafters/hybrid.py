@@ -14,7 +14,11 @@ not worth drafting (a day-0 head). The policy prices the head's tree one branch 
 for the lookup chain's verified tokens.
 
 Merging: the lookup chain is inserted into the head's tree as a trie, so a lookup token equal to
-a head node at the same place reuses that node. Only deterministic drafts merge: a sampled head
+a head node at the same place reuses that node. With ``narrow`` set, a step whose lookup chain adds
+nodes to the head's tree verifies only the head's first branch (its top-1 chain) beside it. Why:
+on a CPU whose verify cost steps up past a few rows (AVX2: a 7-12-row forward costs ~1.3-1.5x a
+2-6-row one, docs/results/kernels.md) the head's siblings bought ~0.01 tokens a step where the
+chain was there and pushed a third of the steps over that step. Only deterministic drafts merge: a sampled head
 chain (temperature > 0, ``draft_probs`` set) is returned alone, because the verifier's rule for
 stochastic siblings needs every sibling drawn from the same q.
 
@@ -53,6 +57,7 @@ class SourceCounters:
     accepted_lookup: int = 0  # ... that the lookup chain alone would have had accepted
     lookup_steps: int = 0  # steps with a lookup chain in the tree
     lookup_nodes: int = 0  # nodes the lookup chain added (not shared with the head)
+    narrowed: int = 0  # steps that verified the head's first branch only (``narrow``)
     # request id -> [steps, head-alone accepted, lookup-alone accepted] of running requests, and
     # of the last FINISHED_KEPT finished ones (read by benchmarks after a request ends).
     running: dict[str, list[int]] = field(default_factory=dict)
@@ -82,6 +87,19 @@ def merge_chain(tree: Proposal, chain: tuple[int, ...]) -> tuple[Proposal, tuple
     return merged, tuple(path)
 
 
+def first_branch(tree: Proposal) -> Proposal:
+    """``tree``'s first root-level node and its descendants, renumbered in the same order."""
+    new: dict[int, int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    for i, (tok, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        if (parent == -1 and not tokens) or parent in new:
+            new[i] = len(tokens)
+            tokens.append(tok)
+            parents.append(new.get(parent, -1))
+    return Proposal(tuple(tokens), tuple(parents), tree.draft_probs, tree.draft_version)
+
+
 def _prefix_in(accepted: tuple[int, ...], nodes: frozenset[int] | set[int]) -> int:
     n = 0
     for node in accepted:
@@ -98,11 +116,12 @@ class LookupHybrid:
     name = "eagle3+lookup"
     free_depth = True  # the engine asks every step, with the request's draft limit
 
-    def __init__(self, learned: Any, lookup: Any) -> None:
+    def __init__(self, learned: Any, lookup: Any, narrow: bool = False) -> None:
         if getattr(lookup, "tree_width", 1) != 1:
             raise ValueError("the lookup drafter must propose chains (tree_width=1)")
         self.learned = learned
         self.lookup = lookup
+        self.narrow = narrow  # a chain that adds nodes replaces the head's siblings
         # The policy prices a depth-k draft as (w + 1) * k + 1 verified tokens: the head's w
         # branches and a possible lookup chain.
         self.tree_width = int(getattr(learned, "tree_width", 1)) + 1
@@ -163,6 +182,10 @@ class LookupHybrid:
             return head
         chain = self.lookup.propose(request_id, tokens, limit, params)
         merged, path = merge_chain(head, chain.tokens)
+        if self.narrow and len(merged) > len(head) and not head.is_chain:
+            head = first_branch(head)
+            merged, path = merge_chain(head, chain.tokens)
+            self.counters.narrowed += 1
         self._pending[request_id] = _Step(frozenset(range(len(head))), depth, path, chain)
         return merged
 
@@ -229,7 +252,7 @@ class LookupHybrid:
         steps = max(c.steps, 1)
         return {"steps": c.steps, "accepted": c.accepted, "accepted_head": c.accepted_head,
                 "accepted_lookup": c.accepted_lookup, "lookup_steps": c.lookup_steps,
-                "lookup_nodes": c.lookup_nodes,
+                "lookup_nodes": c.lookup_nodes, "narrowed": c.narrowed,
                 "tau": round(1 + c.accepted / steps, 4),
                 "tau_head_alone": round(1 + c.accepted_head / steps, 4),
                 "tau_lookup_alone": round(1 + c.accepted_lookup / steps, 4)}

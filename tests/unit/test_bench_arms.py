@@ -40,6 +40,9 @@ def test_parse_arms() -> None:
         ("eagle3", None, None, None)]
     with pytest.raises(BenchError, match="unknown arm"):
         parse_arms("eagle3@lookups")
+    narrow = parse_arms("online@narrow,static:/tmp/h@wide@w3,online")
+    assert [(s.kind, s.tree_width, s.lookup_narrow) for s in narrow] == [
+        ("online", None, True), ("static", 3, False), ("online", None, None)]
     idle = parse_arms("online@idle,online-from:/tmp/h@w2@idle,online,online-from:/tmp/h@share")
     assert [(s.name, s.kind, s.arg, s.tree_width, s.trainer_idle) for s in idle] == [
         ("online@idle", "online", None, None, True),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aurora_spec.config import DrafterConfig
-from aurora_spec.drafters.hybrid import LookupHybrid, merge_chain
+from aurora_spec.drafters.hybrid import LookupHybrid, first_branch, merge_chain
 from aurora_spec.drafters.ngram import NgramDrafter
 from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
@@ -33,6 +33,44 @@ def test_merge_chain_shares_prefixes_and_keeps_head_ids() -> None:
     assert merged.is_chain and merged.tokens == (5, 6) and path == (0, 1)
 
 
+def test_first_branch_keeps_the_top_chain() -> None:
+    tree = Proposal.branches([10, 20, 30, 11, 21, 31], 3, draft_version=4)  # 3 branches, depth 2
+    top = first_branch(tree)
+    assert top.tokens == (10, 11) and top.parents == (-1, 0) and top.draft_version == 4
+    assert first_branch(Proposal()) == Proposal()
+    # a merged tree (lookup nodes under branch 1) keeps only branch 0's subtree
+    merged, _ = merge_chain(tree, (20, 21, 22))
+    assert first_branch(merged).tokens == (10, 11)
+
+
+def test_narrow_drops_the_heads_siblings_only_where_the_chain_adds_nodes() -> None:
+    """``narrow``: a chain that adds nodes is verified beside the head's top-1 chain; a chain
+    lying wholly inside the head's tree leaves the tree as it was."""
+
+    class Fixed:  # a drafter returning one proposal whatever it is asked
+        tree_width = 1
+
+        def __init__(self, prop: Proposal) -> None:
+            self.prop = prop
+
+        def propose(self, *a, **kw) -> Proposal:
+            return self.prop
+
+        def start(self, *a) -> None: ...
+
+    tree = Proposal.branches([10, 20, 30, 11, 21, 31], 3)
+    cases = [((20, 21), 6, 0), ((20, 21, 22), 5, 1), ((40,), 3, 1), ((), 6, 0)]
+    for chain, size, narrowed in cases:
+        hybrid = LookupHybrid(Fixed(tree), Fixed(Proposal.branches(list(chain), 1)), narrow=True)
+        prop = hybrid.propose("r", [1, 2], 2, SamplingParams(), limit=4)
+        assert len(prop) == size and hybrid.counters.narrowed == narrowed, chain
+        assert prop.tokens[:2] == ((10, 11) if narrowed else (10, 20))
+        if narrowed:  # the chain is all there, below the root
+            path = hybrid._pending["r"].lookup_nodes
+            assert tuple(prop.tokens[i] for i in path) == chain
+            assert hybrid._pending["r"].head_nodes == frozenset({0, 1})
+
+
 def _engine(model, drafter, fixed: int | None = 3) -> Engine:
     runner = TargetRunner(model, CacheConfig(max_slots=2, capacity=256))
     return Engine(runner, drafter, EngineConfig(PolicyConfig(max_draft=5, fixed_draft=fixed),
@@ -48,15 +86,19 @@ def _prompts(seed: int) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("fixed", [3, None])  # a fixed draft length, and the adaptive policy
-def test_hybrid_is_lossless_and_attributes_each_source(fixed: int | None) -> None:
+# a fixed draft length, and the adaptive policy; the head's whole tree, and only its first
+# branch where the chain adds nodes
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("fixed", [3, None])
+def test_hybrid_is_lossless_and_attributes_each_source(fixed: int | None, narrow: bool) -> None:
     model, _ = tiny_target("llama", seed=5)
     base = _engine(model, None)
     prompts = _prompts(1)
     params = SamplingParams(max_tokens=40)
     want = [list(base.generate(p, params).token_ids) for p in prompts]
-    drafter = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32"), model)
-    assert isinstance(drafter, LookupHybrid)
+    drafter = make_drafter(DrafterConfig("eagle3", draft_vocab=64, draft_dtype="float32",
+                                         lookup_narrow=narrow), model)
+    assert isinstance(drafter, LookupHybrid) and drafter.narrow == narrow
     engine = _engine(model, drafter, fixed)
     before = dict(vars(drafter.counters))
     steps = []
@@ -83,6 +125,7 @@ def test_hybrid_is_lossless_and_attributes_each_source(fixed: int | None) -> Non
     assert st["lookup_steps"] > 0 and st["accepted_lookup"] > 0  # repeated prompts: matches
     assert st["accepted"] == sum(s[0] for s in steps)
     assert st["tau"] >= max(st["tau_head_alone"], st["tau_lookup_alone"])
+    assert (st["narrowed"] > 0) == narrow
 
 
 def test_sampled_head_chain_is_not_merged() -> None:
