@@ -14,7 +14,7 @@ from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.runtime import make_drafter
-from aurora_spec.types import Proposal, SamplingParams
+from aurora_spec.types import Proposal, SamplingParams, VerifyResult
 from tests.tiny_models import head_for, tiny_target
 
 
@@ -69,6 +69,12 @@ def test_narrow_drops_the_heads_siblings_only_where_the_chain_adds_nodes() -> No
             path = hybrid._pending["r"].lookup_nodes
             assert tuple(prop.tokens[i] for i in path) == chain
             assert hybrid._pending["r"].head_nodes == frozenset({0, 1})
+            # greedy: the head is credited where a dropped branch had the target's token
+            for target_token, credit in ((20, 1), (30, 1), (10, 0), (99, 0)):
+                missed = VerifyResult((), (), target_token, False, len(prop))
+                assert hybrid.policy_part("r", missed) == (2, credit), target_token
+            on_top = VerifyResult((0, 1), (10, 11), 5, True, len(prop))
+            assert hybrid.policy_part("r", on_top) == (2, 2)
 
 
 def _engine(model, drafter, fixed: int | None = 3) -> Engine:
