@@ -44,5 +44,8 @@ class DrafterConfig:
     # when a day-0 head is still useless, and later where the head is wrong on repeated spans.
     lookup: bool = True
     # eagle3 + lookup: on a step whose lookup chain adds nodes, verify only the head's first
-    # branch beside it, not its siblings (drafters/hybrid.py, ``narrow``).
+    # branch beside it, not its siblings (drafters/hybrid.py, ``narrow``). Off: on an AVX2-only
+    # host it served 3-5% more tokens/s at a tau 0.03-0.06 lower in two runs, one of them day 0;
+    # not measured where more rows cost little (docs/results/day0.md, "The head's siblings
+    # beside a lookup chain").
     lookup_narrow: bool = False
