@@ -436,8 +436,8 @@ def _suffixes(part: str) -> tuple[str, dict[str, Any]]:
 
 def parse_arms(spec: str) -> list[ArmSpec]:
     """``kind[:ARG][@wN][@lookup|@nolookup][@narrow|@wide][@idle|@share][@tN][@rest|@norest]
-    [@paired|@unpaired][@spin|@nospin][@heap|@mmap][@trainer.FIELD=VALUE][@trace.FIELD=VALUE][@policy.FIELD=VALUE]
-    [@shiftgate|@noshiftgate][@hN][@rN][@packed]``
+    [@paired|@unpaired][@spin|@nospin][@heap|@mmap][@trainer.FIELD=VALUE][@trace.FIELD=VALUE]
+    [@policy.FIELD=VALUE][@shiftgate|@noshiftgate][@hN][@rN][@packed]``
     separated by commas, e.g.
     ``none,online,online@w3,online@nolookup,online@idle@t1,online@trainer.lr=0.003,static:DIR``.
     ``@trainer.FIELD=VALUE`` / ``@trace.FIELD=VALUE`` set one field of an online arm's

@@ -39,6 +39,7 @@ from aurora_spec.models.layers import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Eagle3Config:
     hidden_size: int
