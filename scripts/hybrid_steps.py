@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from aurora_spec.drafters.hybrid import _prefix_in  # the hybrid's own attribution
+
 Step = dict[str, Any]
 
 
@@ -88,21 +90,11 @@ def record(a: argparse.Namespace) -> None:
 
 
 def _chain_accepted(s: Step) -> int:
-    chain, n = set(s["chain"]), 0
-    for node in s["accepted"]:
-        if node not in chain:
-            break
-        n += 1
-    return n
+    return _prefix_in(tuple(s["accepted"]), set(s["chain"]))
 
 
 def _head_accepted(s: Step, kept: set[int]) -> int:
-    n = 0
-    for node in s["accepted"]:
-        if node not in kept:
-            break
-        n += 1
-    return n
+    return _prefix_in(tuple(s["accepted"]), kept)
 
 
 def clip_chain(s: Step, budget: int) -> tuple[int, int]:
