@@ -14,12 +14,9 @@ Trainer process side: flywheel/worker.py. Mode ``static`` records and reports bu
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
-import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -31,31 +28,13 @@ import torch
 from aurora_spec.flywheel.checkpoints import CheckpointStore, check_fits, head_to_payload
 from aurora_spec.flywheel.config import LearnerConfig
 from aurora_spec.flywheel.publisher import Publisher
+from aurora_spec.flywheel.trainer_process import TrainerProcess
 from aurora_spec.flywheel.traces import TraceBuffer, pack, record_prefill, record_step
 from aurora_spec.memory import HEAP_BUFFERS_ENV
 from aurora_spec.threads import name_os_thread, single_thread_kernels
 from aurora_spec.types import PrefillTrace, StepTrace
 
 log = logging.getLogger(__name__)
-_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _child_env(**env: str):
-    """Environment a spawned child inherits (read at exec), restored afterwards."""
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
 class OnlineLearner:
     """``model``: the target DecoderModel (its lm_head and embedding are shared read-only with the
     trainer); ``drafter_or_engine``: the Eagle3Drafter serving uses, or the Engine holding it
@@ -73,9 +52,7 @@ class OnlineLearner:
         self.publisher: Publisher | None = None
         self.store: CheckpointStore | None = None
         self._tmpdir: str | None = None
-        self._proc: Any = None
-        self._inbox: Any = None
-        self._outbox: Any = None
+        self._proc: TrainerProcess | None = None
         self._bridge: threading.Thread | None = None
         self._stopping = threading.Event()
         self._want = 0
@@ -210,7 +187,7 @@ class OnlineLearner:
             st.update(self.publisher.status())
         st.update(buffer_fill=round(self.buffer.fill, 4), buffer_bytes=self.buffer.bytes,
                   dropped_traces=self.buffer.dropped, recorded_traces=self.recorded,
-                  trainer_alive=bool(self._proc is not None and self._proc.is_alive()),
+                  trainer_alive=bool(self._proc is not None and self._proc.alive()),
                   trainer_pid=self.trainer_pid, trainer_restarts=self.trainer_restarts,
                   trainer_idle=self.trainer_idle, trainer_rests=self.trainer_rests,
                   paused=self.paused, sink_errors=self.sink_errors)
@@ -341,13 +318,8 @@ class OnlineLearner:
 
     # ---- trainer process ----------------------------------------------------------------------
     def _spawn(self) -> None:
-        from aurora_spec.flywheel.worker import trainer_main
-
         c = self.cfg
-        ctx = torch.multiprocessing.get_context("spawn")
-        self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
         self._want = 0
-        device = self._trainer_device()
         assert self.publisher is not None and self.store is not None
         live = self.publisher.live
         threads = self.trainer_threads
@@ -356,7 +328,8 @@ class OnlineLearner:
                        dataclasses.replace(c.trainer, rest_after_rejections=0))
         if not trainer_cfg.score_width:  # score the trees serving drafts
             trainer_cfg = dataclasses.replace(trainer_cfg, score_width=self.head_tree_width)
-        spec = {"head": head_to_payload(live), "threads": threads, "device": device,
+        spec = {"head": head_to_payload(live), "threads": threads,
+                "device": self._trainer_device(),
                 "trainer_cfg": trainer_cfg, "softcap": self.model.spec.final_logit_softcap,
                 "embed_scale": float(self.model.spec.embed_scale),
                 "checkpoint_dir": str(self.store.root), "keep": c.keep_checkpoints,
@@ -370,36 +343,15 @@ class OnlineLearner:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         if c.trainer_heap_buffers:
             env.update(HEAP_BUFFERS_ENV)
-        proc = ctx.Process(target=trainer_main, args=(spec, self._inbox, self._outbox),
-                           name="aurora-trainer", daemon=True)
-        with _child_env(**env):
-            proc.start()
-        self._proc = proc
-        log.info("trainer process %d started", proc.pid)
+        self._proc = TrainerProcess(spec, env)
 
     def _stop_proc(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        self._send(("stop",))
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-        self._close_queues()
-        self._proc = None
-
-    def _close_queues(self) -> None:
-        for q in (self._inbox, self._outbox):
-            if q is not None:
-                q.cancel_join_thread()
-                q.close()
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
 
     def _send(self, msg: tuple) -> bool:
-        if self._inbox is None or self._proc is None or not self._proc.is_alive():
-            return False
-        self._inbox.put(msg)
-        return True
+        return self._proc is not None and self._proc.send(msg)
 
     def _on_change(self, reason: str, head: Any) -> None:
         """The publisher changed the live head: tell the trainer (its gate baseline)."""
@@ -419,10 +371,8 @@ class OnlineLearner:
         name_os_thread("aurora-flywheel")
         next_check = time.monotonic()
         while not self._stopping.is_set():
-            try:
-                msg = self._outbox.get(timeout=0.05)
-            except (queue.Empty, OSError, EOFError, ValueError):
-                msg = None
+            proc = self._proc
+            msg = proc.receive(timeout=0.05) if proc is not None else None
             if msg is not None:
                 self._handle(msg)
             if self._want and len(self.buffer):
@@ -459,12 +409,12 @@ class OnlineLearner:
 
     def _watchdog(self) -> None:
         proc = self._proc
-        if proc is None or proc.is_alive() or self._stopping.is_set():
+        if proc is None or proc.alive() or self._stopping.is_set():
             return
         self.trainer_restarts += 1
         log.warning("trainer process %d died (exit code %s); serving stays on version %d; "
                     "restarting the trainer", proc.pid, proc.exitcode, self.live_version)
-        self._close_queues()
+        proc.close()
         self._trainer_status = {}
         self._share_cores()
         time.sleep(min(self.cfg.restart_backoff_s * self.trainer_restarts, 30.0))
