@@ -42,6 +42,13 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=True,
                    help="eagle3: also verify an n-gram lookup chain with the head's tree "
                    "(default: on)")
+    p.add_argument("--lookup-tree", default="auto", choices=sorted(LOOKUP_TREE),
+                   help="eagle3 + lookup, on a step whose lookup chain adds nodes: verify the "
+                   "head's first branch beside it (narrow) or all its branches (wide); auto: "
+                   "narrow where the target's measured cost per verified row steps up")
+
+
+LOOKUP_TREE = {"auto": None, "narrow": True, "wide": False}  # -> DrafterConfig.lookup_narrow
 
 
 def model_config(a: argparse.Namespace, max_slots: int = 1) -> ModelConfig:
@@ -60,7 +67,8 @@ def check_draft_flags(a: argparse.Namespace, error: type[Exception] = UsageError
 def drafter_config(a: argparse.Namespace) -> DrafterConfig:
     check_draft_flags(a)
     return DrafterConfig(a.drafter, a.draft_weights, a.draft_vocab, a.tree_width,
-                         draft_dtype=a.draft_dtype, lookup=a.lookup)
+                         draft_dtype=a.draft_dtype, lookup=a.lookup,
+                         lookup_narrow=LOOKUP_TREE[a.lookup_tree])
 
 
 def sampling_from_args(a: argparse.Namespace, stop_ids: tuple[int, ...] = ()) -> SamplingParams:

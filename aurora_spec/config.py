@@ -44,8 +44,8 @@ class DrafterConfig:
     # when a day-0 head is still useless, and later where the head is wrong on repeated spans.
     lookup: bool = True
     # eagle3 + lookup: on a step whose lookup chain adds nodes, verify only the head's first
-    # branch beside it, not its siblings (drafters/hybrid.py, ``narrow``). Off: on an AVX2-only
-    # host it served 3-5% more tokens/s at a tau 0.03-0.06 lower in two runs, one of them day 0;
-    # not measured where more rows cost little (docs/results/day0.md, "The head's siblings
-    # beside a lookup chain").
-    lookup_narrow: bool = False
+    # branch beside it, not its siblings (drafters/hybrid.py, ``narrow``). None (auto): where
+    # the target's linears cost clearly more for 9 rows than for 5 (runtime.narrow_beside_lookup):
+    # on an AVX2-only host it served 3-5% more tokens/s at a tau 0.03-0.06 lower (docs/results/
+    # day0.md, "The head's siblings beside a lookup chain").
+    lookup_narrow: bool | None = None

@@ -13,7 +13,7 @@ from aurora_spec.config import DRAFTERS, DTYPES, DrafterConfig, ModelConfig
 from aurora_spec.drafters.base import Drafter
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.hardware import cpu_native_bf16
-from aurora_spec.models.cpu_linear import packed_kernels_available, time_kernels
+from aurora_spec.models.cpu_linear import packed_kernels_available, time_kernels, time_rows
 from aurora_spec.models.loader import ModelInfo, ModelLoadError, load_tokenizer, model_info, resolve_model
 from aurora_spec.models.runner import CacheConfig, TargetRunner
 from aurora_spec.models.transformer import DecoderModel, UnsupportedModelError, load_decoder
@@ -26,6 +26,13 @@ RANDOM_HEAD_PRIOR = 0.05  # a day-0 head: probe first, draft once acceptance is 
 # policy prices deeper trees by their w*k + 1 tokens. Measured with a trained code head on code
 # and math (docs/bench/HISTORY.md): 1.30x target-only with 3 branches against 1.03x with a chain.
 DEFAULT_TREE_WIDTH = {"eagle3": 3, "ngram": 1}
+# ``lookup_narrow`` auto: narrow where the target's linears cost at least this much more for the
+# rows of a head tree widened by a lookup chain (9) than for a narrowed one (5). An AVX2 host's
+# row kernel steps up past 6 rows (a verify of 7-12 rows: 1.3-1.7x one of 2-6), where narrowing
+# served 3-5% faster; a host whose cost is flat in the rows keeps the head's siblings (they buy
+# ~0.5% of tau, docs/results/day0.md, "The head's siblings beside a lookup chain").
+NARROW_COST_STEP = 1.15
+NARROW_ROWS = (5, 9)
 
 
 @dataclass
@@ -161,7 +168,32 @@ def make_drafter(cfg: DrafterConfig, model: DecoderModel) -> Drafter | None:
     from aurora_spec.drafters.hybrid import LookupHybrid
     from aurora_spec.drafters.ngram import NgramDrafter
 
-    return LookupHybrid(learned, NgramDrafter(tree_width=1), narrow=cfg.lookup_narrow)
+    narrow = narrow_beside_lookup(model, cfg.lookup_narrow)[0]
+    return LookupHybrid(learned, NgramDrafter(tree_width=1), narrow=narrow)
+
+
+def narrow_beside_lookup(model: DecoderModel, choice: bool | None) -> tuple[bool, float | None]:
+    """``DrafterConfig.lookup_narrow`` resolved, with the cost step it was decided on (None where
+    it was not measured): ``choice`` where given; else (auto) narrow where one pass over the
+    target's linears through the packed kernels a verify uses costs >= ``NARROW_COST_STEP`` times
+    as much for ``NARROW_ROWS[1]`` rows as for ``NARROW_ROWS[0]``. Without packed copies (a GPU)
+    more rows cost next to nothing: keep the siblings. Either way the output is unchanged."""
+    if choice is not None:
+        return choice, None
+    if model.cpu_lm_head is None:
+        return False, None
+    blocks: list[Any] = list(model.blocks)
+    weights = [w for b in blocks for w in (b.qkv.weight, b.o.weight, b.gate_up.weight,
+                                           b.down.weight)] + [model.lm_head.weight]
+    kernels = [k for b in blocks for k in b.kernels] + [model.cpu_lm_head]
+    ms = time_rows(weights, kernels, NARROW_ROWS)
+    few, many = ms[NARROW_ROWS[0]], ms[NARROW_ROWS[1]]
+    step = many / few
+    narrow = step >= NARROW_COST_STEP
+    log.info("lookup chain beside the head's tree: %s (target linears, %d rows %.1f ms, %d rows "
+             "%.1f ms: %.2fx)", "first branch only" if narrow else "all branches", NARROW_ROWS[0],
+             few, NARROW_ROWS[1], many, step)
+    return narrow, step
 
 
 def _check_head_fits(head: Any, model: DecoderModel) -> None:

@@ -8,7 +8,8 @@ tau and the verify time per emitted token relative to the tree as served:
 - the lookup chain clipped so the tree stays within B rows (a chain accepted past its clip point
   keeps only the clipped part; the head's part is unchanged);
 - the head's tree cut to its first w branches (always, or on steps whose chain adds nodes: what
-  ``DrafterConfig.lookup_narrow`` does); a cut branch's accepted path is lost, the chain stays.
+  ``DrafterConfig.lookup_narrow`` does; or adds at least N nodes; w = 0: the chain alone); a cut
+  branch's accepted path is lost, the chain stays.
 Exact because the merged tree's accepted path is the longer of the head's and the chain's
 (drafters/hybrid.py), and greedy verification of a sub-tree accepts the same path where it is
 still there. Prices: the median verify time at each row count served (a count not served takes
@@ -115,9 +116,10 @@ def cut_head(s: Step, branches: int, width: int) -> tuple[int, int]:
     return max(_head_accepted(s, kept), _chain_accepted(s)), rows
 
 
-def _cut_where_added(s: Step, branches: int, width: int) -> tuple[int, int]:
-    """``cut_head`` on steps whose lookup chain adds nodes to the head's tree, else as served."""
-    adds = any(n >= s["head_nodes"] for n in s["chain"])
+def _cut_where_added(s: Step, branches: int, width: int, added: int = 1) -> tuple[int, int]:
+    """``cut_head`` on steps whose lookup chain adds at least ``added`` nodes to the head's tree,
+    else as served."""
+    adds = sum(n >= s["head_nodes"] for n in s["chain"]) >= added
     return cut_head(s, branches if adds else width, width)
 
 
@@ -155,6 +157,10 @@ def analyse(path: str) -> None:
         line(f"head width {w} always", functools.partial(cut_head, branches=w, width=width))
         line(f"head width {w} where the chain adds nodes",
              functools.partial(_cut_where_added, branches=w, width=width))
+    for w in range(0, width):
+        for added in (2, 4, 6):
+            line(f"head width {w} where the chain adds >= {added}",
+                 functools.partial(_cut_where_added, branches=w, width=width, added=added))
     line("no lookup chain", lambda s: (_head_accepted(s, set(range(s["head_nodes"]))),
                                        1 + s["head_nodes"]))
 

@@ -117,6 +117,14 @@ class EngineArm:
         drafter = self.engine.drafter
         return getattr(getattr(drafter, "learned", drafter), "kernels", None)
 
+    @property
+    def lookup_tree(self) -> str | None:
+        """Beside a lookup chain that adds nodes: ``first branch`` of the head's tree (narrow) or
+        ``all branches``, as resolved at load (``lookup_narrow`` auto measures); None without a
+        lookup chain."""
+        narrow = getattr(self.engine.drafter, "narrow", None)
+        return None if narrow is None else "first branch" if narrow else "all branches"
+
     def status(self) -> dict[str, Any]:
         """The drafter's own counters, when it keeps any (ngram, eagle3 + lookup)."""
         stats = getattr(self.engine.drafter, "stats", None)
@@ -212,7 +220,8 @@ class ArmOptions:
     max_slots: int = 1  # KV cache slots per engine arm (> 1 for concurrency sweeps)
     draft_dtype: str = "auto"
     lookup: bool = True  # eagle3 arms: verify an n-gram lookup chain with the head's tree
-    lookup_narrow: bool = False  # ... and only the head's first branch where the chain adds nodes
+    lookup_narrow: bool | None = None  # ... and only the head's first branch where the chain
+    # adds nodes (None: auto, by the target's measured cost per row; DrafterConfig)
     trainer_idle: bool | None = None  # online arms: idle-class trainer (LearnerConfig; None: auto)
     trainer_threads: int | None = None  # online arms: trainer process threads (None: auto)
     trainer_rests: bool | None = None  # online arms: the trainer rests when it stops improving

@@ -86,7 +86,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from aurora_spec.bench.arms import ArmOptions, BenchError
     from aurora_spec.bench.runner import BenchConfig, run_bench
     from aurora_spec.bench.traffic import parse_domains
-    from aurora_spec.cli import check_draft_flags, model_config
+    from aurora_spec.cli import LOOKUP_TREE, check_draft_flags, model_config
 
     if a.stream and (a.domains or a.requests is not None):
         raise BenchError("--stream replaces --domains and --requests: give one or the other")
@@ -105,7 +105,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         max_tokens=a.max_tokens, warmup=a.warmup, seed=a.seed, traffic=a.traffic, chat=a.chat,
         model=model_config(a, max_slots=1),
         arm_options=ArmOptions(a.max_draft, a.draft_weights, a.draft_vocab, a.tree_width, a.seed,
-                               draft_dtype=a.draft_dtype, lookup=a.lookup, load=a.load,
+                               draft_dtype=a.draft_dtype, lookup=a.lookup,
+                               lookup_narrow=LOOKUP_TREE[a.lookup_tree], load=a.load,
                                trainer_threads=a.trainer_threads),
         out=a.out, progress=not a.no_progress, plot=not a.no_plot,
         save_token_ids=a.save_token_ids, concurrency=_levels(a.concurrency),

@@ -19,11 +19,11 @@ same requests, measured side by side in one run (DESIGN.md sections 1 and 6).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from aurora_spec.atomic_files import atomic_write_text
 from aurora_spec.bench.figures import (fmt_f, fmt_x, mean, median, percentile, ratio, rounded,
                                        stats_of)
 from aurora_spec.bench.plots import plot_requests
@@ -275,8 +275,8 @@ def write_report(out_dir: Path, results: dict[str, Any], plot: bool = True) -> l
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.json", out_dir / "report.md"]
-    _atomic_write(paths[0], json.dumps(results, indent=1) + "\n")
-    _atomic_write(paths[1], render_markdown(results))
+    atomic_write_text(paths[0], json.dumps(results, indent=1) + "\n")
+    atomic_write_text(paths[1], render_markdown(results))
     if plot and results["requests"]:
         try:
             plot_requests(results, out_dir / "bench.png")
@@ -285,8 +285,3 @@ def write_report(out_dir: Path, results: dict[str, Any], plot: bool = True) -> l
             pass
     return paths
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

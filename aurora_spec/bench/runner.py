@@ -180,7 +180,8 @@ def kernels_of(arms: Sequence[Arm], which: str = "target_kernels") -> dict[str, 
     """Each engine arm's target kernels (EngineArm.target_kernels, for the report's checks), or
     with ``which="draft_kernels"`` each eagle3 arm's draft-head kernels and dtype as chosen at
     load (EngineArm.draft_kernels: ``--draft-dtype auto`` picks by timing, so the run records
-    what it served)."""
+    what it served), or with ``which="lookup_tree"`` what an eagle3 + lookup arm verifies beside
+    the chain (EngineArm.lookup_tree, also chosen by timing)."""
     return {a.name: k for a in arms if (k := getattr(a, which, None))}
 
 
@@ -298,6 +299,7 @@ def run_bench(cfg: BenchConfig) -> tuple[dict[str, Any], list[Path]]:
         "load": cfg.arm_options.load,
         "reference_arm": reference, "target_kernels": kernels_of(arms),
         "draft_kernels": kernels_of(arms, "draft_kernels"),
+        "lookup_tree": kernels_of(arms, "lookup_tree"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": round(outcome.wall_s, 2), "interrupted": outcome.interrupted,
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -325,7 +327,7 @@ def _run_concurrency(cfg: BenchConfig, target: BenchTarget, specs: list[ArmSpec]
     import json
 
     from aurora_spec.bench.concurrency import concurrency_checks, render_concurrency, run_concurrency
-    from aurora_spec.bench.report import _atomic_write
+    from aurora_spec.atomic_files import atomic_write_text
 
     engine_specs = {s.name: s for s in specs if s.kind != "hf"}  # generate() has no batching
     if not engine_specs:
@@ -347,6 +349,6 @@ def _run_concurrency(cfg: BenchConfig, target: BenchTarget, specs: list[ArmSpec]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "report.md"]
-    _atomic_write(paths[0], json.dumps(results, indent=1) + "\n")
-    _atomic_write(paths[1], render_concurrency(results))
+    atomic_write_text(paths[0], json.dumps(results, indent=1) + "\n")
+    atomic_write_text(paths[1], render_concurrency(results))
     return results, paths

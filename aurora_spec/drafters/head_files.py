@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from aurora_spec.atomic_files import atomic_write
 
 from aurora_spec.drafters.eagle3_head import (
     Eagle3Config,
@@ -37,7 +37,7 @@ def save_head(head: Eagle3Head, path_dir: str | os.PathLike) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     meta = {"format": FORMAT, "version": str(head.version)}
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta))
     manifest: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION,
                                 "version": head.version,
                                 "config": dataclasses.asdict(head.config)}
@@ -46,7 +46,7 @@ def save_head(head: Eagle3Head, path_dir: str | os.PathLike) -> None:
         if head.heldout_width is not None:
             manifest["heldout_width"] = head.heldout_width
     text = json.dumps(manifest, indent=2)
-    _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(text))
+    atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(text))
 
 
 def load_head(path_dir: str | os.PathLike, device: torch.device | str = "cpu",
@@ -66,17 +66,6 @@ def load_head(path_dir: str | os.PathLike, device: torch.device | str = "cpu",
     head.version = version
     head.heldout_alpha, head.heldout_width = heldout_alpha, heldout_width
     return head.to(device=device, dtype=dtype)
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_manifest(path: Path) -> tuple[Eagle3Config, int, tuple[float, ...] | None, int | None]:

@@ -14,11 +14,13 @@ not worth drafting (a day-0 head). The policy prices the head's tree one branch 
 for the lookup chain's verified tokens.
 
 Merging: the lookup chain is inserted into the head's tree as a trie, so a lookup token equal to
-a head node at the same place reuses that node. With ``narrow`` set (off by default), a step
-whose lookup chain adds nodes to the head's tree verifies only the head's first branch (its top-1
-chain) beside it. Why: where the verify cost steps up past a few rows (AVX2: a 7-12-row forward
-costs ~1.3-1.7x a 2-6-row one) the head's siblings bought ~0.01 tokens a step where the chain
-was there, and with it took a quarter of the drafting steps past 6 rows (scripts/hybrid_steps.py;
+a head node at the same place reuses that node. With ``narrow`` set, a step whose lookup chain
+adds nodes to the head's tree verifies only the head's first branch (its top-1 chain) beside it
+(``DrafterConfig.lookup_narrow``, auto by default: set where the target's measured cost per
+verified row steps up, runtime.narrow_beside_lookup). Why: where the verify cost steps up past
+a few rows (AVX2: a 7-12-row forward costs ~1.3-1.7x a 2-6-row one) the head's siblings bought
+~0.01 tokens a step where the chain was there, and with it took a quarter of the drafting steps
+past 6 rows (scripts/hybrid_steps.py;
 docs/results/day0.md, "The head's siblings beside a lookup chain"). Only deterministic drafts
 merge: a sampled head chain (temperature > 0, ``draft_probs`` set) is returned alone, because
 the verifier's rule for stochastic siblings needs every sibling drawn from the same q.

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from aurora_spec.atomic_files import atomic_write_text
 from aurora_spec.drafters.eagle3_head import Eagle3Config, Eagle3Head, target_to_draft
 
 log = logging.getLogger(__name__)
@@ -128,11 +129,8 @@ class CheckpointStore:
         return None
 
     def mark_live(self, version: int) -> None:
-        text = json.dumps({"live_version": version, "time": time.time()})
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".live-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.root / LIVE_FILE)
+        atomic_write_text(self.root / LIVE_FILE,
+                          json.dumps({"live_version": version, "time": time.time()}))
 
     def live_version(self) -> int | None:
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from aurora_spec.atomic_files import atomic_write, atomic_write_text
 from aurora_spec.drafters.eagle3_head import Eagle3Head
 
 
@@ -63,10 +64,8 @@ def eagle3_config(head: Eagle3Head, max_positions: int = 2048) -> dict:
 def export_eagle3(head: Eagle3Head, out_dir: str | os.PathLike, max_positions: int = 2048) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(eagle3_tensors(head), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    tmp_cfg = out / ".config.json.tmp"
-    tmp_cfg.write_text(json.dumps(eagle3_config(head, max_positions), indent=2))
-    os.replace(tmp_cfg, out / "config.json")
+    tensors = eagle3_tensors(head)
+    atomic_write(out / "model.safetensors",
+                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(eagle3_config(head, max_positions), indent=2))
     return out

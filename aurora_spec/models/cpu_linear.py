@@ -156,6 +156,25 @@ def time_passes(weights: Sequence[torch.Tensor], kernels: Mapping[str, Sequence[
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def time_rows(weights: Sequence[torch.Tensor], kernels: Sequence[Kernel], rows: Sequence[int],
+              repeats: int = 15) -> dict[int, float]:
+    """Median ms of one pass over ``weights`` through ``kernels`` per row count in ``rows`` (how a
+    verify's cost grows with its rows), the row counts interleaved so a noisy moment hits all;
+    the first round warms up and is not counted."""
+    inputs = {(r, k): torch.randn(r, k, dtype=weights[0].dtype, device=weights[0].device)
+              for r in rows for k in {w.shape[1] for w in weights}}
+    samples: dict[int, list[float]] = {r: [] for r in rows}
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            for r in rows:
+                start = time.perf_counter()
+                for w, call in zip(weights, kernels, strict=True):
+                    call(inputs[(r, w.shape[1])])
+                if i:
+                    samples[r].append(time.perf_counter() - start)
+    return {r: 1000 * statistics.median(t) for r, t in samples.items()}
+
+
 def plain_kernels(weights: Sequence[torch.Tensor]) -> list[Kernel]:
     """``F.linear`` on each weight, as a kernel list for ``time_passes``."""
     return [functools.partial(F.linear, weight=w) for w in weights]

@@ -13,7 +13,7 @@ from aurora_spec.drafters.policy import PolicyConfig
 from aurora_spec.engine.engine import Engine, EngineConfig
 from aurora_spec.flywheel.publisher import Publisher
 from aurora_spec.models.runner import CacheConfig, TargetRunner
-from aurora_spec.runtime import make_drafter
+from aurora_spec.runtime import NARROW_COST_STEP, make_drafter, narrow_beside_lookup
 from aurora_spec.types import Proposal, SamplingParams, VerifyResult
 from tests.tiny_models import head_for, tiny_target
 
@@ -132,6 +132,19 @@ def test_hybrid_is_lossless_and_attributes_each_source(fixed: int | None, narrow
     assert st["accepted"] == sum(s[0] for s in steps)
     assert st["tau"] >= max(st["tau_head_alone"], st["tau_lookup_alone"])
     assert (st["narrowed"] > 0) == narrow
+
+
+def test_narrow_auto_follows_the_measured_cost_step() -> None:
+    """``lookup_narrow`` None: narrow exactly where the packed linears' measured cost for a widened
+    tree's rows over a narrowed one's reaches the threshold; a given choice is not measured."""
+    model, _ = tiny_target("llama", seed=5)
+    assert narrow_beside_lookup(model, True) == (True, None)
+    assert narrow_beside_lookup(model, False) == (False, None)
+    narrow, step = narrow_beside_lookup(model, None)
+    if model.cpu_lm_head is None:  # no packed kernels: more rows cost next to nothing
+        assert (narrow, step) == (False, None)
+    else:
+        assert step is not None and step > 0 and narrow == (step >= NARROW_COST_STEP)
 
 
 def test_sampled_head_chain_is_not_merged() -> None:

@@ -67,3 +67,14 @@ def test_trainer_priority_is_auto_unless_a_flag_says() -> None:
     assert parse().trainer_rests is None  # auto: an idle-class trainer does not rest
     assert parse("--no-trainer-rests").trainer_rests is False
     assert parse().rollback_paired and not parse("--no-rollback-paired").rollback_paired
+
+
+def test_lookup_tree_flag_sets_narrowing() -> None:
+    """``--lookup-tree``: auto (measured at load) unless narrow or wide is asked for."""
+    from aurora_spec.cli import drafter_config
+
+    got = [drafter_config(parse("--drafter", "eagle3", *extra)).lookup_narrow
+           for extra in ((), ("--lookup-tree", "narrow"), ("--lookup-tree", "wide"))]
+    assert got == [None, True, False]
+    with pytest.raises(SystemExit):
+        parse("--lookup-tree", "sideways")
