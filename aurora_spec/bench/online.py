@@ -37,13 +37,21 @@ from aurora_spec.bench.arms import (
 
 
 class OnlineArm(EngineArm):
+    """An engine arm whose learner trains while it serves. The trainer process starts at the
+    arm's first request, not when the arm is built: a spawning trainer (imports, ~1 CPU-second)
+    would otherwise overlap the next arm's load-time kernel timings and bias its choices."""
+
     def __init__(self, inner: EngineArm, learner: Any, load: float = 1.0) -> None:
         super().__init__(inner.name, inner.kind, inner.engine, inner.stop_ids)
         self.learner = learner
         self.load = load
+        self._started = False
 
     def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
             request_id: str) -> ArmOutput:
+        if not self._started:
+            self.learner.start()
+            self._started = True
         outer = torch.get_num_threads()
         threads = self.learner.serving_threads() or outer
         torch.set_num_threads(threads)
@@ -98,8 +106,6 @@ def _build(target: BenchTarget, name: str, weights: str | None, o: ArmOptions,
                                           rollback_paired=o.rollback_paired,
                                           omp_passive=not o.trainer_spin,
                                           trainer_heap_buffers=o.trainer_heap_buffers))
-    learner.start()
-    learner.pause()
     return OnlineArm(inner, learner, o.load)
 
 
