@@ -35,6 +35,8 @@ from aurora_spec.threads import name_os_thread, single_thread_kernels
 from aurora_spec.types import PrefillTrace, StepTrace
 
 log = logging.getLogger(__name__)
+
+
 class OnlineLearner:
     """``model``: the target DecoderModel (its lm_head and embedding are shared read-only with the
     trainer); ``drafter_or_engine``: the Eagle3Drafter serving uses, or the Engine holding it
