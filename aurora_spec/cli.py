@@ -30,6 +30,9 @@ def add_drafter_flags(p: argparse.ArgumentParser, default: str = "ngram") -> Non
     add_draft_flags(p)
 
 
+LOOKUP_TREE = {"auto": None, "narrow": True, "wide": False}  # -> DrafterConfig.lookup_narrow
+
+
 def add_draft_flags(p: argparse.ArgumentParser) -> None:
     """How drafts are made, whichever drafter (also for ``aurora bench``, where arms pick it)."""
     p.add_argument("--draft-weights", default=None, help="eagle3 head directory (safetensors)")
@@ -46,9 +49,6 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
                    help="eagle3 + lookup, on a step whose lookup chain adds nodes: verify the "
                    "head's first branch beside it (narrow) or all its branches (wide); auto: "
                    "narrow where the target's measured cost per verified row steps up")
-
-
-LOOKUP_TREE = {"auto": None, "narrow": True, "wide": False}  # -> DrafterConfig.lookup_narrow
 
 
 def model_config(a: argparse.Namespace, max_slots: int = 1) -> ModelConfig:

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aurora_spec.atomic_files import atomic_write
-
 from aurora_spec.drafters.eagle3_head import (
     Eagle3Config,
     Eagle3Head,
