@@ -184,13 +184,10 @@ def narrow_beside_lookup(model: DecoderModel, choice: bool | None) -> tuple[bool
     more rows cost next to nothing: keep the siblings. Either way the output is unchanged."""
     if choice is not None:
         return choice, None
-    if model.cpu_lm_head is None:
+    kernels = model.linear_kernels()
+    if kernels is None:
         return False, None
-    blocks: list[Any] = list(model.blocks)
-    weights = [w for b in blocks for w in (b.qkv.weight, b.o.weight, b.gate_up.weight,
-                                           b.down.weight)] + [model.lm_head.weight]
-    kernels = [k for b in blocks for k in b.kernels] + [model.cpu_lm_head]
-    ms = time_rows(weights, kernels, NARROW_ROWS)
+    ms = time_rows(model.linear_weights(), kernels, NARROW_ROWS)
     few, many = ms[NARROW_ROWS[0]], ms[NARROW_ROWS[1]]
     step = many / few
     narrow = step >= NARROW_COST_STEP

@@ -45,13 +45,10 @@ class OnlineArm(EngineArm):
         super().__init__(inner.name, inner.kind, inner.engine, inner.stop_ids)
         self.learner = learner
         self.load = load
-        self._started = False
 
     def run(self, prompt_ids: list[int], max_tokens: int, domain: str | None,
             request_id: str) -> ArmOutput:
-        if not self._started:
-            self.learner.start()
-            self._started = True
+        self.learner.start()  # the first request's; a no-op afterwards
         outer = torch.get_num_threads()
         threads = self.learner.serving_threads() or outer
         torch.set_num_threads(threads)

@@ -20,10 +20,10 @@ adds nodes to the head's tree verifies only the head's first branch (its top-1 c
 verified row steps up, runtime.narrow_beside_lookup). Why: where the verify cost steps up past
 a few rows (AVX2: a 7-12-row forward costs ~1.3-1.7x a 2-6-row one) the head's siblings bought
 ~0.01 tokens a step where the chain was there, and with it took a quarter of the drafting steps
-past 6 rows (scripts/hybrid_steps.py;
-docs/results/day0.md, "The head's siblings beside a lookup chain"). Only deterministic drafts
-merge: a sampled head chain (temperature > 0, ``draft_probs`` set) is returned alone, because
-the verifier's rule for stochastic siblings needs every sibling drawn from the same q.
+past 6 rows (scripts/hybrid_steps.py; docs/results/day0.md, "The head's siblings beside a lookup
+chain"). Only deterministic drafts merge: a sampled head chain (temperature > 0, ``draft_probs``
+set) is returned alone, because the verifier's rule for stochastic siblings needs every sibling
+drawn from the same q.
 
 Attribution (``stats()``): per verify step, the accepted path's longest prefix of head nodes is
 what the head alone would have had accepted, and likewise for lookup nodes (exact for greedy

@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,38 +142,35 @@ def time_passes(weights: Sequence[torch.Tensor], kernels: Mapping[str, Sequence[
     """Median ms of one pass over ``weights`` (one call per weight, for each row count in
     ``rows``) per named kernel list, the kernels interleaved so a noisy moment hits all; the
     first round warms up and is not counted."""
-    inputs = {(r, k): torch.randn(r, k, dtype=weights[0].dtype, device=weights[0].device)
-              for r in rows for k in {w.shape[1] for w in weights}}
-    times: dict[str, list[float]] = {name: [] for name in kernels}
-    with torch.inference_mode():
-        for i in range(repeats + 1):
-            for name, calls in kernels.items():
-                start = time.perf_counter()
-                for r in rows:
-                    for w, call in zip(weights, calls, strict=True):
-                        call(inputs[(r, w.shape[1])])
-                if i:
-                    times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return _median_passes(weights, {name: (calls, rows) for name, calls in kernels.items()},
+                          repeats)
 
 
 def time_rows(weights: Sequence[torch.Tensor], kernels: Sequence[Kernel], rows: Sequence[int],
               repeats: int = 15) -> dict[int, float]:
     """Median ms of one pass over ``weights`` through ``kernels`` per row count in ``rows`` (how a
-    verify's cost grows with its rows), the row counts interleaved so a noisy moment hits all;
-    the first round warms up and is not counted."""
+    verify's cost grows with its rows), the row counts interleaved as ``time_passes`` does."""
+    return _median_passes(weights, {r: (kernels, (r,)) for r in rows}, repeats)
+
+
+def _median_passes(weights: Sequence[torch.Tensor],
+                   plans: Mapping[Any, tuple[Sequence[Kernel], Sequence[int]]],
+                   repeats: int) -> dict[Any, float]:
+    """Median ms per plan (a kernel list and the row counts it runs, one pass over ``weights``
+    per row count), the plans interleaved round by round; round 0 warms up."""
     inputs = {(r, k): torch.randn(r, k, dtype=weights[0].dtype, device=weights[0].device)
-              for r in rows for k in {w.shape[1] for w in weights}}
-    samples: dict[int, list[float]] = {r: [] for r in rows}
+              for _, rows in plans.values() for r in rows for k in {w.shape[1] for w in weights}}
+    times: dict[Any, list[float]] = {key: [] for key in plans}
     with torch.inference_mode():
         for i in range(repeats + 1):
-            for r in rows:
+            for key, (calls, rows) in plans.items():
                 start = time.perf_counter()
-                for w, call in zip(weights, kernels, strict=True):
-                    call(inputs[(r, w.shape[1])])
+                for r in rows:
+                    for w, call in zip(weights, calls, strict=True):
+                        call(inputs[(r, w.shape[1])])
                 if i:
-                    samples[r].append(time.perf_counter() - start)
-    return {r: 1000 * statistics.median(t) for r, t in samples.items()}
+                    times[key].append(time.perf_counter() - start)
+    return {key: 1000 * statistics.median(t) for key, t in times.items()}
 
 
 def plain_kernels(weights: Sequence[torch.Tensor]) -> list[Kernel]:

@@ -59,10 +59,11 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from aurora_spec.atomic_files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +99,10 @@ def _build(cache_dir: Path, compiler: str, defines: tuple[str, ...] = (),
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *flags, str(source), "-o", scratch], capture_output=True,
-                       text=True, check=True, timeout=120)
-        os.replace(scratch, target)  # atomic: another process sees all of it or none
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
+    # atomic: another process loading the library sees all of it or none
+    atomic_write(target, lambda scratch: subprocess.run(
+        [compiler, *flags, str(source), "-o", scratch], capture_output=True, text=True,
+        check=True, timeout=120))
     return target
 
 

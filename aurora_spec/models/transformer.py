@@ -314,6 +314,13 @@ class DecoderModel(nn.Module):
         return [p for n, p in self.named_parameters()
                 if p.dim() == 2 and n not in ("embed.weight", "lm_head.weight")] + [self.lm_head.weight]
 
+    def linear_kernels(self) -> list[CpuLinear] | None:
+        """The packed copies a forward's linears run through, in ``linear_weights()``'s order;
+        None before use_cpu_kernels (or where there are none)."""
+        if self.cpu_lm_head is None:
+            return None
+        return [k for b in self.blocks for k in cast(Block, b).kernels or ()] + [self.cpu_lm_head]
+
     def logits(self, final_hidden: torch.Tensor, packed: bool = True) -> torch.Tensor:
         out = linear(final_hidden, self.lm_head.weight,
                      self.cpu_lm_head if packed else None).float()
